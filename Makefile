@@ -1,0 +1,33 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# A virtual environment is created in .venv; torch 2.13.0 (the CPU wheel this machine carries)
+# is installed only when no torch is importable there, so a CUDA build is never pulled by accident.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+# glibc's allocator returns large blocks to the OS on free and page-faults them back on the next
+# step; pinning its thresholds removes that noise from timings (docs/performance.md).
+PINNED_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PINNED_MALLOC) $(PY) -m grouter_pass.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_moe_block.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

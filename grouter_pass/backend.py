@@ -1,0 +1,79 @@
+"""The ``grouter`` Dynamo backend: run the pass pipeline on each Dynamo graph, then Inductor.
+
+``torch.compile(model, backend="grouter")`` finds this module through the
+``torch_dynamo_backends`` entry point (declared in ``pyproject.toml``), so it works in a fresh
+process without importing ``grouter_pass`` first. ``options={...}`` are the field names of
+:class:`~grouter_pass.config.GrouterConfig`; ``mode=`` is Inductor's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from grouter_pass._logging import log_report
+from grouter_pass.config import GrouterConfig
+from grouter_pass.passes import run_grouter_passes
+from grouter_pass.verify import VerifyFirstCall
+
+log = logging.getLogger(__name__)
+
+
+def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], config: GrouterConfig,
+                         *, mode: str | None = None) -> Callable:
+    """Rewrite ``gm`` (a Dynamo graph) and compile it with Inductor (or not, per ``config``)."""
+    new_gm, report = run_grouter_passes(gm, example_inputs, config)
+    log_report(report)
+    if config.compiler == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(config.inductor_options)
+        if mode and mode != "default":
+            patches = {**torch._inductor.list_mode_options(mode, config.dynamic), **patches}
+        compiled = compile_fx(new_gm, list(example_inputs), config_patches=patches or None)
+    elif config.compiler == "aot_eager":
+        from torch._dynamo.backends.debugging import aot_eager
+
+        compiled = aot_eager(new_gm, list(example_inputs))
+    else:
+        compiled = new_gm.forward
+    if config.verify and report.changed:
+        compiled = VerifyFirstCall(compiled, gm, report, config)
+    return compiled
+
+
+def grouter_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,
+                    mode: str | None = None) -> Callable:
+    """Dynamo backend entry point (``backend="grouter"``)."""
+    return compile_with_grouter(gm, example_inputs, GrouterConfig.from_options(options), mode=mode)
+
+
+class GrouterBackend:
+    """A backend bound to one config: ``torch.compile(model, backend=GrouterBackend(config))``."""
+
+    def __init__(self, config: GrouterConfig | None = None) -> None:
+        self.config = config or GrouterConfig()
+
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        return compile_with_grouter(gm, example_inputs, self.config)
+
+    def __repr__(self) -> str:
+        return f"GrouterBackend({self.config!r})"
+
+
+def register_grouter_backend() -> None:
+    """Register ``"grouter"`` with Dynamo when the entry point is not installed (e.g. a source
+    checkout on ``PYTHONPATH``). With the entry point present, Dynamo registers it itself on first
+    lookup, and registering here too would collide."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _BACKENDS, _COMPILER_FNS, register_backend
+
+    if "grouter" in _COMPILER_FNS or entry_points(group="torch_dynamo_backends", name="grouter"):
+        return
+    if _BACKENDS.get("grouter") is None:
+        register_backend(compiler_fn=grouter_backend, name="grouter")

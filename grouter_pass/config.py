@@ -1,0 +1,103 @@
+"""User configuration: one dataclass, validated on construction, stable enough to hash.
+
+The same :class:`GrouterConfig` drives every front door: ``apply_grouter(model, config)``,
+``torch.compile(model, backend="grouter", options={...})`` (options are its field names) and
+``GrouterPreGradPass(config)`` for ``backend="inductor"`` users. Because the config changes what
+the pass does, it is part of the pass's cache key (:meth:`GrouterConfig.fingerprint`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, kw_only=True)
+class LearnedRouter:
+    """Route with the model's own router: exact mode, same numbers as the original model."""
+
+    kind: str = "learned"
+
+
+RoutingSource = LearnedRouter
+COMPILERS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GrouterConfig:
+    """What the grouter pass does and how the result is compiled.
+
+    Attributes:
+        routing: where routing decisions come from. ``LearnedRouter()`` (the default) keeps the
+            model's router: the rewritten model computes the same function.
+        probe: before rewriting a site, run its original subgraph and the classified spec on
+            random inputs and rewrite only if they agree (cost: about one MoE layer forward per
+            site, at compile time). Turn off only to save compile time on a trusted model.
+        verify: on the first call of each compiled graph, also run the original graph on the
+            same inputs and raise :class:`~grouter_pass.api.GrouterVerificationError` naming
+            every output that differs by more than ``verify_rtol`` / ``verify_atol``.
+        verify_rtol, verify_atol: tolerances of ``verify`` (``None``: by dtype, 1e-5 relative
+            for fp32, 2e-2 for bf16).
+        disable_passes: names of pipeline passes to skip (see ``passes.build_pass_pipeline``).
+        compiler: what compiles the rewritten graph: ``"inductor"`` (``compile_fx``, the
+            default), ``"aot_eager"`` (AOT autograd with eager kernels: the same forward/backward
+            graphs without code generation, fast to compile, for tests and debugging) or
+            ``"eager"`` (run the rewritten Dynamo graph as is).
+        inductor_options: Inductor config patches for ``compile_fx`` (as ``torch.compile``'s
+            ``options``).
+        dynamic, fullgraph: passed to ``torch.compile`` by :func:`~grouter_pass.apply_grouter`.
+    """
+
+    routing: RoutingSource = field(default_factory=LearnedRouter)
+    probe: bool = True
+    verify: bool = False
+    verify_rtol: float | None = None
+    verify_atol: float | None = None
+    disable_passes: tuple[str, ...] = ()
+    compiler: str = "inductor"
+    inductor_options: dict[str, Any] = field(default_factory=dict)
+    dynamic: bool | None = None
+    fullgraph: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compiler not in COMPILERS:
+            raise ValueError(f"compiler={self.compiler!r}; choose one of {COMPILERS}")
+        if not isinstance(self.routing, LearnedRouter):
+            raise ValueError(f"routing={self.routing!r} is not supported in this release; use LearnedRouter()")
+        if isinstance(self.disable_passes, str) or not isinstance(self.disable_passes, (tuple, list)):
+            raise ValueError(f"disable_passes must be a tuple of pass names, got {self.disable_passes!r}")
+        object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+        for name in ("verify_rtol", "verify_atol"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> GrouterConfig:
+        """Build a config from ``torch.compile(..., options={...})``; unknown keys are an error
+        that lists the known ones."""
+        if not options:
+            return cls()
+        if isinstance(options, GrouterConfig):
+            return options
+        if "config" in options and len(options) == 1:
+            return options["config"]
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown grouter option(s) {unknown}; known options: {sorted(known)}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["disable_passes"] = list(self.disable_passes)
+        return d
+
+    def fingerprint(self) -> str:
+        """A stable hash of every field that changes the rewritten graph."""
+        relevant = {k: v for k, v in self.to_dict().items() if k not in ("verify", "verify_rtol", "verify_atol")}
+        blob = json.dumps(relevant, sort_keys=True, default=repr)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]

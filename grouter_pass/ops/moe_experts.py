@@ -1,0 +1,127 @@
+"""``grouter::moe_experts``: gather -> grouped GEMM -> activation -> grouped GEMM -> weighted combine.
+
+Inputs:
+    x ``[N, H]``, routing weights ``[N, K]``, the plan (perm ``[S]``, inv_perm ``[S]``,
+    offsets ``[E]`` int32), w_up ``[E, 2F, H]`` or ``[E, H, 2F]``, w_down ``[E, H, F]`` or
+    ``[E, F, H]``, optional biases ``[E, 2F]`` / ``[E, H]``, and the activation as scalars.
+Outputs:
+    out ``[N, H]`` in ``out_dtype``, and ``h [S, 2F]``, the first GEMM's output in expert
+    order, returned only so the backward need not recompute a GEMM (the AOT partitioner saves
+    it; in inference it is dead and freed at once).
+
+The backward is one more opaque op, ``grouter::moe_experts_backward``, returning the gradients
+of x, routing weights, both expert weights and both biases (empty tensors for the gradients
+autograd did not ask for).
+
+Troubleshooting: on CPU both ops run :mod:`grouter_pass.ops.reference`; each expert's GEMMs are
+``torch.mm`` calls on contiguous row ranges, with one host read of the E offsets per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from grouter_pass.ops import reference
+
+_EMPTY_GRAD = (0,)
+
+
+@torch.library.custom_op("grouter::moe_experts", mutates_args=())
+def moe_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    perm: torch.Tensor,
+    inv_perm: torch.Tensor,
+    offsets: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    activation: str,
+    gated: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+    up_transposed: bool,
+    down_transposed: bool,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return reference.moe_experts_reference(
+            x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
+            interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
+            down_transposed=down_transposed, out_dtype=out_dtype)
+
+
+@moe_experts.register_fake
+def _moe_experts_fake(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation, gated,
+                      interleaved, alpha, limit, up_transposed, down_transposed, out_dtype):
+    torch._check(x.dim() == 2 and weights.dim() == 2, lambda: "moe_experts expects x [N, H] and weights [N, K]")
+    up_out = w_up.shape[2] if up_transposed else w_up.shape[1]
+    out = x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
+    h = x.new_empty((perm.shape[0], up_out), dtype=w_up.dtype)
+    return out, h
+
+
+_ACT_ARGS = ("activation", "gated", "interleaved", "alpha", "limit", "up_transposed", "down_transposed")
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *rest = inputs
+    ctx.kw = dict(zip(_ACT_ARGS, rest[: len(_ACT_ARGS)]))
+    ctx.has_b_up, ctx.has_b_down = b_up is not None, b_down is not None
+    ctx.save_for_backward(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, output[1])
+
+
+def _backward(ctx, grad_out, grad_h):
+    x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h = ctx.saved_tensors
+    nig = ctx.needs_input_grad
+    needs = [nig[0], nig[1], nig[5], nig[6], nig[7] and ctx.has_b_up, nig[8] and ctx.has_b_down]
+    grads = torch.ops.grouter.moe_experts_backward(
+        grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs=needs,
+        **ctx.kw)
+    gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
+    return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * 8
+
+
+moe_experts.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("grouter::moe_experts_backward", mutates_args=())
+def moe_experts_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    perm: torch.Tensor,
+    inv_perm: torch.Tensor,
+    offsets: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    h: torch.Tensor,
+    needs: Sequence[bool],
+    activation: str,
+    gated: bool,
+    interleaved: bool,
+    alpha: float,
+    limit: float,
+    up_transposed: bool,
+    down_transposed: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        grads = reference.moe_experts_backward_reference(
+            grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
+            gated=gated, interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
+            down_transposed=down_transposed, needs_input_grad=tuple(needs))
+    return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
+
+
+@moe_experts_backward.register_fake
+def _moe_experts_backward_fake(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h,
+                               needs, activation, gated, interleaved, alpha, limit, up_transposed, down_transposed):
+    like = (x, weights, w_up, w_down, b_up, b_down)
+    return tuple(torch.empty_like(t) if (need and t is not None) else x.new_empty(_EMPTY_GRAD)
+                 for t, need in zip(like, needs))

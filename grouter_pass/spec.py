@@ -1,0 +1,261 @@
+"""The contract between the graph passes and the numerics.
+
+Detection (``grouter_pass.passes.detect``) turns a matched subgraph into these frozen
+dataclasses; the rewrite turns them into ``torch.ops.grouter.*`` calls; the ops read them back
+(as plain scalar arguments, so the schema stays simple and the FX graph stays printable).
+Nothing here imports torch.fx or the passes: a reader can understand what a gating site *is*
+without knowing how it was found.
+
+Legend for shapes used in docstrings across the package:
+    N tokens, K top-k, S = N*K routed slots, E experts, H hidden, F expert FFN width,
+    G expert groups (group-limited top-k).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+ScoreFunc = Literal["softmax", "sigmoid", "none"]
+Order = Literal["score_then_topk", "topk_then_score"]
+BiasMode = Literal["none", "selection", "score"]
+GroupScore = Literal["top2_sum", "max"]
+Renorm = Literal["none", "sum", "lp"]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class GatingSpec:
+    """What a gating site computes, from router logits ``[N, E]`` to ``(weights, ids)`` ``[N, K]``.
+
+    The semantics are defined by :func:`grouter_pass.ops.reference.route_reference`; in words:
+
+    1. ``x = logits.to(score_dtype)`` (no cast when ``score_dtype`` is None).
+    2. ``score_then_topk``: scores = score_func(x); the selection tensor is scores (+ bias when
+       ``bias_mode != "none"``), optionally masked to the best ``topk_group`` of ``n_group``
+       groups; ids = top-k of the selection tensor; weights are gathered from the scores
+       (biased scores when ``bias_mode == "score"``, unbiased when ``"selection"``).
+       ``topk_then_score``: ids and values = top-k of x (+ bias); weights = score_func(values).
+    3. ``renorm``: weights / (sum or L-p norm of weights [+ eps], clamped below at
+       ``renorm_clamp_min`` when set).
+    4. weights * ``scaling_factor``, then cast to ``weights_dtype``.
+    """
+
+    family: str
+    num_experts: int
+    top_k: int
+    score_func: ScoreFunc = "softmax"
+    order: Order = "score_then_topk"
+    score_dtype: torch.dtype | None = None
+    bias_mode: BiasMode = "none"
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: GroupScore = "top2_sum"
+    renorm: Renorm = "none"
+    renorm_eps: float = 0.0
+    renorm_clamp_min: float | None = None
+    renorm_p: float = 1.0
+    scaling_factor: float = 1.0
+    weights_dtype: torch.dtype = torch.float32
+    sorted: bool = True
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.top_k > self.num_experts:
+            raise ValueError(f"top_k={self.top_k} must be in [1, num_experts={self.num_experts}]")
+        if self.n_group < 1 or self.num_experts % self.n_group:
+            raise ValueError(f"n_group={self.n_group} must divide num_experts={self.num_experts}")
+        if not 1 <= self.topk_group <= self.n_group:
+            raise ValueError(f"topk_group={self.topk_group} must be in [1, n_group={self.n_group}]")
+
+    @property
+    def group_limited(self) -> bool:
+        return self.n_group > 1 and self.topk_group < self.n_group
+
+    def route_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``torch.ops.grouter.route`` for this spec."""
+        return dict(
+            top_k=self.top_k,
+            score_func=self.score_func,
+            order=self.order,
+            bias_mode=self.bias_mode,
+            n_group=self.n_group,
+            topk_group=self.topk_group,
+            group_score=self.group_score,
+            renorm=self.renorm,
+            renorm_eps=self.renorm_eps,
+            renorm_clamp_min=self.renorm_clamp_min,
+            renorm_p=self.renorm_p,
+            scaling_factor=self.scaling_factor,
+            score_dtype=self.score_dtype,
+            weights_dtype=self.weights_dtype,
+            sorted=self.sorted,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["score_dtype"] = _dtype_name(self.score_dtype)
+        d["weights_dtype"] = _dtype_name(self.weights_dtype)
+        return d
+
+    def describe(self) -> str:
+        """One short human line: ``softmax -> top-2, renorm sum``."""
+        if self.order == "score_then_topk":
+            parts = [self.score_func]
+            if self.bias_mode != "none":
+                parts.append(f"+bias({self.bias_mode})")
+            if self.group_limited:
+                parts.append(f"group-top-{self.topk_group}/{self.n_group}({self.group_score})")
+            parts.append(f"top-{self.top_k}")
+        else:
+            parts = [f"top-{self.top_k}", f"{self.score_func} over k"]
+        text = " -> ".join(parts)
+        if self.renorm != "none":
+            extra = f"L{self.renorm_p:g}" if self.renorm == "lp" else "sum"
+            if self.renorm_eps:
+                extra += f"+{self.renorm_eps:g}"
+            if self.renorm_clamp_min is not None:
+                extra += f" clamp>={self.renorm_clamp_min:g}"
+            text += f", renorm {extra}"
+        if self.scaling_factor != 1.0:
+            text += f", x{self.scaling_factor:g}"
+        return text
+
+
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu", "clamped_swiglu"]
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """The elementwise function between the two expert GEMMs, ``[S, 2F] -> [S, F]`` (gated) or
+    ``[S, F] -> [S, F]`` (plain).
+
+    ``gated``: ``act(gate) * up`` with gate/up taken as the two halves (``layout="concat"``) or
+    the even/odd columns (``"interleaved"``). ``clamped_swiglu`` is GPT-OSS's variant:
+    ``gate.clamp(max=limit)``, ``up.clamp(-limit, limit)``, ``(up + 1) * gate * sigmoid(alpha * gate)``.
+    """
+
+    kind: Activation = "silu"
+    gated: bool = True
+    layout: Literal["concat", "interleaved"] = "concat"
+    alpha: float = 1.0
+    limit: float = 0.0
+
+    def op_kwargs(self) -> dict[str, Any]:
+        return dict(activation=self.kind, gated=self.gated, interleaved=self.layout == "interleaved",
+                    alpha=self.alpha, limit=self.limit)
+
+    def describe(self) -> str:
+        if self.kind == "clamped_swiglu":
+            return f"clamped_swiglu(alpha={self.alpha:g}, limit={self.limit:g}, {self.layout})"
+        return f"{self.kind}-glu({self.layout})" if self.gated else self.kind
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """How the routed experts consume ``(x [N, H], weights [N, K], ids [N, K])``.
+
+    ``style`` names the implementation found in the graph (``grouped_mm``, ``batched_mm``, ...).
+    Weight layouts: ``up_transposed=False`` means ``w_up`` is ``[E, 2F, H]`` (out x in, as
+    ``nn.Linear``); True means ``[E, H, 2F]``. Likewise ``down`` with ``[E, H, F]`` vs ``[E, F, H]``.
+    The combine is ``sum_k(y * w)`` in ``promote(compute_dtype, weights dtype)``, cast to
+    ``out_dtype``.
+    """
+
+    style: str
+    num_experts: int
+    top_k: int
+    hidden_size: int
+    ffn_size: int
+    activation: ActivationSpec
+    up_transposed: bool = False
+    down_transposed: bool = False
+    has_bias: bool = False
+    compute_dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype = torch.float32
+
+    def op_kwargs(self) -> dict[str, Any]:
+        return dict(up_transposed=self.up_transposed, down_transposed=self.down_transposed,
+                    out_dtype=self.out_dtype, **self.activation.op_kwargs())
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["compute_dtype"] = _dtype_name(self.compute_dtype)
+        d["out_dtype"] = _dtype_name(self.out_dtype)
+        return d
+
+    def describe(self) -> str:
+        bias = ", bias" if self.has_bias else ""
+        return (f"{self.style} E={self.num_experts} H={self.hidden_size} F={self.ffn_size} "
+                f"{self.activation.describe()}{bias}")
+
+
+@dataclass(frozen=True)
+class NoMatch:
+    """Why a candidate was not rewritten. ``detail`` is formatted lazily (matching runs on many
+    nodes; most reasons are never printed)."""
+
+    reason: str
+    args: tuple[Any, ...] = ()
+    #: True when the candidate looked like a MoE gating site (an E-way router feeding a top-k):
+    #: such rejections are logged at INFO, plain non-sites only at DEBUG.
+    partial: bool = False
+
+    @property
+    def detail(self) -> str:
+        return self.reason % self.args if self.args else self.reason
+
+    def __bool__(self) -> bool:  # `if match:` reads naturally at call sites
+        return False
+
+    def __str__(self) -> str:
+        return self.detail
+
+
+@dataclass
+class SiteReport:
+    """What the pass did at one candidate site; collected into :class:`PassReport`."""
+
+    module_path: str
+    gating: GatingSpec | None = None
+    experts: ExpertsSpec | None = None
+    rewritten: bool = False
+    reason: str | None = None
+    #: for a site not rewritten: True when it looked like a MoE gating site (see NoMatch.partial)
+    partial: bool = False
+    new_ops: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        return self.gating.family if self.gating is not None else "?"
+
+    def summary(self) -> str:
+        if self.gating is None:
+            return f"{self.module_path}: not rewritten: {self.reason}"
+        head = (f"{self.module_path}: {self.family} E={self.gating.num_experts} k={self.gating.top_k} "
+                f"[{self.gating.describe()}]")
+        if self.experts is not None:
+            head += f" experts={self.experts.style} act={self.experts.activation.describe()}"
+        if self.rewritten:
+            return head + " -> rewritten"
+        return head + f" -> left unchanged: {self.reason}"
+
+
+@dataclass
+class PassReport:
+    """The result of one run of the pass pipeline over one FX graph."""
+
+    sites: list[SiteReport] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> list[SiteReport]:
+        return [s for s in self.sites if s.rewritten]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.rewritten)

@@ -1,0 +1,86 @@
+"""Graph capture and printing helpers for snapshot tests and inspection.
+
+``capture_graphs`` records the Dynamo pre-grad graphs of a callable (the IR the pass works
+on); ``gating_region_text`` prints the canonical gating subgraph of a site in a stable,
+address-free form suitable for ``expecttest.assert_expected_inline``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from grouter_pass.passes.graph_utils import meta_val, target_name
+
+
+def capture_graphs(fn: Callable, *args: Any, dynamic: bool | None = False, **kwargs: Any) -> list[fx.GraphModule]:
+    """Run ``fn(*args, **kwargs)`` under ``torch.compile`` with a recording backend and return the
+    Dynamo graphs (each with ``meta["example_value"]`` on its nodes)."""
+    graphs: list[fx.GraphModule] = []
+
+    def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend=record, dynamic=dynamic)
+    compiled(*args, **kwargs)
+    return graphs
+
+
+def _fmt_arg(a: Any, names: dict[fx.Node, str]) -> str:
+    if isinstance(a, fx.Node):
+        return names.get(a, a.name)
+    if isinstance(a, (tuple, list)):
+        inner = ", ".join(_fmt_arg(x, names) for x in a)
+        return f"({inner},)" if isinstance(a, tuple) and len(a) == 1 else (
+            f"({inner})" if isinstance(a, tuple) else f"[{inner}]")
+    if isinstance(a, torch.dtype):
+        return str(a).removeprefix("torch.")
+    if isinstance(a, float):
+        return repr(a)
+    if isinstance(a, slice):
+        return f"{'' if a.start is None else a.start}:{'' if a.stop is None else a.stop}" + (
+            "" if a.step is None else f":{a.step}")
+    if a is Ellipsis:
+        return "..."
+    return repr(a)
+
+
+def _fmt_val(v: Any) -> str:
+    if isinstance(v, torch.Tensor):
+        dims = ",".join(str(d) for d in v.shape)
+        return f"{str(v.dtype).removeprefix('torch.')}[{dims}]"
+    if isinstance(v, (tuple, list)):
+        return "(" + ", ".join(_fmt_val(x) for x in v) + ")"
+    if isinstance(v, torch.SymInt):
+        return "SymInt"
+    return type(v).__name__ if v is not None else "None"
+
+
+def nodes_text(nodes: Iterable[fx.Node], *, inputs: Iterable[fx.Node] = (), rename: dict[fx.Node, str] | None = None
+               ) -> str:
+    """Print ``nodes`` one per line as ``name = target(args) -> dtype[shape]``.
+
+    Names are renumbered ``v0, v1, ...`` in order of appearance (inputs get ``in0, in1, ...``
+    unless given in ``rename``), so the text does not depend on Dynamo's variable names.
+    """
+    names: dict[fx.Node, str] = dict(rename or {})
+    for i, n in enumerate(inputs):
+        names.setdefault(n, f"in{i}")
+    lines = []
+    counter = 0
+    for n in nodes:
+        if n not in names:
+            names[n] = f"v{counter}"
+            counter += 1
+    for n in nodes:
+        args = ", ".join([_fmt_arg(a, names) for a in n.args] +
+                         [f"{k}={_fmt_arg(v, names)}" for k, v in n.kwargs.items()])
+        lines.append(f"{names[n]} = {target_name(n)}({args}) -> {_fmt_val(meta_val(n))}")
+    text = "\n".join(lines)
+    return re.sub(r"0x[0-9a-f]+", "0x?", text)

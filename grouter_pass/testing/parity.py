@@ -1,0 +1,113 @@
+"""Forward/backward parity of a rewritten model against the unmodified one.
+
+Used by the tests, the demo and the benchmarks, so that "the same function" is checked the same
+way everywhere: one forward and one backward of the original model in eager mode and of a deep
+copy compiled with the grouter pass, on the same inputs; then the output, the gradient of every
+floating-point input and the gradient of every parameter are compared with
+:func:`grouter_pass.numerics.compare`. The loss is the output times a fixed random tensor, so
+that every output element carries a distinct, non-trivial gradient (``out.sum()`` would hide
+errors that cancel).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from grouter_pass.numerics import Comparison, compare
+
+
+@dataclass
+class ParityResult:
+    output: Comparison
+    input_grads: dict[str, Comparison] = field(default_factory=dict)
+    param_grads: dict[str, Comparison] = field(default_factory=dict)
+    missing_grads: list[str] = field(default_factory=list)
+
+    def all(self) -> dict[str, Comparison]:
+        return {"output": self.output, **{f"grad[{k}]": v for k, v in self.input_grads.items()},
+                **{f"grad[{k}]": v for k, v in self.param_grads.items()}}
+
+    @property
+    def worst(self) -> tuple[str, Comparison]:
+        return max(self.all().items(), key=lambda kv: kv[1].max_rel)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing_grads and all(c.ok for c in self.all().values())
+
+    def max_rel(self, which: str = "all") -> float:
+        if which == "output":
+            return self.output.max_rel
+        if which == "grads":
+            vals = [c.max_rel for c in {**self.input_grads, **self.param_grads}.values()]
+            return max(vals) if vals else 0.0
+        return self.worst[1].max_rel
+
+    def summary(self) -> str:
+        name, c = self.worst
+        grads = len(self.input_grads) + len(self.param_grads)
+        return (f"output max rel err {self.output.max_rel:.2e}; {grads} gradients, worst {name} "
+                f"max rel err {c.max_rel:.2e}" + (f"; MISSING {self.missing_grads}" if self.missing_grads else ""))
+
+
+def default_output(out: Any) -> torch.Tensor:
+    """The tensor to compare: ``.logits`` of a transformers output, the first element of a
+    tuple, or the output itself."""
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def check_parity(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compile_fn: Callable[[torch.nn.Module],
+                 Callable], *, output_fn: Callable[[Any], torch.Tensor] = default_output, seed: int = 1234,
+                 rtol: float | None = None, atol: float | None = None, backward: bool = True,
+                 runs: int = 1) -> ParityResult:
+    """Compare ``model`` (eager) with ``compile_fn(deepcopy(model))`` forward and backward.
+
+    Float inputs get ``requires_grad`` so their gradients are compared too (feed
+    ``inputs_embeds`` instead of ``input_ids`` to check the input gradient of an LM). With
+    ``runs > 1`` the compiled model is called that many times and the last call is compared
+    (recompiles and stale state would show).
+    """
+    reference = model
+    candidate = copy.deepcopy(model)
+    compiled = compile_fn(candidate)
+
+    def run(m: Callable, params: torch.nn.Module) -> tuple[torch.Tensor, dict, dict]:
+        for p in params.parameters():
+            p.grad = None
+        leaf = {k: (v.detach().clone().requires_grad_(backward) if v.is_floating_point() else v)
+                for k, v in inputs.items()}
+        out = output_fn(m(**leaf))
+        if backward:
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            proj = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
+            (out * proj).sum().backward()
+        in_grads = {k: v.grad for k, v in leaf.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+        p_grads = {n: p.grad for n, p in params.named_parameters()}
+        return out.detach(), in_grads, p_grads
+
+    ref_out, ref_in, ref_p = run(reference, reference)
+    for _ in range(runs):
+        got_out, got_in, got_p = run(compiled, candidate)
+    result = ParityResult(output=compare(got_out, ref_out, rtol=rtol, atol=atol))
+    for k, g in ref_in.items():
+        if g is None or got_in.get(k) is None:
+            if (g is None) != (got_in.get(k) is None):
+                result.missing_grads.append(k)
+            continue
+        result.input_grads[k] = compare(got_in[k], g, rtol=rtol, atol=atol)
+    for n, g in ref_p.items():
+        other = got_p.get(n)
+        if (g is None) != (other is None):
+            result.missing_grads.append(n)
+        elif g is not None:
+            result.param_grads[n] = compare(other, g, rtol=rtol, atol=atol)
+    return result

@@ -1,0 +1,98 @@
+"""FX passes of grouter-pass: Dynamo pre-grad graph -> canonicalize -> detect -> rewrite.
+
+Installed as ``grouter_pass.passes``. These modules only match and rewrite graphs: numerics
+live in ``grouter_pass.ops`` (reached as ``torch.ops.grouter.*``), workflows elsewhere.
+
+Every pass has the signature ``(gm, example_inputs, *, config) -> gm``; passes share results
+through ``gm.meta`` (``grouter_sites``, ``grouter_report``). :func:`build_pass_pipeline` lists
+them in order; :func:`apply_passes` runs a list (timing each, honouring
+``config.disable_passes``); :func:`run_grouter_passes` is what the backend and the Inductor hook
+call: it works on a copy and returns the caller's graph untouched when no site was rewritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch.fx as fx
+from torch._dynamo.utils import counters
+
+from grouter_pass.config import GrouterConfig
+from grouter_pass.passes.canonicalize import canonicalize_gating_pass
+from grouter_pass.passes.detect import find_gating_sites
+from grouter_pass.passes.graph_utils import copy_graph_module
+from grouter_pass.passes.rewrite import rewrite_exact_pass
+from grouter_pass.spec import PassReport
+
+log = logging.getLogger(__name__)
+
+GraphPass = Callable[..., fx.GraphModule]
+
+
+def detect_gating_sites_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig
+                             ) -> fx.GraphModule:
+    """Find the sites; record them (and the near-misses) in ``gm.meta`` for the rewrite and report."""
+    sites, rejected = find_gating_sites(gm, probe=config.probe)
+    report: PassReport = gm.meta.setdefault("grouter_report", PassReport())
+    pairs = []
+    for site in sites:
+        r = site.report()
+        report.sites.append(r)
+        pairs.append((site, r))
+    report.sites.extend(rejected)
+    gm.meta["grouter_sites"] = pairs
+    counters["grouter"]["sites_found"] += len(sites)
+    counters["grouter"]["sites_rejected"] += len(rejected)
+    return gm
+
+
+def cleanup_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig) -> fx.GraphModule:
+    """Lint and regenerate code (the FX invariant every pass pipeline ends with)."""
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def build_pass_pipeline(config: GrouterConfig) -> list[tuple[str, GraphPass]]:
+    """The ordered exact-mode pipeline, with per-pass settings bound."""
+    pipeline: list[tuple[str, GraphPass]] = [
+        ("canonicalize_gating", canonicalize_gating_pass),
+        ("detect_gating_sites", detect_gating_sites_pass),
+        ("rewrite_exact", rewrite_exact_pass),
+        ("cleanup", cleanup_pass),
+    ]
+    known = {name for name, _ in pipeline}
+    unknown = set(config.disable_passes) - known
+    if unknown:
+        raise ValueError(f"disable_passes names unknown passes {sorted(unknown)}; passes: {sorted(known)}")
+    return [(name, functools.partial(p, config=config)) for name, p in pipeline if name not in config.disable_passes]
+
+
+def apply_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
+                 passes: Sequence[tuple[str, GraphPass]]) -> fx.GraphModule:
+    for name, p in passes:
+        t0 = time.perf_counter()
+        gm = p(gm, example_inputs)
+        log.debug("grouter: pass %s took %.1f ms", name, 1e3 * (time.perf_counter() - t0))
+    return gm
+
+
+def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: GrouterConfig
+                       ) -> tuple[fx.GraphModule, PassReport]:
+    """Run the pipeline on a copy of ``gm``; returns ``(gm or the rewritten copy, report)``."""
+    work = copy_graph_module(gm)
+    work.meta["grouter_report"] = PassReport()
+    work = apply_passes(work, example_inputs, build_pass_pipeline(config))
+    report: PassReport = work.meta.pop("grouter_report")
+    work.meta.pop("grouter_sites", None)
+    if not report.changed:
+        return gm, report
+    return work, report
+
+
+__all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass",
+           "detect_gating_sites_pass", "rewrite_exact_pass", "run_grouter_passes"]

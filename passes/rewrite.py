@@ -1,0 +1,109 @@
+"""Exact-mode rewrite: each detected site becomes three ``grouter`` ops with the same numbers.
+
+Before (one site, transformers grouped_mm, after canonicalization)::
+
+    logits --softmax/sigmoid/bias/group-mask/topk/gather/renorm/scale--> weights, ids
+    ids --reshape/sort--> perm --//K--> x[.] --grouped_mm--> act --grouped_mm--> * weights[perm]
+        --[inv_perm]--> view(N, K, H).sum(1) --> out
+
+After::
+
+    weights, ids = grouter.route(logits, bias, <GatingSpec fields>)
+    perm, inv_perm, counts, offsets = grouter.dispatch_plan(ids, E)
+    out, h = grouter.moe_experts(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
+                                 <ExpertsSpec fields>)
+
+The router linear stays (Inductor keeps its GEMM, and any other reader of the logits, such as
+an auxiliary loss, still works). Other readers of the old ``weights`` / ``ids`` are moved to the
+new ones (same values). Region nodes left without users are erased; every new node gets its
+``example_value`` from the op's fake implementation and the module stack of the code it replaces,
+and is tagged ``meta["grouter_role"]`` (router / dispatch_plan / experts) for inspection.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch._dynamo.utils import counters
+
+import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
+from grouter_pass.passes.detect import Site
+from grouter_pass.passes.graph_utils import fake_mode_of, meta_val
+
+log = logging.getLogger(__name__)
+
+_KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
+
+
+def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.Node, role: str,
+          n_outputs: int) -> list[fx.Node]:
+    """Insert ``target(*args, **kwargs)`` plus one getitem per output, with metadata."""
+    node = graph.call_function(target, args, kwargs)
+    for key in _KEEP_META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["grouter_role"] = role
+    fake_args = fx.node.map_arg(args, meta_val)
+    fake_kwargs = fx.node.map_arg(kwargs, meta_val)
+    mode = fake_mode_of(pytree.tree_leaves((fake_args, fake_kwargs)))
+    val = None
+    if mode is not None:
+        with mode:
+            val = target(*fake_args, **fake_kwargs)
+        node.meta["example_value"] = val
+    outs = []
+    for i in range(n_outputs):
+        item = graph.call_function(operator.getitem, (node, i))
+        item.meta.update({k: node.meta[k] for k in (*_KEEP_META, "grouter_role") if k in node.meta})
+        if val is not None:
+            item.meta["example_value"] = val[i]
+        outs.append(item)
+    return outs
+
+
+def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
+    """Rewrite one site in place; returns the names of the ops inserted."""
+    g, e = site.gating, site.experts
+    region = set(g.region) | set(e.region)
+    # after the last of route's inputs (a runtime scale may be computed late in the graph)
+    route_inputs = [n for n in (g.logits, g.bias, g.parse.scale_node) if n is not None]
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(max(route_inputs, key=position.__getitem__).next):
+        route_kwargs = g.spec.route_kwargs()
+        if g.parse.scale_node is not None:
+            route_kwargs["scaling_factor"] = g.parse.scale_node
+        weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
+                             like=g.weights, role="router", n_outputs=2)
+        perm, inv_perm, _counts, offsets = _call(
+            graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
+            role="dispatch_plan", n_outputs=4)
+    with graph.inserting_before(e.output):
+        out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
+                        (e.x, weights, perm, inv_perm, offsets, e.w_up, e.w_down, e.b_up, e.b_down),
+                        {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts", n_outputs=2)
+    e.output.replace_all_uses_with(out)
+    for old, new in ((g.weights, weights), (g.ids, ids)):
+        for user in list(old.users):
+            if user not in region:
+                user.replace_input_with(old, new)
+    erased = 0
+    for node in reversed([n for n in graph.nodes if n in region]):
+        if not node.users and node.op not in ("placeholder", "output"):
+            graph.erase_node(node)
+            erased += 1
+    counters["grouter"]["nodes_replaced"] += erased
+    return ["grouter.route", "grouter.dispatch_plan", "grouter.moe_experts"]
+
+
+def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
+    """Rewrite every site the detection pass recorded in ``gm.meta["grouter_sites"]``."""
+    for site, report in gm.meta.pop("grouter_sites", []):
+        report.new_ops = rewrite_site(gm.graph, site)
+        report.rewritten = True
+        counters["grouter"]["sites_rewritten"] += 1
+    return gm
