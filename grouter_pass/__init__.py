@@ -13,7 +13,7 @@ in ``grouter_pass/ops``; ``grouter_pass/backend.py`` hands the result to Inducto
 """
 
 from grouter_pass import ops  # noqa: F401  (registers torch.ops.grouter.*)
-from grouter_pass.api import apply_grouter
+from grouter_pass.api import apply_grouter, grouter_reports
 from grouter_pass.backend import GrouterBackend, grouter_backend, register_grouter_backend
 from grouter_pass.config import GrouterConfig, LearnedRouter
 from grouter_pass.integrations.inductor import GrouterPreGradPass
@@ -37,4 +37,5 @@ __all__ = [
     "SiteReport",
     "apply_grouter",
     "grouter_backend",
+    "grouter_reports",
 ]

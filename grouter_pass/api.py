@@ -1,4 +1,4 @@
-"""Public entry points: :func:`apply_grouter`."""
+"""Public entry points: :func:`apply_grouter` and :func:`grouter_reports`."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from grouter_pass.backend import GrouterBackend
 from grouter_pass.config import GrouterConfig
+from grouter_pass.spec import PassReport
 
 
 def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *, verify: bool | None = None
@@ -33,4 +34,16 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
     config = config or GrouterConfig()
     if verify is not None:
         config = dataclasses.replace(config, verify=verify)
-    return torch.compile(model, backend=GrouterBackend(config), dynamic=config.dynamic, fullgraph=config.fullgraph)
+    backend = GrouterBackend(config)
+    compiled = torch.compile(model, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
+    compiled._grouter_backend = backend
+    return compiled
+
+
+def grouter_reports(compiled: torch.nn.Module) -> list[PassReport]:
+    """The pass reports of every graph compiled so far for a model returned by :func:`apply_grouter`
+    (empty before its first call)."""
+    backend = getattr(compiled, "_grouter_backend", None)
+    if backend is None:
+        raise TypeError("grouter_reports() takes a model returned by apply_grouter()")
+    return backend.reports

@@ -18,16 +18,19 @@ import torch.fx as fx
 from grouter_pass._logging import log_report
 from grouter_pass.config import GrouterConfig
 from grouter_pass.passes import run_grouter_passes
+from grouter_pass.spec import PassReport
 from grouter_pass.verify import VerifyFirstCall
 
 log = logging.getLogger(__name__)
 
 
 def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], config: GrouterConfig,
-                         *, mode: str | None = None) -> Callable:
+                         *, mode: str | None = None, reports: list[PassReport] | None = None) -> Callable:
     """Rewrite ``gm`` (a Dynamo graph) and compile it with Inductor (or not, per ``config``)."""
     new_gm, report = run_grouter_passes(gm, example_inputs, config)
     log_report(report)
+    if reports is not None:
+        reports.append(report)
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -53,13 +56,19 @@ def grouter_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, option
 
 
 class GrouterBackend:
-    """A backend bound to one config: ``torch.compile(model, backend=GrouterBackend(config))``."""
+    """A backend bound to one config: ``torch.compile(model, backend=GrouterBackend(config))``.
+
+    ``reports`` collects the :class:`~grouter_pass.spec.PassReport` of every graph it compiled,
+    in order (Dynamo may compile a frame more than once: a recompile for new guards, or a
+    restart of the trace, which ``dynamic=True`` triggers for models with float attributes).
+    """
 
     def __init__(self, config: GrouterConfig | None = None) -> None:
         self.config = config or GrouterConfig()
+        self.reports: list[PassReport] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return compile_with_grouter(gm, example_inputs, self.config)
+        return compile_with_grouter(gm, example_inputs, self.config, reports=self.reports)
 
     def __repr__(self) -> str:
         return f"GrouterBackend({self.config!r})"

@@ -210,9 +210,6 @@ class NoMatch:
     def detail(self) -> str:
         return self.reason % self.args if self.args else self.reason
 
-    def __bool__(self) -> bool:  # `if match:` reads naturally at call sites
-        return False
-
     def __str__(self) -> str:
         return self.detail
 

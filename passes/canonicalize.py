@@ -71,6 +71,15 @@ def _is_tensor(x: Any) -> bool:
     return isinstance(x, fx.Node) and tensor_meta(x) is not None
 
 
+def _neg_dim(x: Any, dim: Any) -> Any:
+    """Dims are written counted from the end (``-1`` for the last dim, whatever the rank), so
+    ``softmax(x, 1)`` and ``softmax(x, -1)`` on a 2-D tensor become the same node."""
+    t = tensor_meta(x)
+    if t is None or not isinstance(dim, int) or isinstance(dim, bool) or t.dim() == 0:
+        return dim
+    return dim - t.dim() if dim >= 0 else dim
+
+
 def _self_arg(node: fx.Node) -> Any:
     return node.args[0] if node.args else node.kwargs.get("input")
 
@@ -88,7 +97,7 @@ def normalize_softmax(node: fx.Node) -> Canonical | None:
     if a is None or a.get("dim") is None:  # implicit-dim softmax is deprecated and ambiguous
         return None
     kwargs = {"dtype": a["dtype"]} if a["dtype"] is not None else {}
-    return torch.softmax, (a["input"], a["dim"]), kwargs, False
+    return torch.softmax, (a["input"], _neg_dim(a["input"], a["dim"])), kwargs, False
 
 
 def normalize_sigmoid(node: fx.Node) -> Canonical | None:
@@ -99,21 +108,22 @@ def normalize_topk(node: fx.Node) -> Canonical | None:
     a = _bind(node, ("input", "k", "dim", "largest", "sorted"), {"dim": -1, "largest": True, "sorted": True})
     if a is None or "k" not in a:
         return None
-    return torch.topk, (a["input"], a["k"]), {"dim": a["dim"], "largest": a["largest"], "sorted": a["sorted"]}, False
+    return torch.topk, (a["input"], a["k"]), {"dim": _neg_dim(a["input"], a["dim"]), "largest": a["largest"],
+                                              "sorted": a["sorted"]}, False
 
 
 def normalize_max(node: fx.Node) -> Canonical | None:
     a = _bind(node, ("input", "dim", "keepdim"), {"keepdim": False})
     if a is None or "dim" not in a or _is_tensor(a["dim"]):  # max(a, b) is elementwise: not ours
         return None
-    return torch.max, (a["input"], a["dim"]), {"keepdim": a["keepdim"]}, False
+    return torch.max, (a["input"], _neg_dim(a["input"], a["dim"])), {"keepdim": a["keepdim"]}, False
 
 
 def normalize_argmax(node: fx.Node) -> Canonical | None:
     a = _bind(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
     if a is None or a["dim"] is None:
         return None
-    return torch.argmax, (a["input"],), {"dim": a["dim"], "keepdim": a["keepdim"]}, False
+    return torch.argmax, (a["input"],), {"dim": _neg_dim(a["input"], a["dim"]), "keepdim": a["keepdim"]}, False
 
 
 def _binary(target: Any, commutative: bool) -> Normalizer:
@@ -148,7 +158,7 @@ def normalize_sum(node: fx.Node) -> Canonical | None:
     kwargs = {"keepdim": a["keepdim"]}
     if a["dtype"] is not None:
         kwargs["dtype"] = a["dtype"]
-    return torch.sum, (a["input"], a["dim"]), kwargs, False
+    return torch.sum, (a["input"], _neg_dim(a["input"], a["dim"])), kwargs, False
 
 
 def normalize_cast(node: fx.Node) -> Canonical | None:
@@ -185,7 +195,7 @@ def normalize_gather(node: fx.Node) -> Canonical | None:
     a = _bind(node, ("input", "dim", "index"), {"sparse_grad": False})
     if a is None or a["sparse_grad"]:
         return None
-    return torch.gather, (a["input"], a["dim"], a["index"]), {}, False
+    return torch.gather, (a["input"], _neg_dim(a["input"], a["dim"]), a["index"]), {}, False
 
 
 def normalize_masked_fill(node: fx.Node) -> Canonical | None:
@@ -206,7 +216,8 @@ def normalize_scatter(node: fx.Node) -> Canonical | None:
             return None
     if "reduce" in node.kwargs:
         return None
-    return torch.scatter, (a["input"], a["dim"], a["index"], a["src"]), {}, node.target == "scatter_"
+    return (torch.scatter, (a["input"], _neg_dim(a["input"], a["dim"]), a["index"], a["src"]), {},
+            node.target == "scatter_")
 
 
 def normalize_clamp(node: fx.Node) -> Canonical | None:
@@ -236,7 +247,8 @@ def normalize_norm(node: fx.Node) -> Canonical | None:
         p = 2.0
     if not isinstance(p, (int, float)):
         return None
-    return torch.linalg.vector_norm, (a["input"],), {"ord": float(p), "dim": a["dim"], "keepdim": a["keepdim"]}, False
+    return (torch.linalg.vector_norm, (a["input"],),
+            {"ord": float(p), "dim": _neg_dim(a["input"], a["dim"]), "keepdim": a["keepdim"]}, False)
 
 
 def normalize_invert(node: fx.Node) -> Canonical | None:

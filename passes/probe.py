@@ -14,7 +14,8 @@ compile time only; their cost is one MoE layer forward per site.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,21 @@ from grouter_pass.spec import ExpertsSpec, GatingSpec, NoMatch
 
 class _ProbeError(Exception):
     pass
+
+
+def _eager(fn: Callable) -> Callable:
+    """Run a probe outside any active fake-tensor mode (Dynamo calls backends with one active:
+    random tensors made there would be fake, and every comparison meaningless) and without
+    autograd."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily(), torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def extract_region(region: Sequence[fx.Node], inputs: Sequence[fx.Node], outputs: Sequence[fx.Node]
@@ -77,16 +93,13 @@ def _shape(node: fx.Node) -> list[int]:
 
 def _run(region: Sequence[fx.Node], inputs: Sequence[fx.Node], values: Sequence[torch.Tensor],
          outputs: Sequence[fx.Node]) -> tuple:
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
     gm, externals = extract_region(region, inputs, outputs)
     ext_values = []
     for e in externals:
         if tensor_meta(e) is not None:
             raise _ProbeError(f"region reads tensor {e.name} that is not one of its inputs")
         ext_values.append(_concrete(meta_val(e)))
-    with unset_fake_temporarily(), torch.no_grad():
-        return gm(*values, *ext_values)
+    return gm(*values, *ext_values)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float]:
@@ -99,6 +112,7 @@ def _device(node: fx.Node) -> torch.device:
     return t.device if t is not None else torch.device("cpu")
 
 
+@_eager
 def probe_gating(spec: GatingSpec, region: Sequence[fx.Node], logits: fx.Node, bias: fx.Node | None,
                  weights: fx.Node, ids: fx.Node, *, seed: int = 0) -> NoMatch | None:
     """Run the original gating region and ``route_reference(spec)`` on the same random logits."""
@@ -120,8 +134,7 @@ def probe_gating(spec: GatingSpec, region: Sequence[fx.Node], logits: fx.Node, b
             got_w, got_ids = _run(region, inputs, values, [weights, ids])
         except _ProbeError as err:
             return NoMatch("gating probe could not run the original region: %s", (err,), partial=True)
-        with torch.no_grad():
-            ref_w, ref_ids = reference.route_reference(logits_val, bias_val, **spec.route_kwargs())
+        ref_w, ref_ids = reference.route_reference(logits_val, bias_val, **spec.route_kwargs())
         if not torch.equal(got_ids, ref_ids):
             # an unsorted top-k may order the same experts differently: compare as sets
             order_got, order_ref = got_ids.sort(dim=-1), ref_ids.sort(dim=-1)
@@ -144,6 +157,7 @@ def _random_ids(n: int, k: int, e: int, skewed: bool, gen: torch.Generator) -> t
         0, k, dtype=torch.int64)
 
 
+@_eager
 def probe_experts(spec: ExpertsSpec, region: Sequence[fx.Node], *, ids: fx.Node, weights: fx.Node, x: fx.Node,
                   w_up: fx.Node, w_down: fx.Node, b_up: fx.Node | None, b_down: fx.Node | None,
                   output: fx.Node, seed: int = 0) -> NoMatch | None:
@@ -169,10 +183,9 @@ def probe_experts(spec: ExpertsSpec, region: Sequence[fx.Node], *, ids: fx.Node,
         except Exception as err:  # noqa: BLE001 - the region itself failed on valid inputs
             return NoMatch("experts probe: the original region failed on random routing: %s", (err,), partial=True)
         b_vals = p_vals[2:] if b_up is not None else [None, None]
-        with torch.no_grad():
-            plan = reference.dispatch_plan_reference(ids_val, e)
-            ref, _ = reference.moe_experts_reference(x_val, w_val, plan[0], plan[1], plan[3], p_vals[0], p_vals[1],
-                                                     b_vals[0], b_vals[1], **spec.op_kwargs())
+        plan = reference.dispatch_plan_reference(ids_val, e)
+        ref, _ = reference.moe_experts_reference(x_val, w_val, plan[0], plan[1], plan[3], p_vals[0], p_vals[1],
+                                                 b_vals[0], b_vals[1], **spec.op_kwargs())
         ok, err = _close(got, ref)
         if not ok:
             return NoMatch("experts probe %d (%s routing): classified as [%s] but outputs differ (rel err %.2e)", (

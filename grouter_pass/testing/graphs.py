@@ -59,28 +59,48 @@ def _fmt_val(v: Any) -> str:
         return "(" + ", ".join(_fmt_val(x) for x in v) + ")"
     if isinstance(v, torch.SymInt):
         return "SymInt"
+    if isinstance(v, torch.SymFloat):
+        return "SymFloat"
     return type(v).__name__ if v is not None else "None"
 
 
-def nodes_text(nodes: Iterable[fx.Node], *, inputs: Iterable[fx.Node] = (), rename: dict[fx.Node, str] | None = None
-               ) -> str:
+def nodes_text(nodes: Iterable[fx.Node], *, rename: dict[fx.Node, str] | None = None) -> str:
     """Print ``nodes`` one per line as ``name = target(args) -> dtype[shape]``.
 
-    Names are renumbered ``v0, v1, ...`` in order of appearance (inputs get ``in0, in1, ...``
-    unless given in ``rename``), so the text does not depend on Dynamo's variable names.
+    Printed nodes are renumbered ``v0, v1, ...``; nodes they read that are not printed become
+    ``in0, in1, ...`` in order of first use (unless named in ``rename``). The text therefore does
+    not depend on Dynamo's variable names, only on the dataflow.
     """
+    nodes = list(nodes)
     names: dict[fx.Node, str] = dict(rename or {})
-    for i, n in enumerate(inputs):
-        names.setdefault(n, f"in{i}")
+    for i, n in enumerate(n for n in nodes if n not in names):
+        names[n] = f"v{i}"
+    n_inputs = 0
+
+    def fmt(a: Any) -> str:
+        nonlocal n_inputs
+        if isinstance(a, fx.Node) and a not in names:
+            names[a] = f"in{n_inputs}"
+            n_inputs += 1
+        return _fmt_arg(a, names)
+
     lines = []
-    counter = 0
     for n in nodes:
-        if n not in names:
-            names[n] = f"v{counter}"
-            counter += 1
-    for n in nodes:
-        args = ", ".join([_fmt_arg(a, names) for a in n.args] +
-                         [f"{k}={_fmt_arg(v, names)}" for k, v in n.kwargs.items()])
+        args = ", ".join([fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()])
         lines.append(f"{names[n]} = {target_name(n)}({args}) -> {_fmt_val(meta_val(n))}")
-    text = "\n".join(lines)
-    return re.sub(r"0x[0-9a-f]+", "0x?", text)
+    return re.sub(r"0x[0-9a-f]+", "0x?", "\n".join(lines))
+
+
+def gating_site_text(site: Any) -> str:
+    """The canonical gating subgraph of a detected site: router linear to ``(weights, ids)``."""
+    g = site.gating
+    rename = {g.logits: "logits", g.weights: "weights", g.ids: "ids"}
+    if g.bias is not None:
+        rename[g.bias] = "bias"
+    return nodes_text([g.logits, *g.region], rename=rename)
+
+
+def rewritten_site_text(gm: fx.GraphModule) -> str:
+    """The ``grouter`` nodes of a rewritten graph (and the getitems that unpack them)."""
+    picked = [n for n in gm.graph.nodes if "grouter_role" in n.meta]
+    return nodes_text(picked)

@@ -130,9 +130,11 @@ def match_site(graph: fx.Graph, anchor: fx.Node, *, probe: bool = True) -> Site 
     if late is not None:
         return _rejected(late, where, spec)
     if probe:
-        bad = probe_gating(spec, region, parse.logits, parse.bias, parse.weights, parse.ids) or probe_experts(
-            experts.spec, experts.region, ids=parse.ids, weights=parse.weights, x=experts.x, w_up=experts.w_up,
-            w_down=experts.w_down, b_up=experts.b_up, b_down=experts.b_down, output=experts.output)
+        bad = probe_gating(spec, region, parse.logits, parse.bias, parse.weights, parse.ids)
+        if bad is None:
+            bad = probe_experts(experts.spec, experts.region, ids=parse.ids, weights=parse.weights, x=experts.x,
+                                w_up=experts.w_up, w_down=experts.w_down, b_up=experts.b_up, b_down=experts.b_down,
+                                output=experts.output)
         if bad is not None:
             return _rejected(bad, where, spec, experts.spec)
     return Site(module_path=where, gating=GatingMatch(spec, parse, region), experts=experts)

@@ -1,0 +1,127 @@
+"""The three ways in: ``backend="grouter"`` (entry point, fresh process), ``apply_grouter`` with
+``verify``, and ``GrouterPreGradPass`` for users who stay on ``backend="inductor"``."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import grouter_pass
+from grouter_pass import GrouterConfig, GrouterPreGradPass, GrouterVerificationError, apply_grouter
+from grouter_pass.spec import GatingSpec
+from grouter_pass.testing.models import tiny_hf_moe, tiny_token_ids
+from grouter_pass.testing.parity import check_parity
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+def test_backend_string_works_in_a_fresh_process_through_the_entry_point():
+    code = textwrap.dedent("""
+        import logging, sys
+        import torch, transformers
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s", stream=sys.stdout)
+        transformers.logging.set_verbosity_error()
+        cfg = transformers.AutoConfig.for_model(
+            "qwen3_moe", hidden_size=64, intermediate_size=80, moe_intermediate_size=48, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, vocab_size=97, use_cache=False)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        ids = torch.randint(0, 97, (2, 5))
+        want = model(ids).logits
+        assert "grouter_pass" not in sys.modules
+        got = torch.compile(model, backend="grouter", options={"compiler": "aot_eager"})(ids).logits
+        assert "grouter_pass" in sys.modules  # loaded by Dynamo through the entry point
+        print("max abs diff", (got - want).abs().max().item())
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "found 2 gating site(s), rewrote 2" in out.stdout, out.stdout
+    diff = float(out.stdout.split("max abs diff")[-1])
+    assert diff <= 1e-5
+
+
+def test_backend_options_are_config_fields():
+    with pytest.raises(ValueError, match=r"unknown grouter option\(s\) \['colour'\]; known options: \["):
+        GrouterConfig.from_options({"colour": "blue"})
+    assert GrouterConfig.from_options({"compiler": "eager", "probe": False}) == GrouterConfig(
+        compiler="eager", probe=False)
+    with pytest.raises(ValueError, match="compiler='tvm'; choose one of"):
+        GrouterConfig(compiler="tvm")
+
+
+def test_verify_passes_on_an_exact_rewrite():
+    model = tiny_hf_moe("mixtral")
+    ids = tiny_token_ids()
+    want = model(ids).logits
+    got = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_verify_raises_with_the_per_output_error_when_numbers_change(monkeypatch):
+    """A deliberately wrong rewrite (scaling factor doubled, probes off so nothing catches it
+    earlier) must be caught on the first call, naming the output and its error."""
+    real = GatingSpec.route_kwargs
+    monkeypatch.setattr(GatingSpec, "route_kwargs", lambda self: {**real(self), "scaling_factor": 2.0})
+    model = tiny_hf_moe("mixtral")
+    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager", probe=False), verify=True)
+    with pytest.raises(GrouterVerificationError, match=r"(?s)output 0 float32\[2, 5, 97\]: max abs err .*"
+                                                          r"rewritten sites:.*model.layers.0.mlp"):
+        compiled(tiny_token_ids())
+
+
+def test_probes_catch_the_same_wrong_rewrite_before_it_happens(monkeypatch, grouter_logs):
+    real = GatingSpec.route_kwargs
+    monkeypatch.setattr(GatingSpec, "route_kwargs", lambda self: {**real(self), "scaling_factor": 2.0})
+    model = tiny_hf_moe("mixtral")
+    ids = tiny_token_ids()
+    want = model(ids).logits
+    got = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)(ids).logits
+    torch.testing.assert_close(got, want)  # nothing rewritten, so nothing changed
+    assert counters["grouter"]["sites_rewritten"] == 0
+    assert "gating probe 0: classified as [softmax -> top-2, renorm sum] but weights differ" in grouter_logs.text
+
+
+@pytest.mark.slow
+def test_pre_grad_custom_pass_on_backend_inductor_and_fx_graph_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    model = tiny_hf_moe("qwen3_moe")
+    ids = tiny_token_ids()
+    want = model(ids).logits
+    grouter_pass_ = GrouterPreGradPass(GrouterConfig())
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=True, fx_graph_remote_cache=False):
+        for attempt in range(2):
+            torch._dynamo.reset()
+            got = torch.compile(model, options={"pre_grad_custom_pass": grouter_pass_})(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert counters["grouter"]["sites_rewritten"] >= 2
+    # the uuid() keeps the FX graph cache on: the second compile is served from it
+    assert counters["inductor"]["fxgraph_cache_miss"] == 1
+    assert counters["inductor"]["fxgraph_cache_hit"] == 1
+
+
+def test_pre_grad_pass_uuid_tracks_source_and_config():
+    a, b = GrouterPreGradPass(GrouterConfig()), GrouterPreGradPass(GrouterConfig())
+    assert a.uuid() == b.uuid()
+    assert a.uuid() != GrouterPreGradPass(GrouterConfig(probe=False)).uuid()
+    # verify settings do not change the graph, so they do not invalidate the cache
+    assert a.uuid() == GrouterPreGradPass(GrouterConfig(verify=True)).uuid()
+
+
+def test_fullgraph_compiles_and_matches():
+    model = tiny_hf_moe("deepseek_v3").train()
+    result = check_parity(model, {"input_ids": tiny_token_ids()},
+                          lambda m: apply_grouter(m, GrouterConfig(compiler="aot_eager", fullgraph=True)))
+    assert counters["grouter"]["sites_rewritten"] == 2
+    assert result.max_rel() <= 1e-5, result.summary()
+
+
+def test_public_api_is_explicit():
+    assert "apply_grouter" in grouter_pass.__all__ and "GrouterConfig" in grouter_pass.__all__
