@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(PINNED_MALLOC) $(PY) -m grouter_pass.demo
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check grouter_pass passes tests examples
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

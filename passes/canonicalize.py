@@ -425,13 +425,27 @@ def canonicalize_gating_pass(gm: fx.GraphModule, example_inputs: Any = None, *, 
     return gm
 
 
+def _sole_view_of_fresh_tensor(view: fx.Node) -> bool:
+    """True when ``view`` is the only way to see its base: every tensor up the view chain is a
+    fresh intermediate with no other reader (``bmm(...).squeeze(1).add_(b)``), so mutating the
+    view can be replaced by a functional op whose readers are the view's later readers."""
+    cur = view
+    while is_view(cur):
+        base = cur.args[0]
+        if not isinstance(base, fx.Node) or base.op not in ("call_function", "call_method") or len(base.users) != 1:
+            return False
+        cur = base
+    return True
+
+
 def _can_functionalize(node: fx.Node, seen: set[fx.Node]) -> bool:
     x = node.args[0] if node.args else None
     if not isinstance(x, fx.Node) or x.op not in ("call_function", "call_method") or tensor_meta(x) is None:
         log.debug("canonicalize: kept in-place %s: it mutates a graph input or a non-tensor", node.name)
         return False
-    if is_view(x):
-        log.debug("canonicalize: kept in-place %s: it mutates a view (%s)", node.name, x.name)
+    if is_view(x) and not _sole_view_of_fresh_tensor(x):
+        log.debug("canonicalize: kept in-place %s: it mutates a view (%s) whose base is seen elsewhere", node.name,
+                  x.name)
         return False
     for user in x.users:
         if user is not node and user in seen and is_view(user):

@@ -26,6 +26,7 @@ from grouter_pass.ops import reference
 from grouter_pass.passes.graph_utils import hint_int, meta_val, shape_of, tensor_meta
 from grouter_pass.spec import ExpertsSpec, GatingSpec, NoMatch
 
+
 class _ProbeError(Exception):
     pass
 

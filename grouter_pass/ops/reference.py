@@ -256,44 +256,49 @@ def _act_backward(grad: torch.Tensor, g: torch.Tensor, kind: str) -> torch.Tenso
 def activation_forward(h: torch.Tensor, *, activation: str, gated: bool, interleaved: bool,
                        alpha: float, limit: float) -> torch.Tensor:
     """``[S, 2F] -> [S, F]`` (gated) or ``[S, F] -> [S, F]``; see :class:`ActivationSpec`."""
+    return activation_forward_saving(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
+                                     limit=limit)[0]
+
+
+def activation_forward_saving(h: torch.Tensor, *, activation: str, gated: bool, interleaved: bool,
+                              alpha: float, limit: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The activation and, for gated activations, ``act(gate)``, which the backward reuses."""
     if activation == "clamped_swiglu":
         gate, up = _split_gate_up(h, interleaved)
         gate = gate.clamp(min=None, max=limit)
         up = up.clamp(min=-limit, max=limit)
-        return (up + 1) * (gate * torch.sigmoid(gate * alpha))
+        return (up + 1) * (gate * torch.sigmoid(gate * alpha)), None
     if not gated:
-        return _act(h, activation)
+        return _act(h, activation), None
     gate, up = _split_gate_up(h, interleaved)
-    return _act(gate, activation) * up
+    act_gate = _act(gate, activation)
+    return act_gate * up, act_gate
 
 
 def activation_backward(grad_a: torch.Tensor, h: torch.Tensor, *, activation: str, gated: bool,
-                        interleaved: bool, alpha: float, limit: float) -> torch.Tensor:
-    """Gradient of :func:`activation_forward` with respect to ``h``."""
+                        interleaved: bool, alpha: float, limit: float,
+                        act_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of :func:`activation_forward` with respect to ``h``. ``act_gate`` (from
+    :func:`activation_forward_saving`) avoids recomputing the activation of the gate half."""
     if not gated and activation != "clamped_swiglu":
         return _act_backward(grad_a, h, activation)
     gate, up = _split_gate_up(h, interleaved)
+    grad_h = torch.empty_like(h)
+    grad_gate_out, grad_up_out = _split_gate_up(grad_h, interleaved)
     if activation == "clamped_swiglu":
         gate_c = gate.clamp(min=None, max=limit)
         up_c = up.clamp(min=-limit, max=limit)
         sig = torch.sigmoid(gate_c * alpha)
         glu = gate_c * sig
-        grad_up = (grad_a * glu) * (up >= -limit).logical_and(up <= limit)
+        grad_up_out.copy_((grad_a * glu) * (up >= -limit).logical_and(up <= limit))
         grad_glu = grad_a * (up_c + 1)
-        grad_gate = grad_glu * (sig + gate_c * alpha * sig * (1 - sig))
-        grad_gate = grad_gate * (gate <= limit)
-    else:
+        grad_gate_out.copy_(grad_glu * (sig + gate_c * alpha * sig * (1 - sig)) * (gate <= limit))
+        return grad_h
+    if act_gate is None:
         act_gate = _act(gate, activation)
-        grad_up = grad_a * act_gate
-        grad_gate = _act_backward(grad_a * up, gate, activation)
-    grad_h = torch.empty_like(h)
-    if interleaved:
-        grad_h[..., ::2] = grad_gate
-        grad_h[..., 1::2] = grad_up
-    else:
-        f = gate.shape[-1]
-        grad_h[..., :f] = grad_gate
-        grad_h[..., f:] = grad_up
+    torch.mul(grad_a, act_gate, out=grad_up_out) if not interleaved else grad_up_out.copy_(grad_a * act_gate)
+    grad_gate = _act_backward(grad_a * up, gate, activation)
+    grad_gate_out.copy_(grad_gate)
     return grad_h
 
 
@@ -336,6 +341,27 @@ def grouped_linear(a_SI: torch.Tensor, w_EOI: torch.Tensor, offsets_E: torch.Ten
     return out
 
 
+def _grouped_weight_grad(left_SA: torch.Tensor, right_SB: torch.Tensor, segments: list, like: torch.Tensor
+                         ) -> torch.Tensor:
+    """``out[e] = left[rows_e]^T @ right[rows_e]`` for every expert; experts without rows get 0."""
+    out = torch.empty_like(like)
+    for e, s0, s1 in segments:
+        torch.mm(left_SA[s0:s1].t(), right_SB[s0:s1], out=out[e])
+    if len(segments) < like.shape[0]:
+        hit = {e for e, _, _ in segments}
+        for e in range(like.shape[0]):
+            if e not in hit:
+                out[e].zero_()
+    return out
+
+
+def _grouped_bias_grad(g_SO: torch.Tensor, segments: list, like: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros_like(like)
+    for e, s0, s1 in segments:
+        torch.sum(g_SO[s0:s1], dim=0, out=out[e])
+    return out
+
+
 def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
                           inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor,
                           w_down: torch.Tensor, b_up: torch.Tensor | None = None,
@@ -359,19 +385,26 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
         ``(out [N, H] in out_dtype (x's dtype when None), h [S, 2F])`` where ``h`` is the
         pre-activation of the first GEMM in expert order, returned so that backward does not
         recompute a GEMM.
+
+    The combine adds each slot's weighted output into its token's row in expert order (a
+    sequential, deterministic ``index_add_``); the K terms of a token are therefore summed in a
+    different order than ``view(N, K, H).sum(1)`` would, which moves results by at most a few
+    ulps.
     """
     n, hidden = x_NH.shape
     k = weights_NK.shape[1]
     compute_dtype = w_up.dtype
+    combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
     segs = _segments(offsets_E)
-    x_sorted_SH = x_NH.index_select(0, torch.div(perm_S, k, rounding_mode="floor")).to(compute_dtype)
+    tok_S = torch.div(perm_S, k, rounding_mode="floor")
+    x_sorted_SH = x_NH.index_select(0, tok_S).to(compute_dtype)
     h = grouped_linear(x_sorted_SH, w_up, offsets_E, transposed=up_transposed, bias_EO=b_up, segments=segs)
     a = activation_forward(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
                            limit=limit)
     y_SH = grouped_linear(a, w_down, offsets_E, transposed=down_transposed, bias_EO=b_down, segments=segs)
-    w_sorted_S = weights_NK.reshape(-1).index_select(0, perm_S)
-    yw_SH = y_SH * w_sorted_S.unsqueeze(-1)
-    out_NH = yw_SH.index_select(0, inv_perm_S).view(n, k, hidden).sum(dim=1)
+    w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
+    yw_SH = y_SH.mul_(w_sorted_S1) if combine_dtype == compute_dtype else y_SH.to(combine_dtype) * w_sorted_S1
+    out_NH = torch.zeros(n, hidden, dtype=combine_dtype, device=x_NH.device).index_add_(0, tok_S, yw_SH)
     return out_NH.to(x_NH.dtype if out_dtype is None else out_dtype), h
 
 
@@ -385,64 +418,51 @@ def moe_experts_backward_reference(
     """Gradients of :func:`moe_experts_reference` for ``(x, weights, w_up, w_down, b_up, b_down)``.
 
     The routing-weight gradient uses ``<g, a W_down^T> = <g W_down, a>``, so the unweighted
-    expert output never has to be stored.
+    expert output never has to be stored; the activation is recomputed once from ``h``.
     """
     n, hidden = x_NH.shape
     k = weights_NK.shape[1]
     compute_dtype = w_up.dtype
+    combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
     segs = _segments(offsets_E)
     need_x, need_w, need_up, need_down, need_bup, need_bdown = needs_input_grad
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
-    w_sorted_S = weights_NK.reshape(-1).index_select(0, perm_S)
-    combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
-    g_SH = grad_out_NH.to(combine_dtype).index_select(0, tok_S)  # d out / d yw, per slot
-    a = activation_forward(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
-                           limit=limit)
-    # d loss / d y (unweighted expert output), in the dtype y was computed in
-    gy_SH = (g_SH * w_sorted_S.unsqueeze(-1)).to(compute_dtype)
-    # g W_down: [S, H] x [H, F] per expert -> gradient wrt a, before the routing weight
+    w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
+    g_SH = grad_out_NH.to(combine_dtype).index_select(0, tok_S)  # d loss / d (weighted slot output)
+    a, act_gate = activation_forward_saving(h, activation=activation, gated=gated, interleaved=interleaved,
+                                            alpha=alpha, limit=limit)
+    # g W_down ([S, H] x [H, F] per expert): gradient wrt a, before the routing weight
     ga_unweighted = grouped_linear(g_SH.to(compute_dtype), w_down, offsets_E, transposed=not down_transposed,
                                    segments=segs)
     grad_weights = None
     if need_w:
-        gw_sorted_S = (ga_unweighted.to(combine_dtype) * a.to(combine_dtype)).sum(dim=-1)
+        gw_sorted_S = (ga_unweighted.to(combine_dtype) * a).sum(dim=-1)
         if b_down is not None:  # y = a W^T + b, so <g, y> also has <g, b_e>
-            bias_rows = torch.empty_like(g_SH)
             for e, s0, s1 in segs:
-                bias_rows[s0:s1] = b_down[e]
-            gw_sorted_S = gw_sorted_S + (g_SH * bias_rows).sum(dim=-1)
+                gw_sorted_S[s0:s1] += g_SH[s0:s1] @ b_down[e].to(combine_dtype)
         grad_weights = gw_sorted_S.index_select(0, inv_perm_S).view(n, k).to(weights_NK.dtype)
-    ga = (ga_unweighted.to(combine_dtype) * w_sorted_S.unsqueeze(-1)).to(compute_dtype)
+    ga = (ga_unweighted.to(combine_dtype).mul_(w_sorted_S1)).to(compute_dtype)
     grad_w_down = grad_b_down = None
     if need_down or need_bdown:
-        grad_w_down = torch.zeros_like(w_down) if need_down else None
-        grad_b_down = torch.zeros_like(b_down) if (need_bdown and b_down is not None) else None
-        for e, s0, s1 in segs:
-            if grad_w_down is not None:
-                if down_transposed:  # w [F, H]: dW = a^T gy
-                    torch.mm(a[s0:s1].t(), gy_SH[s0:s1], out=grad_w_down[e])
-                else:  # w [H, F]: dW = gy^T a
-                    torch.mm(gy_SH[s0:s1].t(), a[s0:s1], out=grad_w_down[e])
-            if grad_b_down is not None:
-                grad_b_down[e] = gy_SH[s0:s1].sum(dim=0)
+        gy_SH = g_SH.mul_(w_sorted_S1).to(compute_dtype)  # d loss / d y (g_SH is not needed any more)
+        if need_down:  # w [H, F]: dW = gy^T a;  transposed w [F, H]: dW = a^T gy
+            grad_w_down = (_grouped_weight_grad(a, gy_SH, segs, w_down) if down_transposed
+                           else _grouped_weight_grad(gy_SH, a, segs, w_down))
+        if need_bdown and b_down is not None:
+            grad_b_down = _grouped_bias_grad(gy_SH, segs, b_down)
+    del a
     gh = activation_backward(ga, h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
-                             limit=limit)
-    x_sorted_SH = None
+                             limit=limit, act_gate=act_gate)
     grad_w_up = grad_b_up = None
-    if need_up or need_bup:
+    if need_up:
         x_sorted_SH = x_NH.index_select(0, tok_S).to(compute_dtype)
-        grad_w_up = torch.zeros_like(w_up) if need_up else None
-        grad_b_up = torch.zeros_like(b_up) if (need_bup and b_up is not None) else None
-        for e, s0, s1 in segs:
-            if grad_w_up is not None:
-                if up_transposed:  # w [H, 2F]: dW = x^T gh
-                    torch.mm(x_sorted_SH[s0:s1].t(), gh[s0:s1], out=grad_w_up[e])
-                else:  # w [2F, H]: dW = gh^T x
-                    torch.mm(gh[s0:s1].t(), x_sorted_SH[s0:s1], out=grad_w_up[e])
-            if grad_b_up is not None:
-                grad_b_up[e] = gh[s0:s1].sum(dim=0)
+        grad_w_up = (_grouped_weight_grad(x_sorted_SH, gh, segs, w_up) if up_transposed
+                     else _grouped_weight_grad(gh, x_sorted_SH, segs, w_up))
+    if need_bup and b_up is not None:
+        grad_b_up = _grouped_bias_grad(gh, segs, b_up)
     grad_x = None
     if need_x:
         gx_sorted_SH = grouped_linear(gh, w_up, offsets_E, transposed=not up_transposed, segments=segs)
-        grad_x = gx_sorted_SH.index_select(0, inv_perm_S).view(n, k, hidden).sum(dim=1).to(x_NH.dtype)
+        grad_x = torch.zeros(n, hidden, dtype=gx_sorted_SH.dtype, device=x_NH.device).index_add_(
+            0, tok_S, gx_sorted_SH).to(x_NH.dtype)
     return grad_x, grad_weights, grad_w_up, grad_w_down, grad_b_up, grad_b_down

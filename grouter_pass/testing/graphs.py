@@ -100,7 +100,10 @@ def gating_site_text(site: Any) -> str:
     return nodes_text([g.logits, *g.region], rename=rename)
 
 
-def rewritten_site_text(gm: fx.GraphModule) -> str:
-    """The ``grouter`` nodes of a rewritten graph (and the getitems that unpack them)."""
+def rewritten_site_text(gm: fx.GraphModule, site_index: int = 0) -> str:
+    """The nodes one rewritten site became (the ``grouter`` ops and the getitems unpacking them),
+    with the values they read printed as ``in0, in1, ...``."""
     picked = [n for n in gm.graph.nodes if "grouter_role" in n.meta]
-    return nodes_text(picked)
+    per_site = len(picked) // max(1, sum(1 for n in picked if n.meta["grouter_role"] == "router"
+                                         and n.op == "call_function" and "route" in str(n.target)))
+    return nodes_text(picked[site_index * per_site:(site_index + 1) * per_site])

@@ -167,4 +167,5 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True) -> tuple[list[S
     return sites, rejected
 
 
-__all__ = ["GATING_FAMILIES", "GatingMatch", "Site", "find_gating_sites", "gating_region", "match_site", "register_gating_family"]
+__all__ = ["GATING_FAMILIES", "GatingMatch", "Site", "find_gating_sites", "gating_region", "match_site",
+           "register_gating_family"]

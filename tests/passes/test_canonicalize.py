@@ -117,3 +117,17 @@ def test_setitem_inverse_permutation_becomes_index_put():
 
     text, _ = canonical_text(inv, torch.randperm(7))
     assert "index_put(v0, (in0,), v1)" in text
+
+
+def test_in_place_on_the_only_view_of_a_fresh_tensor_becomes_functional():
+    """``bmm(...).squeeze(1).add_(bias)`` (transformers' batched_mm): nobody else can see the bmm
+    result, so the in-place add is safe to make functional."""
+
+    def f(x, w, b):
+        out = torch.bmm(x.unsqueeze(1), w).squeeze(1)
+        out.add_(b)
+        return out * 2
+
+    text, _ = canonical_text(f, torch.randn(4, 3), torch.randn(4, 3, 5), torch.randn(4, 5))
+    assert "Tensor.add_" not in text and "add(v2, in2)" in text
+    assert "mul(v3, 2)" in text  # the reader after the mutation reads the functional add
