@@ -1,5 +1,10 @@
 """Exact mode is the same function: every supported transformers family, compiled with the grouter
-backend and Inductor under ``dynamic=True``, trained one step next to the unmodified model.
+backend under ``dynamic=True``, trained one step next to the unmodified model.
+
+Three families go through Inductor (between them they cover softmax and sigmoid gating, a router
+bias, transposed biased experts, and runtime scalars passed to the ops); the other three through
+AOT autograd with eager kernels, which traces the same forward and backward graphs without code
+generation (Inductor's C++ compile of a whole model costs about a minute on the CI machine).
 
 Compared: the logits, the gradient of the input embeddings, and the gradient of every parameter
 (router weights and biases, expert weights and biases, attention, norms). Contract: relative
@@ -21,13 +26,22 @@ def embeds(model, batch=2, seq=7, seed=0):
         return model.get_input_embeddings()(tiny_token_ids(batch, seq, seed=seed))
 
 
+COMPILER = {"qwen3_moe": "inductor", "deepseek_v3": "inductor", "gpt_oss": "inductor",
+            "mixtral": "aot_eager", "qwen2_moe": "aot_eager", "olmoe": "aot_eager"}
+
+
+def test_every_supported_family_is_covered():
+    assert set(COMPILER) == set(SUPPORTED_HF_FAMILIES)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", SUPPORTED_HF_FAMILIES)
-def test_train_step_parity_dynamic_inductor(model_type):
+def test_train_step_parity_dynamic(model_type):
     model = tiny_hf_moe(model_type).train()
     compiled = []
+    config = GrouterConfig(dynamic=True, compiler=COMPILER[model_type])
     result = check_parity(model, {"inputs_embeds": embeds(model)},
-                          lambda m: compiled.append(apply_grouter(m, GrouterConfig(dynamic=True))) or compiled[-1])
+                          lambda m: compiled.append(apply_grouter(m, config)) or compiled[-1])
     final = grouter_reports(compiled[0])[-1]
     assert [s.module_path for s in final.rewritten] == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert not result.missing_grads, result.missing_grads

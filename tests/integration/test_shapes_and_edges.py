@@ -72,10 +72,11 @@ def test_skewed_routing_with_empty_experts_deepseek():
     assert not any("correction_bias" in k for k in result.param_grads)
 
 
-def test_skewed_routing_with_empty_experts_gpt_oss_inductor():
+def test_skewed_routing_with_empty_experts_gpt_oss():
     model = _skew(tiny_hf_moe("gpt_oss")).train()
     emb = model.get_input_embeddings()(tiny_token_ids(2, 9)).detach()
-    result = check_parity(model, {"inputs_embeds": emb}, lambda m: apply_grouter(m, GrouterConfig()))
+    result = check_parity(model, {"inputs_embeds": emb},
+                          lambda m: apply_grouter(m, GrouterConfig(compiler="aot_eager")))
     assert counters["grouter"]["sites_rewritten"] == 2
     assert result.max_rel() <= REL_TOL, result.summary()
     assert "model.layers.0.mlp.router.bias" in result.param_grads
