@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from grouter_pass.config import GrouterConfig
 from grouter_pass.numerics import compare
+from grouter_pass.passes.graph_utils import is_view, mutated_arg
 from grouter_pass.spec import PassReport
 
 
@@ -24,20 +25,16 @@ class GrouterVerificationError(RuntimeError):
 
 
 def _mutated_placeholders(gm: fx.GraphModule) -> set[int]:
+    """Indices of the graph inputs that some in-place node writes to (directly or via a view)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index = {n: i for i, n in enumerate(placeholders)}
     out = set()
     for n in gm.graph.nodes:
-        inplace = (n.op == "call_method" and str(n.target).endswith("_") and not str(n.target).startswith("_")) or (
-            n.op == "call_function" and getattr(n.target, "__name__", "") in ("iadd", "isub", "imul", "itruediv",
-                                                                               "setitem"))
-        if inplace and n.args and isinstance(n.args[0], fx.Node):
-            base = n.args[0]
-            while base.op != "placeholder" and base.args and isinstance(base.args[0], fx.Node) and base.op in (
-                    "call_method", "call_function"):
-                base = base.args[0]
-            if base in index:
-                out.add(index[base])
+        base = mutated_arg(n)
+        while base is not None and base.op in ("call_method", "call_function") and is_view(base):
+            base = base.args[0] if isinstance(base.args[0], fx.Node) else None
+        if base in index:
+            out.add(index[base])
     return out
 
 

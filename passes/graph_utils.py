@@ -157,15 +157,8 @@ def is_view(node: fx.Node) -> bool:
     return False
 
 
-def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
-    """Positional-or-keyword argument of a call node."""
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
-def node_index(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {n: i for i, n in enumerate(graph.nodes)}
 
 
 def ancestors(roots: Iterable[fx.Node], stop: set[fx.Node] | frozenset = frozenset()) -> set[fx.Node]:
@@ -198,9 +191,19 @@ def descendants(roots: Iterable[fx.Node], limit: int | None = None) -> set[fx.No
     return seen
 
 
-def single_tensor_input(node: fx.Node) -> fx.Node | None:
-    x = node.args[0] if node.args else None
-    return x if isinstance(x, fx.Node) else None
+
+
+_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem})
+
+
+def mutated_arg(node: fx.Node) -> fx.Node | None:
+    """The tensor an in-place node writes to (``x.add_(y)``, ``x /= y``, ``x[i] = v``), else None."""
+    target = str(node.target)
+    if (node.op == "call_method" and target.endswith("_") and not target.startswith("_")) or (
+            node.op == "call_function" and node.target in _INPLACE_OPERATORS):
+        a = node.args[0] if node.args else None
+        return a if isinstance(a, fx.Node) else None
+    return None
 
 
 def module_path(node: fx.Node) -> str:

@@ -13,19 +13,30 @@ The backward is one more opaque op, ``grouter::moe_experts_backward``, returning
 of x, routing weights, both expert weights and both biases (empty tensors for the gradients
 autograd did not ask for).
 
-Troubleshooting: on CPU both ops run :mod:`grouter_pass.ops.reference`; each expert's GEMMs are
-``torch.mm`` calls on contiguous row ranges, with one host read of the E offsets per call.
+Device dispatch: every device runs :mod:`grouter_pass.ops.reference` for now; each expert's GEMMs
+are ``torch.mm`` calls on contiguous row ranges, with one host read of the E offsets per call.
+That read is free on CPU; on CUDA it is a device synchronisation per call (logged once), until
+the fused CUDA kernels replace this path.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Sequence
 
 import torch
 
 from grouter_pass.ops import reference
 
+log = logging.getLogger(__name__)
 _EMPTY_GRAD = (0,)
+
+
+@functools.cache
+def _warn_reference_on(device_type: str) -> None:
+    log.warning("grouter.moe_experts runs its reference implementation on %s: one host synchronisation per "
+                "call to read the expert offsets", device_type)
 
 
 @torch.library.custom_op("grouter::moe_experts", mutates_args=())
@@ -48,6 +59,8 @@ def moe_experts(
     down_transposed: bool,
     out_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.device.type != "cpu":
+        _warn_reference_on(x.device.type)
     with torch.no_grad():
         return reference.moe_experts_reference(
             x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,

@@ -20,7 +20,6 @@ probe can run it against the op's reference, and the rewrite can delete it.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +33,7 @@ from grouter_pass.passes.graph_utils import (
     is_function,
     is_getitem,
     is_method,
+    mutated_arg,
     runtime_scalar,
     same_shape,
     same_size,
@@ -305,7 +305,7 @@ def match_experts(graph: fx.Graph, ids: fx.Node, weights: fx.Node, num_experts: 
             return NoMatch("the expert computation also reads tensor input %s", (n.name,), partial=True)
         if n.op == "get_attr":
             return NoMatch("the expert computation reads module attribute %s", (n.target,), partial=True)
-        mutated = _mutated_arg(n)
+        mutated = mutated_arg(n)
         if mutated is not None and mutated not in region_set:
             return NoMatch("%s mutates %s, outside the expert computation", (n.name, mutated.name), partial=True)
     region = [n for n in graph.nodes if n in region_set]
@@ -318,18 +318,6 @@ def match_experts(graph: fx.Graph, ids: fx.Node, weights: fx.Node, num_experts: 
         return NoMatch("only one of the two expert GEMMs has a bias", partial=True)
     return ExpertsMatch(spec=spec, x=x, w_up=up.weight, w_down=down.weight, b_up=b_up, b_down=b_down, output=out,
                         region=region, runtime_scalars=runtime_scalars)
-
-
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-
-
-def _mutated_arg(node: fx.Node) -> fx.Node | None:
-    """The tensor an in-place node writes to (None for functional nodes)."""
-    if (node.op == "call_method" and str(node.target).endswith("_") and not str(node.target).startswith("_")) or (
-            node.op == "call_function" and node.target in _INPLACE_OPERATORS):
-        a = node.args[0] if node.args else None
-        return a if isinstance(a, fx.Node) else None
-    return None
 
 
 __all__ = ["ExpertsMatch", "ExpertGemm", "match_experts", "classify_activation"]

@@ -125,3 +125,24 @@ def test_fullgraph_compiles_and_matches():
 
 def test_public_api_is_explicit():
     assert "apply_grouter" in grouter_pass.__all__ and "GrouterConfig" in grouter_pass.__all__
+
+
+def test_verify_does_not_apply_in_place_input_mutations_twice():
+    """The reference run of ``verify`` gets clones of the inputs the graph mutates: a step counter
+    the model bumps in place must advance once per call."""
+
+    class CountingLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm = tiny_hf_moe("olmoe")
+            self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+        def forward(self, ids):
+            self.steps.add_(1)
+            return self.lm(ids).logits
+
+    model = CountingLM()
+    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)
+    compiled(tiny_token_ids())
+    assert counters["grouter"]["sites_rewritten"] == 2
+    assert model.steps.item() == 1
