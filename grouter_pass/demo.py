@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 from importlib import resources
 
@@ -25,6 +24,7 @@ import torch
 
 from grouter_pass import GrouterConfig, apply_grouter, grouter_reports
 from grouter_pass.testing.parity import check_parity
+from grouter_pass.testing.timing import time_interleaved
 
 
 def demo_tokens(batch: int, seq: int) -> torch.Tensor:
@@ -50,22 +50,12 @@ def demo_model(args: argparse.Namespace) -> torch.nn.Module:
 
 def fwd_bwd_ms(models: dict[str, torch.nn.Module], ids: torch.Tensor, iters: int, warmup: int = 2
                ) -> dict[str, float]:
-    """Median forward+backward time of each model. Steps are interleaved (one step of each model
-    per round) so that a slow spell of a shared machine hits every row alike."""
+    """Median forward+backward time of each model (one training step per call), interleaved."""
 
-    def step(model: torch.nn.Module) -> float:
-        t0 = time.perf_counter()
-        model(ids, labels=ids).loss.backward()
-        return time.perf_counter() - t0
+    def step(model: torch.nn.Module):
+        return lambda: model(ids, labels=ids).loss.backward()
 
-    for model in models.values():
-        for _ in range(warmup):
-            step(model)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(iters):
-        for name, model in models.items():
-            times[name].append(step(model))
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return time_interleaved({name: step(m) for name, m in models.items()}, warmup=warmup, iters=iters)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,16 +21,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 if any(os.environ.get(k) != v for k, v in PINNED.items()):
     os.execvpe(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED})
 
 import torch  # noqa: E402
+
+from grouter_pass.testing.timing import time_interleaved  # noqa: E402
 
 
 def make_block(impl: str, args: argparse.Namespace) -> torch.nn.Module:
@@ -66,24 +66,12 @@ class DenseBound(torch.nn.Module):
 
 
 def time_rows(rows: dict[str, tuple], warmup: int, iters: int) -> dict[str, float]:
-    """Median forward+backward ms of each ``name -> (fn, input, grad)``. Timed steps are
-    interleaved (one step of every row per round), so a slow spell of the shared machine hits
-    every row alike and the ratios stay meaningful."""
+    """Median forward+backward ms of each ``name -> (fn, input, grad)``, steps interleaved."""
 
-    def step(fn, x, grad) -> float:
-        t0 = time.perf_counter()
-        xi = x.detach().requires_grad_()
-        fn(xi).backward(grad)
-        return time.perf_counter() - t0
+    def step(fn, x, grad):
+        return lambda: fn(x.detach().requires_grad_()).backward(grad)
 
-    for fn, x, grad in rows.values():
-        for _ in range(warmup):
-            step(fn, x, grad)
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(iters):
-        for name, (fn, x, grad) in rows.items():
-            times[name].append(step(fn, x, grad))
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    return time_interleaved({name: step(*row) for name, row in rows.items()}, warmup=warmup, iters=iters)
 
 
 def profile_row(fn, x: torch.Tensor, grad: torch.Tensor, steps: int = 3) -> None:
