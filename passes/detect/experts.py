@@ -13,8 +13,8 @@ depend on ``ids``, for the first two *expert GEMMs*: GEMMs whose weight is (a vi
 
 From the GEMMs it reads everything the ``grouter.moe_experts`` op needs: the token input ``x``,
 the expert weight tensors and their layout, optional per-expert biases, the activation between
-the GEMMs, and the combine output ``O`` (the first ``[N, H]`` tensor after the down GEMM that
-everything else funnels into). The whole region from the inputs to ``O`` is returned so the
+the GEMMs, and the combine output ``O`` (the reduction of the weighted slot outputs over the K
+slots of each token, ``view(N, K, H).sum(1)``, plus trailing casts). The whole region from the inputs to ``O`` is returned so the
 probe can run it against the op's reference, and the rewrite can delete it.
 """
 
