@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-ScoreFunc = Literal["softmax", "sigmoid", "none"]
+ScoreFunc = Literal["softmax", "sigmoid", "none", "sparsemixer"]
 Order = Literal["score_then_topk", "topk_then_score"]
 BiasMode = Literal["none", "selection", "score"]
 GroupScore = Literal["top2_sum", "max"]
@@ -28,6 +28,25 @@ Renorm = Literal["none", "sum", "lp"]
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def compact_repr(obj: Any) -> str:
+    """``Name(field=value, ...)`` listing only the fields that differ from their defaults: stable
+    when a new field with a default is added, short enough to read in a snapshot."""
+    parts = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if default is dataclasses.MISSING or value != default:
+            if dataclasses.is_dataclass(value):
+                text = compact_repr(value)
+            elif isinstance(value, torch.dtype):
+                text = _dtype_name(value)
+            else:
+                text = repr(value)
+            parts.append(f"{f.name}={text}")
+    return f"{type(obj).__name__}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -64,6 +83,9 @@ class GatingSpec:
     scaling_factor: float = 1.0
     weights_dtype: torch.dtype = torch.float32
     sorted: bool = True
+    #: PhiMoE's sparsemixer (``score_func="sparsemixer"``, top-2, evaluation mode): experts whose
+    #: score is further than this relative distance from the best one are masked out of the softmax
+    sparsemixer_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.top_k > self.num_experts:
@@ -95,6 +117,7 @@ class GatingSpec:
             score_dtype=self.score_dtype,
             weights_dtype=self.weights_dtype,
             sorted=self.sorted,
+            sparsemixer_threshold=self.sparsemixer_threshold,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +128,8 @@ class GatingSpec:
 
     def describe(self) -> str:
         """One short human line: ``softmax -> top-2, renorm sum``."""
+        if self.score_func == "sparsemixer":
+            return f"sparsemixer top-{self.top_k} (threshold {self.sparsemixer_threshold:g})"
         if self.order == "score_then_topk":
             parts = [self.score_func]
             if self.bias_mode != "none":
@@ -176,12 +201,14 @@ class ExpertsSpec:
     up_transposed: bool = False
     down_transposed: bool = False
     has_bias: bool = False
+    #: the routing weight scales each slot's input (``expert(w * x)``, Llama 4) instead of its output
+    weight_on_input: bool = False
     compute_dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype = torch.float32
 
     def op_kwargs(self) -> dict[str, Any]:
         return dict(up_transposed=self.up_transposed, down_transposed=self.down_transposed,
-                    out_dtype=self.out_dtype, **self.activation.op_kwargs())
+                    weight_on_input=self.weight_on_input, out_dtype=self.out_dtype, **self.activation.op_kwargs())
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -190,9 +217,9 @@ class ExpertsSpec:
         return d
 
     def describe(self) -> str:
-        bias = ", bias" if self.has_bias else ""
+        extra = (", bias" if self.has_bias else "") + (", weight on input" if self.weight_on_input else "")
         return (f"{self.style} E={self.num_experts} H={self.hidden_size} F={self.ffn_size} "
-                f"{self.activation.describe()}{bias}")
+                f"{self.activation.describe()}{extra}")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ combination; instead this pass rewrites each spelling into one vocabulary first:
     torch.norm(p, dim) / Tensor.norm                      -> torch.linalg.vector_norm(x, ord, dim)
     ~x / Tensor.bitwise_not / Tensor.logical_not (bool)   -> torch.bitwise_not(x)
     x[idx] = v (tensor idx)                               -> torch.index_put(x, (idx,), v)
+    a @ b / Tensor.matmul                                 -> torch.matmul(a, b)
 
 In-place spellings are made functional when that is provably safe: the mutated tensor is a
 fresh intermediate (not a graph input, not a view, not viewed before the mutation) and the
@@ -259,6 +260,12 @@ def normalize_invert(node: fx.Node) -> Canonical | None:
     return torch.bitwise_not, (x,), {}, False
 
 
+def normalize_matmul(node: fx.Node) -> Canonical | None:
+    if len(node.args) != 2 or node.kwargs or not (_is_tensor(node.args[0]) and _is_tensor(node.args[1])):
+        return None
+    return torch.matmul, tuple(node.args), {}, False
+
+
 def normalize_setitem(node: fx.Node) -> Canonical | None:
     if len(node.args) != 3:
         return None
@@ -336,6 +343,8 @@ SPELLINGS: dict[tuple[str, Any], Normalizer] = {
     ("call_method", "bitwise_not"): normalize_invert,
     ("call_method", "logical_not"): normalize_invert,
     ("call_function", operator.setitem): normalize_setitem,
+    ("call_function", operator.matmul): normalize_matmul,
+    ("call_method", "matmul"): normalize_matmul,
     **{("call_function", t): normalize_activation for t in (F.silu, F.relu, torch.relu, F.gelu)},
     **{("call_method", t): normalize_activation for t in ("silu", "relu", "gelu")},
 }

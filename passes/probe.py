@@ -95,12 +95,30 @@ def _shape(node: fx.Node) -> list[int]:
 def _run(region: Sequence[fx.Node], inputs: Sequence[fx.Node], values: Sequence[torch.Tensor],
          outputs: Sequence[fx.Node]) -> tuple:
     gm, externals = extract_region(region, inputs, outputs)
+    region_set = set(region)
     ext_values = []
     for e in externals:
-        if tensor_meta(e) is not None:
+        t = tensor_meta(e)
+        if t is None:
+            ext_values.append(_concrete(meta_val(e)))
+        elif all(_template_use(u, e) for u in e.users if u in region_set):
+            # read only for its shape and dtype (zeros_like(probs)): any values will do
+            ext_values.append(torch.zeros(_shape(e), dtype=t.dtype, device=t.device))
+        else:
             raise _ProbeError(f"region reads tensor {e.name} that is not one of its inputs")
-        ext_values.append(_concrete(meta_val(e)))
     return gm(*values, *ext_values)
+
+
+_TEMPLATE_FUNCTIONS = (torch.zeros_like, torch.empty_like, torch.ones_like, torch.full_like)
+_TEMPLATE_METHODS = ("new_zeros", "new_empty", "new_ones", "new_full", "size", "dim")
+
+
+def _template_use(user: fx.Node, tensor: fx.Node) -> bool:
+    """``user`` reads ``tensor`` only for its metadata (shape, dtype, device)."""
+    if user.op == "call_function" and user.target in _TEMPLATE_FUNCTIONS:
+        return user.args[0] is tensor and tensor not in user.args[1:] and tensor not in user.kwargs.values()
+    return user.op == "call_method" and user.target in _TEMPLATE_METHODS and user.args[0] is tensor and \
+        tensor not in user.args[1:]
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor) -> tuple[bool, float]:
@@ -114,9 +132,9 @@ def _device(node: fx.Node) -> torch.device:
 
 
 @_eager
-def probe_gating(spec: GatingSpec, region: Sequence[fx.Node], logits: fx.Node, bias: fx.Node | None,
-                 weights: fx.Node, ids: fx.Node, *, seed: int = 0) -> NoMatch | None:
+def probe_gating(spec: GatingSpec, region: Sequence[fx.Node], parse: Any, *, seed: int = 0) -> NoMatch | None:
     """Run the original gating region and ``route_reference(spec)`` on the same random logits."""
+    logits, bias, weights, ids = parse.logits, parse.bias, parse.weights, parse.ids
     n, e = _shape(logits)
     dev, dtype = _device(logits), tensor_meta(logits).dtype
     gen = torch.Generator().manual_seed(seed)
@@ -142,8 +160,12 @@ def probe_gating(spec: GatingSpec, region: Sequence[fx.Node], logits: fx.Node, b
             if not torch.equal(order_got.values, order_ref.values):
                 return NoMatch("gating probe %d: classified as [%s] but selects different experts", (
                     t, spec.describe()), partial=True)
-            got_w = got_w.gather(1, order_got.indices)
+            if not parse.dense:
+                got_w = got_w.gather(1, order_got.indices)
             ref_w = ref_w.gather(1, order_ref.indices)
+            ref_ids = order_ref.values
+        if parse.dense:  # the site hands the experts a dense [N, E]: zero where not selected
+            ref_w = torch.zeros_like(got_w).scatter(1, ref_ids, ref_w.to(got_w.dtype))
         ok, err = _close(got_w, ref_w)
         if not ok:
             return NoMatch("gating probe %d: classified as [%s] but weights differ (rel err %.2e, dtypes %s/%s)", (
@@ -159,34 +181,50 @@ def _random_ids(n: int, k: int, e: int, skewed: bool, gen: torch.Generator) -> t
 
 
 @_eager
-def probe_experts(spec: ExpertsSpec, region: Sequence[fx.Node], *, ids: fx.Node, weights: fx.Node, x: fx.Node,
-                  w_up: fx.Node, w_down: fx.Node, b_up: fx.Node | None, b_down: fx.Node | None,
-                  output: fx.Node, seed: int = 0) -> NoMatch | None:
-    """Run the original expert region and ``moe_experts_reference(spec)`` on the same inputs."""
+def probe_experts(match: Any, *, ids: fx.Node, weights: fx.Node, dense: bool = False, seed: int = 0
+                  ) -> NoMatch | None:
+    """Run the original expert region and ``moe_experts_reference(spec)`` on the same inputs.
+
+    ``dense``: the region reads the routing weights as a dense ``[N, E]`` tensor (zero for
+    unselected experts) rather than ``[N, K]``."""
+    spec: ExpertsSpec = match.spec
     n, k = _shape(ids)
     e = spec.num_experts
-    dev = _device(x)
+    dev = _device(match.x)
     gen = torch.Generator().manual_seed(seed)
 
-    def rand(node: fx.Node, scale: float, positive: bool = False) -> torch.Tensor:
-        t = torch.rand(_shape(node), generator=gen) + 0.1 if positive else torch.randn(_shape(node), generator=gen)
-        return (t * scale).to(device=dev, dtype=tensor_meta(node).dtype)
+    def rand(node: fx.Node, scale: float) -> torch.Tensor:
+        return (torch.randn(_shape(node), generator=gen) * scale).to(device=dev, dtype=tensor_meta(node).dtype)
 
-    params = [w_up, w_down] + [b for b in (b_up, b_down) if b is not None]
+    params = [p for p in (match.w_gate, match.w_up, match.w_down, match.b_gate, match.b_up, match.b_down)
+              if p is not None]
+    extra = [match.combine_base] if match.combine_base is not None else []
+    up_dim = 2 if spec.up_transposed else 1
     for t, skewed in enumerate((False, True)):
         ids_val = _random_ids(n, k, e, skewed, gen).to(dev)
-        x_val, w_val = rand(x, 1.0), rand(weights, 1.0, positive=True)
-        p_vals = [rand(p, 0.2) for p in params]
+        w_sparse = (torch.rand(n, k, generator=gen) + 0.1).to(device=dev, dtype=tensor_meta(weights).dtype)
+        w_val = torch.zeros(n, e, dtype=w_sparse.dtype, device=dev).scatter(1, ids_val, w_sparse) if dense else w_sparse
+        x_val = rand(match.x, 1.0)
+        p_vals = {p: rand(p, 0.2) for p in params}
+        extra_vals = [rand(b, 1.0) for b in extra]
         try:
-            (got,) = _run(region, [ids, weights, x, *params], [ids_val, w_val, x_val, *p_vals], [output])
+            (got,) = _run(match.region, [ids, weights, match.x, *params, *extra],
+                          [ids_val, w_val, x_val, *p_vals.values(), *extra_vals], [match.output])
         except _ProbeError as err:
             return NoMatch("experts probe could not run the original region: %s", (err,), partial=True)
         except Exception as err:  # noqa: BLE001 - the region itself failed on valid inputs
             return NoMatch("experts probe: the original region failed on random routing: %s", (err,), partial=True)
-        b_vals = p_vals[2:] if b_up is not None else [None, None]
+        w_up = p_vals[match.w_up]
+        b_up = p_vals.get(match.b_up)
+        if match.w_gate is not None:  # the op takes [gate; up] concatenated
+            w_up = torch.cat([p_vals[match.w_gate], w_up], dim=up_dim)
+            if b_up is not None:
+                b_up = torch.cat([p_vals[match.b_gate], b_up], dim=1)
         plan = reference.dispatch_plan_reference(ids_val, e)
-        ref, _ = reference.moe_experts_reference(x_val, w_val, plan[0], plan[1], plan[3], p_vals[0], p_vals[1],
-                                                 b_vals[0], b_vals[1], **spec.op_kwargs())
+        ref, _ = reference.moe_experts_reference(x_val, w_sparse, plan[0], plan[1], plan[3], w_up, p_vals[match.w_down],
+                                                 b_up, p_vals.get(match.b_down), **spec.op_kwargs())
+        if extra_vals:
+            ref = (extra_vals[0] + ref).to(got.dtype)
         ok, err = _close(got, ref)
         if not ok:
             return NoMatch("experts probe %d (%s routing): classified as [%s] but outputs differ (rel err %.2e)", (

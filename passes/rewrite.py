@@ -66,6 +66,22 @@ def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.N
     return outs
 
 
+def _node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.Node, role: str) -> fx.Node:
+    """Insert one plain torch call with metadata (a single-output :func:`_call`)."""
+    node = graph.call_function(target, args, kwargs)
+    for key in _KEEP_META:
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    node.meta["grouter_role"] = role
+    fake_args = fx.node.map_arg(args, meta_val)
+    fake_kwargs = fx.node.map_arg(kwargs, meta_val)
+    mode = fake_mode_of(pytree.tree_leaves((fake_args, fake_kwargs)))
+    if mode is not None:
+        with mode:
+            node.meta["example_value"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
 def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
     """Rewrite one site in place; returns the names of the ops inserted."""
     g, e = site.gating, site.experts
@@ -83,9 +99,17 @@ def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
             graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
             role="dispatch_plan", n_outputs=4)
     with graph.inserting_before(e.output):
+        w_up, b_up = e.w_up, e.b_up
+        if e.w_gate is not None:  # gate and up were two GEMMs: the op takes [gate; up]
+            w_up = _node(graph, torch.cat, ([e.w_gate, e.w_up],), {"dim": 2 if e.spec.up_transposed else 1},
+                         like=e.output, role="experts")
+            if e.b_gate is not None:
+                b_up = _node(graph, torch.cat, ([e.b_gate, e.b_up],), {"dim": 1}, like=e.output, role="experts")
         out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
-                        (e.x, weights, perm, inv_perm, offsets, e.w_up, e.w_down, e.b_up, e.b_down),
+                        (e.x, weights, perm, inv_perm, offsets, w_up, e.w_down, b_up, e.b_down),
                         {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts", n_outputs=2)
+        if e.combine_base is not None:  # the experts were added into e.g. a shared expert's output
+            out = _node(graph, torch.add, (e.combine_base, out), {}, like=e.output, role="experts")
     e.output.replace_all_uses_with(out)
     for old, new in ((g.weights, weights), (g.ids, ids)):
         for user in list(old.users):

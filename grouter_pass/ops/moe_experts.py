@@ -57,6 +57,7 @@ def moe_experts(
     limit: float,
     up_transposed: bool,
     down_transposed: bool,
+    weight_on_input: bool,
     out_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type != "cpu":
@@ -65,12 +66,12 @@ def moe_experts(
         return reference.moe_experts_reference(
             x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
             interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
-            down_transposed=down_transposed, out_dtype=out_dtype)
+            down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)
 
 
 @moe_experts.register_fake
 def _moe_experts_fake(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation, gated,
-                      interleaved, alpha, limit, up_transposed, down_transposed, out_dtype):
+                      interleaved, alpha, limit, up_transposed, down_transposed, weight_on_input, out_dtype):
     torch._check(x.dim() == 2 and weights.dim() == 2, lambda: "moe_experts expects x [N, H] and weights [N, K]")
     up_out = w_up.shape[2] if up_transposed else w_up.shape[1]
     out = x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
@@ -78,7 +79,8 @@ def _moe_experts_fake(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b
     return out, h
 
 
-_ACT_ARGS = ("activation", "gated", "interleaved", "alpha", "limit", "up_transposed", "down_transposed")
+_ACT_ARGS = ("activation", "gated", "interleaved", "alpha", "limit", "up_transposed", "down_transposed",
+             "weight_on_input")
 
 
 def _setup_context(ctx, inputs, output):
@@ -96,7 +98,7 @@ def _backward(ctx, grad_out, grad_h):
         grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs=needs,
         **ctx.kw)
     gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
-    return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * 8
+    return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * 9
 
 
 moe_experts.register_autograd(_backward, setup_context=_setup_context)
@@ -123,18 +125,20 @@ def moe_experts_backward(
     limit: float,
     up_transposed: bool,
     down_transposed: bool,
+    weight_on_input: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         grads = reference.moe_experts_backward_reference(
             grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
             gated=gated, interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
-            down_transposed=down_transposed, needs_input_grad=tuple(needs))
+            down_transposed=down_transposed, weight_on_input=weight_on_input, needs_input_grad=tuple(needs))
     return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
 
 
 @moe_experts_backward.register_fake
 def _moe_experts_backward_fake(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h,
-                               needs, activation, gated, interleaved, alpha, limit, up_transposed, down_transposed):
+                               needs, activation, gated, interleaved, alpha, limit, up_transposed, down_transposed,
+                               weight_on_input):
     like = (x, weights, w_up, w_down, b_up, b_down)
     return tuple(torch.empty_like(t) if (need and t is not None) else x.new_empty(_EMPTY_GRAD)
                  for t, need in zip(like, needs))

@@ -57,14 +57,39 @@ def _renorm_denominator(w_NK: torch.Tensor, renorm: str, eps: float, clamp_min: 
     return d
 
 
+def _sparsemixer_round(x: torch.Tensor, selection: torch.Tensor, threshold: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One round of PhiMoE's evaluation-mode sparsemixer: the best expert of ``selection`` and the
+    softmax over the experts whose score is within ``threshold`` (relative) of it."""
+    with torch.no_grad():
+        best, ind = selection.max(dim=-1, keepdim=True)
+        factor = x.abs().clamp(min=best)
+        far = ((best - x) / factor) > threshold
+    probs = torch.softmax(selection.masked_fill(far, float("-inf")), dim=-1)
+    return probs.gather(-1, ind), ind, probs
+
+
+def sparsemixer_reference(x_NE: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's sparsemixer in evaluation mode (top-2): ``(weights [N, 2], ids [N, 2])``."""
+    w1, ind1, _ = _sparsemixer_round(x_NE, x_NE, threshold)
+    second = torch.scatter(x_NE, -1, ind1, float("-inf"))
+    w2, ind2, _ = _sparsemixer_round(x_NE, second, threshold)
+    return torch.cat([w1, w2], dim=-1), torch.cat([ind1, ind2], dim=-1)
+
+
 def route_select(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, *, top_k: int, score_func: str,
                  order: str, bias_mode: str, n_group: int, topk_group: int, group_score: str,
-                 score_dtype: torch.dtype | None, sorted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 score_dtype: torch.dtype | None, sorted: bool, sparsemixer_threshold: float = 0.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection half of routing: ``(w0 [N, K] before renorm/scale, ids [N, K] int64)``.
 
     Differentiable in ``logits`` (and in ``bias`` when ``bias_mode == "score"``).
     """
     x = logits_NE if score_dtype is None else logits_NE.to(score_dtype)
+    if score_func == "sparsemixer":
+        if top_k != 2:
+            raise ValueError(f"sparsemixer routing is defined for top_k=2, got {top_k}")
+        return sparsemixer_reference(x, sparsemixer_threshold)
     if order == "score_then_topk":
         scores = _score(x, score_func)
         sel = scores if bias_mode == "none" else scores + bias_E
@@ -101,14 +126,15 @@ def route_reference(logits_NE: torch.Tensor, bias_E: torch.Tensor | None = None,
                     renorm: str = "none", renorm_eps: float = 0.0, renorm_clamp_min: float | None = None,
                     renorm_p: float = 1.0, scaling_factor: float = 1.0,
                     score_dtype: torch.dtype | None = None, weights_dtype: torch.dtype = torch.float32,
-                    sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                    sorted: bool = True, sparsemixer_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``[N, E]`` -> ``(weights [N, K] weights_dtype, ids [N, K] int64)``.
 
     See :class:`grouter_pass.spec.GatingSpec` for the meaning of every argument.
     """
     w0, ids = route_select(logits_NE, bias_E, top_k=top_k, score_func=score_func, order=order,
                            bias_mode=bias_mode, n_group=n_group, topk_group=topk_group,
-                           group_score=group_score, score_dtype=score_dtype, sorted=sorted)
+                           group_score=group_score, score_dtype=score_dtype, sorted=sorted,
+                           sparsemixer_threshold=sparsemixer_threshold)
     w = route_finish(w0, renorm=renorm, renorm_eps=renorm_eps, renorm_clamp_min=renorm_clamp_min,
                      renorm_p=renorm_p, scaling_factor=scaling_factor, weights_dtype=weights_dtype)
     return w, ids
@@ -126,8 +152,8 @@ def _score_backward(grad: torch.Tensor, out: torch.Tensor, inp: torch.Tensor, sc
 def route_backward_reference(grad_w_NK: torch.Tensor, logits_NE: torch.Tensor, bias_E: torch.Tensor | None,
                              ids_NK: torch.Tensor, *, score_func: str, order: str, bias_mode: str,
                              renorm: str, renorm_eps: float, renorm_clamp_min: float | None, renorm_p: float,
-                             scaling_factor: float, score_dtype: torch.dtype | None, **_unused
-                             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                             scaling_factor: float, score_dtype: torch.dtype | None,
+                             sparsemixer_threshold: float = 0.0, **_unused) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradient of :func:`route_reference` for ``(logits, bias)``.
 
     Written out (instead of re-running autograd) so that it traces into the backward graph as
@@ -135,6 +161,9 @@ def route_backward_reference(grad_w_NK: torch.Tensor, logits_NE: torch.Tensor, b
     group mask / top-k selection are piecewise constant. A selection-only bias gets ``None``.
     """
     x = logits_NE if score_dtype is None else logits_NE.to(score_dtype)
+    if score_func == "sparsemixer":
+        return _sparsemixer_backward(grad_w_NK, x, ids_NK, sparsemixer_threshold, scaling_factor).to(
+            logits_NE.dtype), None
     if order == "score_then_topk":
         scores = _score(x, score_func)
         scores_w = scores + bias_E if bias_mode == "score" else scores
@@ -178,6 +207,22 @@ def route_backward_reference(grad_w_NK: torch.Tensor, logits_NE: torch.Tensor, b
     if grad_bias is not None and bias_E is not None:
         grad_bias = grad_bias.to(bias_E.dtype)
     return g_x.to(logits_NE.dtype), grad_bias
+
+
+def _sparsemixer_backward(grad_w_N2: torch.Tensor, x_NE: torch.Tensor, ids_N2: torch.Tensor, threshold: float,
+                          scaling_factor: float) -> torch.Tensor:
+    """Gradient of :func:`sparsemixer_reference` (then ``* scaling_factor``): through each round's
+    masked softmax; the masks and the selections are constants, as under PhiMoE's ``no_grad``."""
+    g = grad_w_N2.to(x_NE.dtype) * scaling_factor if scaling_factor != 1.0 else grad_w_N2.to(x_NE.dtype)
+    ind1, ind2 = ids_N2[:, :1], ids_N2[:, 1:]
+    _, _, p1 = _sparsemixer_round(x_NE, x_NE, threshold)
+    second = torch.scatter(x_NE, -1, ind1, float("-inf"))
+    _, _, p2 = _sparsemixer_round(x_NE, second, threshold)
+    g1 = torch.zeros_like(p1).scatter(-1, ind1, g[:, :1])
+    g2 = torch.zeros_like(p2).scatter(-1, ind2, g[:, 1:])
+    gx = torch.ops.aten._softmax_backward_data(g1, p1, -1, p1.dtype)
+    g_second = torch.ops.aten._softmax_backward_data(g2, p2, -1, p2.dtype)
+    return gx + g_second.scatter(-1, ind1, 0.0)  # the scattered -inf of round 2 has no gradient
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,7 +413,8 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
                           b_down: torch.Tensor | None = None, *, activation: str = "silu",
                           gated: bool = True, interleaved: bool = False, alpha: float = 1.0,
                           limit: float = 0.0, up_transposed: bool = False, down_transposed: bool = False,
-                          out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                          weight_on_input: bool = False, out_dtype: torch.dtype | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed experts with a precomputed dispatch plan.
 
     Args:
@@ -380,16 +426,17 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
             for non-gated experts.
         w_down: ``[E, H, F]`` (``[E, F, H]`` when ``down_transposed``).
         b_up, b_down: optional per-expert biases ``[E, 2F]`` / ``[E, H]``.
+        weight_on_input: scale each slot's *input* by its routing weight and sum the expert
+            outputs unweighted (Llama 4: ``expert(w * x)``) instead of ``w * expert(x)``.
 
     Returns:
         ``(out [N, H] in out_dtype (x's dtype when None), h [S, 2F])`` where ``h`` is the
         pre-activation of the first GEMM in expert order, returned so that backward does not
         recompute a GEMM.
 
-    The combine adds each slot's weighted output into its token's row in expert order (a
-    sequential, deterministic ``index_add_``); the K terms of a token are therefore summed in a
-    different order than ``view(N, K, H).sum(1)`` would, which moves results by at most a few
-    ulps.
+    The combine adds each slot's output into its token's row in expert order (a sequential,
+    deterministic ``index_add_``); the K terms of a token are therefore summed in a different
+    order than ``view(N, K, H).sum(1)`` would, which moves results by at most a few ulps.
     """
     n, hidden = x_NH.shape
     k = weights_NK.shape[1]
@@ -397,14 +444,21 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
     combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
     segs = _segments(offsets_E)
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
-    x_sorted_SH = x_NH.index_select(0, tok_S).to(compute_dtype)
+    w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
+    x_sorted_SH = x_NH.index_select(0, tok_S)
+    if weight_on_input:
+        x_sorted_SH = x_sorted_SH * w_sorted_S1
+    x_sorted_SH = x_sorted_SH.to(compute_dtype)
     h = grouped_linear(x_sorted_SH, w_up, offsets_E, transposed=up_transposed, bias_EO=b_up, segments=segs)
     a = activation_forward(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
                            limit=limit)
     y_SH = grouped_linear(a, w_down, offsets_E, transposed=down_transposed, bias_EO=b_down, segments=segs)
-    w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
-    yw_SH = y_SH.mul_(w_sorted_S1) if combine_dtype == compute_dtype else y_SH.to(combine_dtype) * w_sorted_S1
-    out_NH = torch.zeros(n, hidden, dtype=combine_dtype, device=x_NH.device).index_add_(0, tok_S, yw_SH)
+    if weight_on_input:
+        yw_SH, acc_dtype = y_SH, compute_dtype
+    else:
+        acc_dtype = combine_dtype
+        yw_SH = y_SH.mul_(w_sorted_S1) if combine_dtype == compute_dtype else y_SH.to(combine_dtype) * w_sorted_S1
+    out_NH = torch.zeros(n, hidden, dtype=acc_dtype, device=x_NH.device).index_add_(0, tok_S, yw_SH)
     return out_NH.to(x_NH.dtype if out_dtype is None else out_dtype), h
 
 
@@ -413,12 +467,14 @@ def moe_experts_backward_reference(
     inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
     b_up: torch.Tensor | None, b_down: torch.Tensor | None, h: torch.Tensor, *, activation: str,
     gated: bool, interleaved: bool, alpha: float, limit: float, up_transposed: bool,
-    down_transposed: bool, needs_input_grad: tuple[bool, bool, bool, bool, bool, bool] = (True,) * 6,
+    down_transposed: bool, weight_on_input: bool = False,
+    needs_input_grad: tuple[bool, bool, bool, bool, bool, bool] = (True,) * 6,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`moe_experts_reference` for ``(x, weights, w_up, w_down, b_up, b_down)``.
 
-    The routing-weight gradient uses ``<g, a W_down^T> = <g W_down, a>``, so the unweighted
-    expert output never has to be stored; the activation is recomputed once from ``h``.
+    Weight on the output: the routing-weight gradient uses ``<g, a W_down^T> = <g W_down, a>``,
+    so the unweighted expert output never has to be stored. Weight on the input: it is
+    ``<d(w x), x>``. The activation is recomputed once from ``h``.
     """
     n, hidden = x_NH.shape
     k = weights_NK.shape[1]
@@ -428,23 +484,29 @@ def moe_experts_backward_reference(
     need_x, need_w, need_up, need_down, need_bup, need_bdown = needs_input_grad
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
-    g_SH = grad_out_NH.to(combine_dtype).index_select(0, tok_S)  # d loss / d (weighted slot output)
+    acc_dtype = compute_dtype if weight_on_input else combine_dtype
+    g_SH = grad_out_NH.to(acc_dtype).index_select(0, tok_S)  # d loss / d (slot output as combined)
     a, act_gate = activation_forward_saving(h, activation=activation, gated=gated, interleaved=interleaved,
                                             alpha=alpha, limit=limit)
-    # g W_down ([S, H] x [H, F] per expert): gradient wrt a, before the routing weight
+    # g W_down ([S, H] x [H, F] per expert): gradient wrt a (before the routing weight, if any)
     ga_unweighted = grouped_linear(g_SH.to(compute_dtype), w_down, offsets_E, transposed=not down_transposed,
                                    segments=segs)
     grad_weights = None
-    if need_w:
+    if need_w and not weight_on_input:
         gw_sorted_S = (ga_unweighted.to(combine_dtype) * a).sum(dim=-1)
         if b_down is not None:  # y = a W^T + b, so <g, y> also has <g, b_e>
             for e, s0, s1 in segs:
                 gw_sorted_S[s0:s1] += g_SH[s0:s1] @ b_down[e].to(combine_dtype)
         grad_weights = gw_sorted_S.index_select(0, inv_perm_S).view(n, k).to(weights_NK.dtype)
-    ga = (ga_unweighted.to(combine_dtype).mul_(w_sorted_S1)).to(compute_dtype)
+    if weight_on_input:
+        ga, gy_SH = ga_unweighted, g_SH.to(compute_dtype)
+    else:
+        ga = (ga_unweighted.to(combine_dtype).mul_(w_sorted_S1)).to(compute_dtype)
+        gy_SH = None
     grad_w_down = grad_b_down = None
     if need_down or need_bdown:
-        gy_SH = g_SH.mul_(w_sorted_S1).to(compute_dtype)  # d loss / d y (g_SH is not needed any more)
+        if gy_SH is None:
+            gy_SH = g_SH.mul_(w_sorted_S1).to(compute_dtype)  # d loss / d y (g_SH is not needed any more)
         if need_down:  # w [H, F]: dW = gy^T a;  transposed w [F, H]: dW = a^T gy
             grad_w_down = (_grouped_weight_grad(a, gy_SH, segs, w_down) if down_transposed
                            else _grouped_weight_grad(gy_SH, a, segs, w_down))
@@ -454,15 +516,24 @@ def moe_experts_backward_reference(
     gh = activation_backward(ga, h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
                              limit=limit, act_gate=act_gate)
     grad_w_up = grad_b_up = None
+    x_rows_SH = None
+    if need_up or (weight_on_input and need_w):
+        x_rows_SH = x_NH.index_select(0, tok_S)
     if need_up:
-        x_sorted_SH = x_NH.index_select(0, tok_S).to(compute_dtype)
-        grad_w_up = (_grouped_weight_grad(x_sorted_SH, gh, segs, w_up) if up_transposed
-                     else _grouped_weight_grad(gh, x_sorted_SH, segs, w_up))
+        x_in_SH = (x_rows_SH * w_sorted_S1 if weight_on_input else x_rows_SH).to(compute_dtype)
+        grad_w_up = (_grouped_weight_grad(x_in_SH, gh, segs, w_up) if up_transposed
+                     else _grouped_weight_grad(gh, x_in_SH, segs, w_up))
     if need_bup and b_up is not None:
         grad_b_up = _grouped_bias_grad(gh, segs, b_up)
     grad_x = None
-    if need_x:
+    if need_x or (weight_on_input and need_w):
         gx_sorted_SH = grouped_linear(gh, w_up, offsets_E, transposed=not up_transposed, segments=segs)
-        grad_x = torch.zeros(n, hidden, dtype=gx_sorted_SH.dtype, device=x_NH.device).index_add_(
-            0, tok_S, gx_sorted_SH).to(x_NH.dtype)
+        if weight_on_input and need_w:  # d loss / d w = <d (w x), x>
+            gw_sorted_S = (gx_sorted_SH.to(combine_dtype) * x_rows_SH.to(combine_dtype)).sum(dim=-1)
+            grad_weights = gw_sorted_S.index_select(0, inv_perm_S).view(n, k).to(weights_NK.dtype)
+        if need_x:
+            if weight_on_input:
+                gx_sorted_SH = gx_sorted_SH.to(combine_dtype) * w_sorted_S1
+            grad_x = torch.zeros(n, hidden, dtype=gx_sorted_SH.dtype, device=x_NH.device).index_add_(
+                0, tok_S, gx_sorted_SH).to(x_NH.dtype)
     return grad_x, grad_weights, grad_w_up, grad_w_down, grad_b_up, grad_b_down

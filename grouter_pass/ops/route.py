@@ -40,6 +40,7 @@ def route(
     score_dtype: torch.dtype | None,
     weights_dtype: torch.dtype,
     sorted: bool,
+    sparsemixer_threshold: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         w, ids = reference.route_reference(
@@ -47,13 +48,14 @@ def route(
             n_group=n_group, topk_group=topk_group, group_score=group_score, renorm=renorm,
             renorm_eps=renorm_eps, renorm_clamp_min=renorm_clamp_min, renorm_p=renorm_p,
             scaling_factor=scaling_factor, score_dtype=score_dtype, weights_dtype=weights_dtype,
-            sorted=sorted)
+            sorted=sorted, sparsemixer_threshold=sparsemixer_threshold)
     return w.contiguous(), ids.contiguous()  # gather/topk outputs: fresh tensors, never aliases
 
 
 @route.register_fake
 def _route_fake(logits, bias, top_k, score_func, order, bias_mode, n_group, topk_group, group_score, renorm,
-                renorm_eps, renorm_clamp_min, renorm_p, scaling_factor, score_dtype, weights_dtype, sorted):
+                renorm_eps, renorm_clamp_min, renorm_p, scaling_factor, score_dtype, weights_dtype, sorted,
+                sparsemixer_threshold):
     torch._check(logits.dim() == 2, lambda: f"route expects logits [N, E], got {tuple(logits.shape)}")
     n = logits.shape[0]
     return (logits.new_empty((n, top_k), dtype=weights_dtype),
@@ -62,7 +64,7 @@ def _route_fake(logits, bias, top_k, score_func, order, bias_mode, n_group, topk
 
 _SPEC_ARGS = ("top_k", "score_func", "order", "bias_mode", "n_group", "topk_group", "group_score", "renorm",
               "renorm_eps", "renorm_clamp_min", "renorm_p", "scaling_factor", "score_dtype", "weights_dtype",
-              "sorted")
+              "sorted", "sparsemixer_threshold")
 
 
 def _route_setup_context(ctx, inputs, output):

@@ -34,10 +34,20 @@ HF_TINY_CONFIGS: dict[str, dict[str, Any]] = {
                         qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5, num_key_value_heads=4),
     "gpt_oss": dict(intermediate_size=MOE_FFN, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
                     head_dim=16, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
+    "glm4_moe": dict(intermediate_size=DENSE_FFN, moe_intermediate_size=MOE_FFN, n_routed_experts=NUM_EXPERTS,
+                     num_experts_per_tok=TOP_K, n_group=1, topk_group=1, n_shared_experts=1, first_k_dense_replace=0,
+                     routed_scaling_factor=1.0, head_dim=16),
+    "ernie4_5_moe": dict(intermediate_size=DENSE_FFN, moe_intermediate_size=MOE_FFN, moe_num_experts=NUM_EXPERTS,
+                         moe_k=TOP_K, moe_num_shared_experts=1, moe_layer_start_index=0),
+    "granitemoe": dict(intermediate_size=MOE_FFN, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K),
+    # layer 0 is a Mamba layer, layer 1 attention; both have MoE feed-forwards
+    "jamba": dict(intermediate_size=MOE_FFN, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, expert_layer_period=1,
+                  expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
+                  mamba_d_state=4, mamba_d_conv=2, mamba_expand=1),
 }
 
-#: the families this release rewrites exactly, in the order the docs list them
-SUPPORTED_HF_FAMILIES = tuple(HF_TINY_CONFIGS)
+#: the model types of the core release (issue 2), each checked through Inductor or AOT autograd
+CORE_HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
 
 
 def _fill_zero_routing_buffers(model: torch.nn.Module, seed: int) -> None:

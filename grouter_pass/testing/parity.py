@@ -72,38 +72,25 @@ def default_output(out: Any) -> torch.Tensor:
     return out
 
 
-def check_parity(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compile_fn: Callable[[torch.nn.Module],
-                 Callable], *, output_fn: Callable[[Any], torch.Tensor] = default_output, seed: int = 1234,
-                 rtol: float | None = None, atol: float | None = None, backward: bool = True,
-                 runs: int = 1) -> ParityResult:
-    """Compare ``model`` (eager) with ``compile_fn(deepcopy(model))`` forward and backward.
+def _step(m: Callable, params: torch.nn.Module, inputs: dict[str, Any], output_fn: Callable, backward: bool,
+          seed: int) -> tuple[torch.Tensor, dict, dict]:
+    """One forward (+ backward of ``sum(out * fixed random)``); returns (out, input grads, param grads)."""
+    for p in params.parameters():
+        p.grad = None
+    leaf = {k: (v.detach().clone().requires_grad_(backward) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v) for k, v in inputs.items()}
+    out = output_fn(m(**leaf))
+    if backward:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        proj = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
+        (out * proj).sum().backward()
+    in_grads = {k: v.grad for k, v in leaf.items() if isinstance(v, torch.Tensor) and v.requires_grad}
+    p_grads = {n.removeprefix("_orig_mod."): p.grad for n, p in params.named_parameters()}
+    return out.detach(), in_grads, p_grads
 
-    Float inputs get ``requires_grad`` so their gradients are compared too (feed
-    ``inputs_embeds`` instead of ``input_ids`` to check the input gradient of an LM). With
-    ``runs > 1`` the compiled model is called that many times and the last call is compared
-    (recompiles and stale state would show).
-    """
-    reference = model
-    candidate = copy.deepcopy(model)
-    compiled = compile_fn(candidate)
 
-    def run(m: Callable, params: torch.nn.Module) -> tuple[torch.Tensor, dict, dict]:
-        for p in params.parameters():
-            p.grad = None
-        leaf = {k: (v.detach().clone().requires_grad_(backward) if v.is_floating_point() else v)
-                for k, v in inputs.items()}
-        out = output_fn(m(**leaf))
-        if backward:
-            gen = torch.Generator(device="cpu").manual_seed(seed)
-            proj = torch.randn(out.shape, generator=gen, dtype=torch.float32).to(out.device, out.dtype)
-            (out * proj).sum().backward()
-        in_grads = {k: v.grad for k, v in leaf.items() if isinstance(v, torch.Tensor) and v.requires_grad}
-        p_grads = {n: p.grad for n, p in params.named_parameters()}
-        return out.detach(), in_grads, p_grads
-
-    ref_out, ref_in, ref_p = run(reference, reference)
-    for _ in range(runs):
-        got_out, got_in, got_p = run(compiled, candidate)
+def _compare(got: tuple, ref: tuple, rtol: float | None, atol: float | None) -> ParityResult:
+    (got_out, got_in, got_p), (ref_out, ref_in, ref_p) = got, ref
     result = ParityResult(output=compare(got_out, ref_out, rtol=rtol, atol=atol))
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, g in ref_in.items():
@@ -118,12 +105,48 @@ def check_parity(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compil
         elif g is not None:
             pairs[n] = (other, g)
     largest = max((g.abs().max().item() for _, g in pairs.values() if g.numel()), default=0.0)
-    for name, (got, want) in pairs.items():
-        own = want.abs().max().item() if want.numel() else 0.0
+    for name, (g_got, g_want) in pairs.items():
+        own = g_want.abs().max().item() if g_want.numel() else 0.0
         scale = largest if own < ZERO_GRAD_FRACTION * largest else None
-        c = compare(got, want, rtol=rtol, atol=atol, scale=scale)
+        c = compare(g_got, g_want, rtol=rtol, atol=atol, scale=scale)
         if name.startswith("in:"):
             result.input_grads[name[3:]] = c
         else:
             result.param_grads[name] = c
     return result
+
+
+def check_parity(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compile_fn: Callable[[torch.nn.Module],
+                 Callable], *, output_fn: Callable[[Any], torch.Tensor] = default_output, seed: int = 1234,
+                 rtol: float | None = None, atol: float | None = None, backward: bool = True,
+                 runs: int = 1) -> ParityResult:
+    """Compare ``model`` (eager) with ``compile_fn(deepcopy(model))`` forward and backward.
+
+    Float inputs get ``requires_grad`` so their gradients are compared too (feed
+    ``inputs_embeds`` instead of ``input_ids`` to check the input gradient of an LM). With
+    ``runs > 1`` the compiled model is called that many times and the last call is compared
+    (recompiles and stale state would show).
+    """
+    candidate = copy.deepcopy(model)
+    compiled = compile_fn(candidate)
+    ref = _step(model, model, inputs, output_fn, backward, seed)
+    for _ in range(runs):
+        got = _step(compiled, candidate, inputs, output_fn, backward, seed)
+    return _compare(got, ref, rtol, atol)
+
+
+def parity_sweep(model: torch.nn.Module, make_inputs: Callable[[int, int], dict[str, Any]],
+                 sizes: list[tuple[int, int]], compile_fn: Callable[[torch.nn.Module], Callable], *,
+                 output_fn: Callable[[Any], torch.Tensor] = default_output, backward: bool = True,
+                 rtol: float | None = None, atol: float | None = None) -> list[ParityResult]:
+    """:func:`check_parity` for several ``(batch, seq)`` sizes with **one** compiled copy, so that
+    a test can also count the compiles the sizes caused."""
+    candidate = copy.deepcopy(model)
+    compiled = compile_fn(candidate)
+    results = []
+    for i, (batch, seq) in enumerate(sizes):
+        inputs = make_inputs(batch, seq)
+        ref = _step(model, model, inputs, output_fn, backward, 1234 + i)
+        got = _step(compiled, candidate, inputs, output_fn, backward, 1234 + i)
+        results.append(_compare(got, ref, rtol, atol))
+    return results

@@ -25,11 +25,25 @@ import torch
 import torch.fx as fx
 
 # importing the family modules registers them, in this (documented) order
-from grouter_pass.passes.detect import sigmoid_topk, softmax_topk, topk_softmax  # noqa: F401
-from grouter_pass.passes.detect.experts import ExpertsMatch, match_experts
-from grouter_pass.passes.detect.gating_chain import GatingParse, parse_gating, topk_anchors
+from grouter_pass.passes.detect import (  # noqa: F401
+    sigmoid_topk,
+    softmax_topk,
+    sparsemixer,
+    topk_sigmoid,
+    topk_softmax,
+)
+from grouter_pass.passes.detect.experts import ExpertsMatch, find_capacity_limit, match_experts
+from grouter_pass.passes.detect.gating_chain import GatingParse, parse_gating, router_of_top1, topk_anchors
 from grouter_pass.passes.detect.registry import GATING_FAMILIES, classify, register_gating_family
-from grouter_pass.passes.graph_utils import ancestors, common_module_path, module_path, tensor_meta
+from grouter_pass.passes.graph_utils import (
+    ancestors,
+    common_module_path,
+    descendants,
+    is_getitem,
+    module_path,
+    shape_of,
+    tensor_meta,
+)
 from grouter_pass.passes.probe import probe_experts, probe_gating
 from grouter_pass.spec import GatingSpec, NoMatch, SiteReport
 
@@ -72,18 +86,39 @@ class Site:
 def gating_region(graph: fx.Graph, parse: GatingParse) -> list[fx.Node] | NoMatch:
     """Nodes between the router logits and ``(weights, ids)``, in graph order."""
     upstream = ancestors([parse.logits]) | {parse.logits}
-    if parse.scale_node is not None:  # a runtime scalar: an input of the site, not part of it
-        upstream |= ancestors([parse.scale_node]) | {parse.scale_node}
+    # the bias and a runtime scale are inputs of the site: whatever computes them stays outside
+    for site_input in (parse.bias, parse.scale_node):
+        if site_input is not None:
+            upstream |= ancestors([site_input]) | {site_input}
     outs = [parse.weights, parse.ids]
     region = (ancestors(outs) | set(outs)) - upstream
-    if parse.bias is not None:
-        region.discard(parse.bias)
     for n in region:
         if n.op == "placeholder" and tensor_meta(n) is not None:
             return NoMatch("the gating also reads tensor input %s", (n.name,), partial=True)
         if n.op == "get_attr":
             return NoMatch("the gating reads module attribute %s", (n.target,), partial=True)
     return [n for n in graph.nodes if n in region]
+
+
+def _pos(graph: fx.Graph):
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: -1 if n is None else index[n]
+
+
+def _inside_no_grad(graph: fx.Graph, points: list[fx.Node]) -> fx.Node | None:
+    """The first of ``points`` (nodes before/after which new ops go) where Dynamo's
+    ``_set_grad_enabled`` calls have turned autograd off; None if all are under grad."""
+    enabled, pending = True, set(points)
+    for n in graph.nodes:
+        if n in pending:
+            if not enabled:
+                return n
+            pending.discard(n)
+            if not pending:
+                return None
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_set_grad_enabled" and n.args:
+            enabled = bool(n.args[0])
+    return None
 
 
 def _reader_before_route_inputs(graph: fx.Graph, parse: GatingParse, regions: set[fx.Node]) -> NoMatch | None:
@@ -99,27 +134,20 @@ def _reader_before_route_inputs(graph: fx.Graph, parse: GatingParse, regions: se
     return None
 
 
-def _log(result: NoMatch, where: str) -> None:
-    if result.partial:
-        log.info("grouter: left %s unchanged: %s", where, result.detail)
-    else:
-        log.debug("grouter: %s is not a gating site: %s", where, result.detail)
-
-
 def match_site(graph: fx.Graph, anchor: fx.Node, *, probe: bool = True) -> Site | SiteReport:
     """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not."""
     where = module_path(anchor)
-    if anchor.target is not torch.topk:
-        # top-1 by max/argmax (Switch, GShard) is handled by later releases
-        return SiteReport(where, reason=NoMatch("top-1 routing by %s is not supported yet",
-                                                (anchor.target.__name__,)).detail)
-    parse = parse_gating(anchor)
+    parse = sparsemixer.parse_sparsemixer(anchor) if anchor.target is torch.max else None
+    if parse is None and anchor.target is not torch.topk:
+        return _top1_report(anchor, where)
+    if parse is None:
+        parse = parse_gating(anchor)
     if isinstance(parse, NoMatch):
         return _rejected(parse, where)
     spec = classify(parse)
     if isinstance(spec, NoMatch):
         return _rejected(spec, where)
-    experts = match_experts(graph, parse.ids, parse.weights, spec.num_experts, spec.top_k)
+    experts = match_experts(graph, parse.ids, parse.weights, spec.num_experts, spec.top_k, after=anchor)
     if isinstance(experts, NoMatch):
         return _rejected(experts, where, spec)
     where = common_module_path([parse.logits, experts.output])
@@ -129,19 +157,40 @@ def match_site(graph: fx.Graph, anchor: fx.Node, *, probe: bool = True) -> Site 
     late = _reader_before_route_inputs(graph, parse, set(region) | set(experts.region))
     if late is not None:
         return _rejected(late, where, spec)
+    route_after = max((parse.logits, parse.bias, parse.scale_node), key=_pos(graph))
+    no_grad = _inside_no_grad(graph, [route_after, experts.output])
+    if no_grad is not None:
+        return _rejected(NoMatch("the rewritten ops would run inside a no_grad region (at %s)", (no_grad.name,),
+                                 partial=True), where, spec)
+    if parse.dense and any(u not in set(region) | set(experts.region) for u in parse.weights.users):
+        return _rejected(NoMatch("the dense [N, E] routing weights are also read outside the experts",
+                                 partial=True), where, spec)
     if probe:
-        bad = probe_gating(spec, region, parse.logits, parse.bias, parse.weights, parse.ids)
+        bad = probe_gating(spec, region, parse)
         if bad is None:
-            bad = probe_experts(experts.spec, experts.region, ids=parse.ids, weights=parse.weights, x=experts.x,
-                                w_up=experts.w_up, w_down=experts.w_down, b_up=experts.b_up, b_down=experts.b_down,
-                                output=experts.output)
+            bad = probe_experts(experts, ids=parse.ids, weights=parse.weights, dense=parse.dense)
         if bad is not None:
             return _rejected(bad, where, spec, experts.spec)
     return Site(module_path=where, gating=GatingMatch(spec, parse, region), experts=experts)
 
 
+def _top1_report(anchor: fx.Node, where: str) -> SiteReport:
+    """Top-1 by ``max`` / ``argmax`` (Switch, GShard): recognised to say why it is not rewritten."""
+    name = anchor.target.__name__
+    if router_of_top1(anchor) is None:
+        return _rejected(NoMatch("%s is not over router scores", (name,)), where)
+    ids = next((u for u in anchor.users if is_getitem(u, 1)), None) if anchor.target is torch.max else anchor
+    n_tokens = (shape_of(anchor.args[0]) or (None,))[0]
+    if ids is not None and n_tokens is not None:
+        capacity = find_capacity_limit(descendants([ids], limit=2000), n_tokens)
+        if capacity is not None:
+            return _rejected(NoMatch(
+                "routing by %s with capacity-based dispatch (at most %s tokens per expert, the rest dropped): the "
+                "grouter ops never drop tokens, so the site is left unchanged", (name, capacity), partial=True), where)
+    return _rejected(NoMatch("top-1 routing by %s is not supported yet", (name,), partial=True), where)
+
+
 def _rejected(result: NoMatch, where: str, spec: GatingSpec | None = None, experts=None) -> SiteReport:
-    _log(result, where)
     return SiteReport(module_path=where, gating=spec, experts=experts, reason=result.detail, partial=result.partial)
 
 
@@ -152,6 +201,7 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True) -> tuple[list[S
     sites: list[Site] = []
     rejected: list[SiteReport] = []
     claimed: set[fx.Node] = set()
+    reported: set[fx.Node] = set()  # router logits already explained: one report per router
     for anchor in topk_anchors(graph):
         if anchor in claimed:
             continue
@@ -162,9 +212,21 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True) -> tuple[list[S
             sites.append(result)
             log.debug("grouter: site %s: %s / %s", result.module_path, result.gating.spec.describe(),
                       result.experts.spec.describe())
-        elif result.partial:
+            continue
+        router = router_of_top1(anchor) if anchor.target is not torch.topk else _router_of(anchor)
+        if result.partial and (router is None or router not in reported):
+            log.info("grouter: left %s unchanged: %s", result.module_path, result.reason)
             rejected.append(result)
+            if router is not None:
+                reported.add(router)
+        else:
+            log.debug("grouter: %s is not a gating site: %s", result.module_path, result.reason)
     return sites, rejected
+
+
+def _router_of(anchor: fx.Node) -> fx.Node | None:
+    parse = parse_gating(anchor)
+    return None if isinstance(parse, NoMatch) else parse.logits
 
 
 __all__ = ["GATING_FAMILIES", "GatingMatch", "Site", "find_gating_sites", "gating_region", "match_site",

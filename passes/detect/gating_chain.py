@@ -69,6 +69,10 @@ class GatingParse:
     #: ``routed_scaling_factor`` into graph inputs under ``dynamic=True``); ``scaling_factor``
     #: then holds its value at trace time, and the rewrite passes the node itself to the op
     scale_node: fx.Node | None = None
+    #: the weights reach the experts as a dense ``[N, E]`` tensor (zero, or sigmoid(-inf), for
+    #: unselected experts), as in Llama 4; ``weights`` is then that dense node
+    dense: bool = False
+    sparsemixer_threshold: float = 0.0
 
 
 def _is_reshape_same(node: fx.Node) -> bool:
@@ -89,17 +93,30 @@ def _scalar(x: object) -> float | None:
     return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
-def find_router_logits(node: fx.Node, num_experts_hint: int | None = None) -> fx.Node | None:
-    """Walk back from ``node`` through casts and shape-preserving views to an E-output linear."""
+def _parameter_like(node: object) -> bool:
+    """A graph input (a lifted parameter) or a module attribute, possibly cast, viewed or
+    transposed: what a router weight is. Excludes activations such as attention keys."""
+    while isinstance(node, fx.Node) and node.op in ("call_method", "call_function"):
+        if _is_cast(node) or is_method(node, "t", "transpose", "view", "reshape", "contiguous") or is_function(
+                node, torch.t, torch.transpose):
+            node = node.args[0]
+        else:
+            return False
+    return isinstance(node, fx.Node) and node.op in ("placeholder", "get_attr")
+
+
+def find_router_logits(node: fx.Node) -> fx.Node | None:
+    """Walk back from ``node`` through casts and shape-preserving views to the router: a linear
+    (``F.linear(x, W[E, H])``) or a matmul (``x @ W[H, E]``) with a parameter as weight."""
     cur = node
     for _ in range(8):
-        if is_function(cur, *LINEAR_TARGETS):
+        if is_function(cur, *LINEAR_TARGETS) or is_function(cur, torch.matmul):
             w = cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("weight")
-            w_shape = shape_of(w)
-            out_shape = shape_of(cur)
-            if w_shape is None or len(w_shape) != 2 or out_shape is None:
+            w_shape, out_shape = shape_of(w), shape_of(cur)
+            if w_shape is None or len(w_shape) != 2 or out_shape is None or not _parameter_like(w):
                 return None
-            return cur if same_size(w_shape[0], out_shape[-1]) else None
+            experts_dim = w_shape[0] if is_function(cur, *LINEAR_TARGETS) else w_shape[1]
+            return cur if same_size(experts_dim, out_shape[-1]) else None
         if _is_cast(cur) or _is_reshape_same(cur):
             cur = cur.args[0]
             continue
@@ -227,7 +244,20 @@ def parse_gating(anchor: fx.Node) -> GatingParse | NoMatch:
     # ---- weight chain, walked forwards ----
     order = "score_then_topk"
     bias_mode = "none"
-    if score_node is None and values is not None and any(
+    dense = _dense_scatter(values, ids) if score_node is None else None
+    if dense is not None:  # Llama 4: scatter the k logits into -inf, then score the dense [N, E]
+        order, start = "topk_then_score", dense
+        cur = _next_op_after_casts(dense)
+        if is_function(cur, torch.sigmoid) or (is_function(cur, torch.softmax) and _last_dim(cur.args[1], 2)):
+            score_func = "sigmoid" if is_function(cur, torch.sigmoid) else "softmax"
+            if score_dtype is None and dtype_of(cur.args[0]) != dtype_of(logits):
+                score_dtype = dtype_of(cur.args[0])
+            start = cur
+        else:
+            return NoMatch("experts scattered into -inf but never scored", partial=True)
+        if bias is not None:
+            bias_mode = "score"
+    elif score_node is None and values is not None and any(
             is_function(u, torch.softmax, torch.sigmoid) for u in values.users):
         order = "topk_then_score"
         post = next(u for u in values.users if is_function(u, torch.softmax, torch.sigmoid))
@@ -269,9 +299,35 @@ def parse_gating(anchor: fx.Node) -> GatingParse | NoMatch:
                         score_node=score_node, bias=bias, bias_mode=bias_mode, n_group=n_group,
                         topk_group=topk_group, group_score=group_score,
                         sorted=bool(anchor.kwargs.get("sorted", True)),
-                        weights_dtype=dtype_of(start) or torch.float32)
-    problem = _parse_weight_chain(parse, start)
+                        weights_dtype=dtype_of(start) or torch.float32, dense=dense is not None)
+    problem = parse_weight_chain(parse, start)
     return problem if problem is not None else parse
+
+
+def _is_neg_inf_fill(node: object) -> bool:
+    if is_function(node, torch.full_like) and len(node.args) > 1:
+        return _scalar(node.args[1]) == -math.inf
+    if is_function(node, torch.full) and len(node.args) > 1:
+        return _scalar(node.args[1]) == -math.inf
+    return False
+
+
+def _dense_scatter(values: fx.Node | None, ids: fx.Node) -> fx.Node | None:
+    """``full_like(logits, -inf).scatter(-1, ids, values)``: the selected logits in a dense [N, E]."""
+    if values is None:
+        return None
+    for u in values.users:
+        if (is_function(u, torch.scatter) and u.args[1] in (1, -1) and u.args[2] is ids and u.args[3] is values
+                and _is_neg_inf_fill(u.args[0])):
+            return u
+    return None
+
+
+def _next_op_after_casts(node: fx.Node) -> fx.Node:
+    """Forward through a single-user chain of casts."""
+    while len(node.users) == 1 and _is_cast(next(iter(node.users))):
+        node = next(iter(node.users))
+    return next(iter(node.users)) if len(node.users) == 1 else node
 
 
 def _denominator(d: fx.Node, w: fx.Node) -> tuple[str, float, float | None, float] | None:
@@ -292,7 +348,7 @@ def _denominator(d: fx.Node, w: fx.Node) -> tuple[str, float, float | None, floa
     return None
 
 
-def _parse_weight_chain(parse: GatingParse, start: fx.Node) -> NoMatch | None:
+def parse_weight_chain(parse: GatingParse, start: fx.Node) -> NoMatch | None:
     """Follow ``start`` through renorm -> scale -> cast; sets ``parse.weights`` and the spec fields."""
     w = start
     stage = 0  # 0: nothing yet, 1: renormed, 2: scaled, 3: cast
@@ -333,15 +389,32 @@ def _parse_weight_chain(parse: GatingParse, start: fx.Node) -> NoMatch | None:
     return None
 
 
+def router_of_top1(anchor: fx.Node) -> fx.Node | None:
+    """For a ``max`` / ``argmax`` anchor: the router logits it selects from, walking back through
+    casts, a score function, masks (``masked_fill``) and a bias; None when it is no router."""
+    cur = anchor.args[0]
+    for _ in range(8):
+        cur = _strip(cur, [])
+        if is_function(cur, torch.softmax, torch.sigmoid, torch.masked_fill):
+            cur = cur.args[0]
+        elif is_function(cur, torch.add) and isinstance(cur.args[1], fx.Node) and len(shape_of(cur.args[1]) or ()) == 1:
+            cur = cur.args[0]
+        else:
+            return find_router_logits(cur)
+    return None
+
+
 def topk_anchors(graph: fx.Graph) -> list[fx.Node]:
     """Candidate anchors: canonical top-k / max / argmax over the last dim of a 2-D tensor."""
     out = []
     for n in graph.nodes:
-        if is_function(n, torch.topk, torch.max, torch.argmax):
+        reduces_a_dim = is_function(n, torch.topk) or (is_function(n, torch.max) and len(n.args) > 1) or (
+            is_function(n, torch.argmax) and n.kwargs.get("dim") is not None)
+        if reduces_a_dim:
             s = shape_of(n.args[0])
             if s is not None and len(s) == 2:
                 out.append(n)
     return out
 
 
-__all__ = ["GatingParse", "parse_gating", "topk_anchors", "find_router_logits", "LINEAR_TARGETS"]
+__all__ = ["GatingParse", "parse_gating", "topk_anchors", "find_router_logits", "router_of_top1", "LINEAR_TARGETS"]

@@ -34,7 +34,8 @@ def build_spec(family: str, parse: GatingParse) -> GatingSpec | NoMatch:
             order=parse.order, score_dtype=parse.score_dtype, bias_mode=parse.bias_mode, n_group=parse.n_group,
             topk_group=parse.topk_group, group_score=parse.group_score, renorm=parse.renorm,
             renorm_eps=parse.renorm_eps, renorm_clamp_min=parse.renorm_clamp_min, renorm_p=parse.renorm_p,
-            scaling_factor=parse.scaling_factor, weights_dtype=parse.weights_dtype, sorted=parse.sorted)
+            scaling_factor=parse.scaling_factor, weights_dtype=parse.weights_dtype, sorted=parse.sorted,
+            sparsemixer_threshold=parse.sparsemixer_threshold)
     except ValueError as e:
         return NoMatch("inconsistent gating parameters: %s", (e,), partial=True)
 

@@ -9,7 +9,8 @@ from grouter_pass.ops import reference as R
 
 ROUTE_DEFAULTS = dict(top_k=2, score_func="softmax", order="score_then_topk", bias_mode="none", n_group=1,
                       topk_group=1, group_score="top2_sum", renorm="none", renorm_eps=0.0, renorm_clamp_min=None,
-                      renorm_p=1.0, scaling_factor=1.0, score_dtype=None, weights_dtype=torch.float32, sorted=True)
+                      renorm_p=1.0, scaling_factor=1.0, score_dtype=None, weights_dtype=torch.float32, sorted=True,
+                      sparsemixer_threshold=0.0)
 
 ROUTE_SPECS = {
     "mixtral": dict(renorm="sum"),
@@ -21,6 +22,8 @@ ROUTE_SPECS = {
     "dbrx": dict(renorm="lp", renorm_p=1.0, top_k=3),
     "biased_weights": dict(score_func="sigmoid", bias_mode="score", renorm="sum", renorm_eps=1e-20),
     "bf16_logits": dict(score_dtype=torch.float32, weights_dtype=torch.bfloat16, renorm="sum"),
+    "llama4": dict(top_k=1, order="topk_then_score", score_func="sigmoid"),
+    "phimoe_sparsemixer": dict(score_func="sparsemixer", sparsemixer_threshold=0.3),
 }
 
 
@@ -54,15 +57,18 @@ def test_dispatch_plan_opcheck(n, k, e):
         assert torch.equal(got, want)
 
 
-EXPERT_CASES = {
-    "swiglu": (dict(activation="silu", gated=True, interleaved=False, alpha=1.0, limit=0.0), False, False),
-    "gpt_oss": (dict(activation="clamped_swiglu", gated=True, interleaved=True, alpha=1.702, limit=0.8), True, True),
-    "gelu_plain": (dict(activation="gelu", gated=False, interleaved=False, alpha=1.0, limit=0.0), False, True),
+EXPERT_CASES = {  # name -> (activation kwargs, transposed layouts, biases, weight on input)
+    "swiglu": (dict(activation="silu", gated=True, interleaved=False, alpha=1.0, limit=0.0), False, False, False),
+    "gpt_oss": (dict(activation="clamped_swiglu", gated=True, interleaved=True, alpha=1.702, limit=0.8), True, True,
+                False),
+    "gelu_plain": (dict(activation="gelu", gated=False, interleaved=False, alpha=1.0, limit=0.0), False, True, False),
+    "llama4_weight_on_input": (dict(activation="silu", gated=True, interleaved=False, alpha=1.0, limit=0.0), True,
+                               False, True),
 }
 
 
 def _experts_inputs(name, n, k, e, routing, requires_grad=True):
-    act, transposed, bias = EXPERT_CASES[name]
+    act, transposed, bias, on_input = EXPERT_CASES[name]
     h, f = 12, 5
     up = 2 * f if act["gated"] else f
     x = torch.randn(n, h, requires_grad=requires_grad)
@@ -74,7 +80,7 @@ def _experts_inputs(name, n, k, e, routing, requires_grad=True):
     bu = (torch.randn(e, up) * 0.1).requires_grad_(requires_grad) if bias else None
     bd = (torch.randn(e, h) * 0.1).requires_grad_(requires_grad) if bias else None
     perm, inv, _, offs = torch.ops.grouter.dispatch_plan(ids, e)
-    kw = dict(up_transposed=transposed, down_transposed=transposed, out_dtype=None, **act)
+    kw = dict(up_transposed=transposed, down_transposed=transposed, weight_on_input=on_input, out_dtype=None, **act)
     return (x, w, perm, inv, offs, wu, wd, bu, bd), kw
 
 
@@ -121,7 +127,7 @@ def test_moe_experts_autograd_matches_reference_autograd(name):
     ids[perm] = sorted_ids
     act = {k: v for k, v in kw.items() if k in ("activation", "gated", "interleaved", "alpha", "limit")}
     want_out = per_token_experts(x, w, ids.view(w.shape), wu, wd, bu, bd, act, kw["up_transposed"],
-                                 kw["down_transposed"])
+                                 kw["down_transposed"], weight_on_input=kw["weight_on_input"])
     torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
     want = torch.autograd.grad(want_out, leaves, g)
     for a, b in zip(got, want):
@@ -139,7 +145,8 @@ def test_ops_compile_with_symbolic_token_count():
         perm, inv, _, offs = torch.ops.grouter.dispatch_plan(ids, 8)
         out, _ = torch.ops.grouter.moe_experts(x, w, perm, inv, offs, wu, wd, None, None, activation="silu",
                                                gated=True, interleaved=False, alpha=1.0, limit=0.0,
-                                               up_transposed=False, down_transposed=False, out_dtype=None)
+                                               up_transposed=False, down_transposed=False, weight_on_input=False,
+                                               out_dtype=None)
         return out
 
     f = torch.compile(step, backend=counter, dynamic=True, fullgraph=True)

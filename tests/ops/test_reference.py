@@ -51,6 +51,25 @@ def dbrx_router(logits, k=2):
     return v / torch.norm(v, p=1, dim=-1, keepdim=True), i
 
 
+def phimoe_router(logits, jitter_eps=0.15):
+    """PhiMoE's sparsemixer in eval mode, transcribed."""
+    scores = logits
+    with torch.no_grad():
+        thr, max_ind = scores.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=thr)
+        mask = ((thr - scores) / factor) > (2 * jitter_eps)
+    gates = torch.softmax(scores.masked_fill(mask, float("-inf")), dim=-1)
+    w1 = gates.gather(dim=-1, index=max_ind)
+    masked = torch.scatter(scores, -1, max_ind, float("-inf"))
+    with torch.no_grad():
+        thr2, max_ind2 = masked.max(dim=-1, keepdim=True)
+        factor = scores.abs().clamp(min=thr2)
+        mask = ((thr2 - scores) / factor) > (2 * jitter_eps)
+    gates2 = torch.softmax(masked.masked_fill(mask, float("-inf")), dim=-1)
+    w2 = gates2.gather(dim=-1, index=max_ind2)
+    return torch.cat((w1, w2), dim=-1), torch.cat((max_ind, max_ind2), dim=-1)
+
+
 @pytest.mark.parametrize("n", [1, 7, 64])
 def test_route_matches_transcribed_routers(n):
     logits = torch.randn(n, 8)
@@ -63,6 +82,7 @@ def test_route_matches_transcribed_routers(n):
         (gpt_oss_router(logits), dict(top_k=2, order="topk_then_score")),
         (ernie_router(logits, bias), dict(top_k=2, bias_mode="selection", renorm="sum", renorm_clamp_min=1e-12)),
         (dbrx_router(logits), dict(top_k=2, renorm="lp", renorm_p=1.0)),
+        (phimoe_router(logits), dict(top_k=2, score_func="sparsemixer", sparsemixer_threshold=2 * 0.15)),
     ]
     for (want_w, want_i), kw in cases:
         got_w, got_i = R.route_reference(logits, bias if kw.get("bias_mode") else None, **kw)
@@ -81,6 +101,8 @@ def test_route_matches_transcribed_routers(n):
     dict(top_k=2, score_func="sigmoid", bias_mode="score", renorm="sum"),
     dict(top_k=1, order="topk_then_score", score_func="sigmoid"),
     dict(top_k=2, score_dtype=torch.float64, weights_dtype=torch.float32),
+    dict(top_k=2, score_func="sparsemixer", sparsemixer_threshold=0.3),
+    dict(top_k=2, score_func="sparsemixer", sparsemixer_threshold=0.3, scaling_factor=1.5),
 ])
 def test_route_backward_matches_autograd(kw):
     logits = torch.randn(11, 8, dtype=torch.float32, requires_grad=True)
@@ -98,7 +120,7 @@ def test_route_backward_matches_autograd(kw):
 
 
 R_DEFAULTS = dict(score_func="softmax", order="score_then_topk", bias_mode="none", renorm="none", renorm_eps=0.0,
-                  renorm_clamp_min=None, renorm_p=1.0, scaling_factor=1.0, score_dtype=None)
+                  renorm_clamp_min=None, renorm_p=1.0, scaling_factor=1.0, score_dtype=None, sparsemixer_threshold=0.0)
 
 
 @pytest.mark.parametrize("n,k,e", [(1, 1, 4), (9, 2, 8), (33, 4, 7), (5, 3, 3)])
@@ -123,20 +145,22 @@ def test_dispatch_plan_rejects_out_of_range_ids():
         R.dispatch_plan_reference(torch.tensor([[0, 4]]), 4)
 
 
-def per_token_experts(x, w, ids, wu, wd, bu, bd, act, up_t, down_t):
-    """sum_j w[t, j] * expert_{ids[t, j]}(x[t]), one token and one expert at a time."""
+def per_token_experts(x, w, ids, wu, wd, bu, bd, act, up_t, down_t, weight_on_input=False):
+    """sum_j w[t, j] * expert_{ids[t, j]}(x[t]) (or expert(w[t, j] * x[t])), one token and one expert
+    at a time."""
     out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.promote_types(wu.dtype, w.dtype))
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = ids[t, j]
-            h = x[t].to(wu.dtype) @ (wu[e] if up_t else wu[e].t())
+            xin = x[t] * w[t, j] if weight_on_input else x[t]
+            h = xin.to(wu.dtype) @ (wu[e] if up_t else wu[e].t())
             if bu is not None:
                 h = h + bu[e]
             a = R.activation_forward(h[None], **act)[0]
             y = a @ (wd[e] if down_t else wd[e].t())
             if bd is not None:
                 y = y + bd[e]
-            out[t] += y * w[t, j]
+            out[t] += y if weight_on_input else y * w[t, j]
     return out.to(x.dtype)
 
 
@@ -185,18 +209,21 @@ def test_moe_experts_matches_per_token_loop(act, n, k, e, routing, transposed, b
 
 @pytest.mark.parametrize("act", sorted(ACTS))
 @pytest.mark.parametrize("routing", ["random", "one_expert_set"])
-def test_moe_experts_backward_matches_autograd(act, routing):
+@pytest.mark.parametrize("weight_on_input", [False, True])
+def test_moe_experts_backward_matches_autograd(act, routing, weight_on_input):
     n, k, e, h, f = 9, 2, 6, 10, 4
     x, w, ids, wu, wd, bu, bd = _experts_case(n, k, e, h, f, act, True, True, routing)
     leaves = [t.clone().requires_grad_() for t in (x, w, wu, wd, bu, bd)]
-    want_out = per_token_experts(leaves[0], leaves[1], ids, *leaves[2:], ACTS[act], True, True)
+    want_out = per_token_experts(leaves[0], leaves[1], ids, *leaves[2:], ACTS[act], True, True,
+                                 weight_on_input=weight_on_input)
     g = torch.randn_like(want_out)
     want = torch.autograd.grad(want_out, leaves, g)
     perm, inv, _, offs = R.dispatch_plan_reference(ids, e)
-    _, hidden = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, bu, bd, up_transposed=True,
-                                        down_transposed=True, **ACTS[act])
+    got_out, hidden = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, bu, bd, up_transposed=True,
+                                              down_transposed=True, weight_on_input=weight_on_input, **ACTS[act])
+    torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
     got = R.moe_experts_backward_reference(g, x, w, perm, inv, offs, wu, wd, bu, bd, hidden, up_transposed=True,
-                                           down_transposed=True, **ACTS[act])
+                                           down_transposed=True, weight_on_input=weight_on_input, **ACTS[act])
     for name, a, b in zip(("x", "weights", "w_up", "w_down", "b_up", "b_down"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 

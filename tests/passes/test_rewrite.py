@@ -19,7 +19,7 @@ def rewritten(model_type: str, dynamic: bool = False):
 def test_qwen3_moe_site_becomes_three_ops():
     gm = rewritten("qwen3_moe")
     assert_expected_inline(rewritten_site_text(gm), """\
-v0 = grouter.route(in0, None, top_k=2, score_func='softmax', order='score_then_topk', bias_mode='none', n_group=1, topk_group=1, group_score='top2_sum', renorm='sum', renorm_eps=0.0, renorm_clamp_min=None, renorm_p=1.0, scaling_factor=1.0, score_dtype=None, weights_dtype=float32, sorted=True) -> (float32[10,2], int64[10,2])
+v0 = grouter.route(in0, None, top_k=2, score_func='softmax', order='score_then_topk', bias_mode='none', n_group=1, topk_group=1, group_score='top2_sum', renorm='sum', renorm_eps=0.0, renorm_clamp_min=None, renorm_p=1.0, scaling_factor=1.0, score_dtype=None, weights_dtype=float32, sorted=True, sparsemixer_threshold=0.0) -> (float32[10,2], int64[10,2])
 v1 = getitem(v0, 0) -> float32[10,2]
 v2 = getitem(v0, 1) -> int64[10,2]
 v3 = grouter.dispatch_plan(v2, 8) -> (int64[20], int64[20], int64[8], int32[8])
@@ -27,7 +27,7 @@ v4 = getitem(v3, 0) -> int64[20]
 v5 = getitem(v3, 1) -> int64[20]
 v6 = getitem(v3, 2) -> int64[8]
 v7 = getitem(v3, 3) -> int32[8]
-v8 = grouter.moe_experts(in1, v1, v4, v5, v7, in2, in3, None, None, up_transposed=False, down_transposed=False, out_dtype=float32, activation='silu', gated=True, interleaved=False, alpha=1.0, limit=0.0) -> (float32[10,64], float32[20,96])
+v8 = grouter.moe_experts(in1, v1, v4, v5, v7, in2, in3, None, None, up_transposed=False, down_transposed=False, weight_on_input=False, out_dtype=float32, activation='silu', gated=True, interleaved=False, alpha=1.0, limit=0.0) -> (float32[10,64], float32[20,96])
 v9 = getitem(v8, 0) -> float32[10,64]
 v10 = getitem(v8, 1) -> float32[20,96]""")
 
@@ -35,7 +35,7 @@ v10 = getitem(v8, 1) -> float32[20,96]""")
 def test_gpt_oss_site_keeps_biases_layouts_and_activation_parameters():
     gm = rewritten("gpt_oss")
     assert_expected_inline(rewritten_site_text(gm), """\
-v0 = grouter.route(in0, None, top_k=2, score_func='softmax', order='topk_then_score', bias_mode='none', n_group=1, topk_group=1, group_score='top2_sum', renorm='none', renorm_eps=0.0, renorm_clamp_min=None, renorm_p=1.0, scaling_factor=1.0, score_dtype=None, weights_dtype=float32, sorted=True) -> (float32[10,2], int64[10,2])
+v0 = grouter.route(in0, None, top_k=2, score_func='softmax', order='topk_then_score', bias_mode='none', n_group=1, topk_group=1, group_score='top2_sum', renorm='none', renorm_eps=0.0, renorm_clamp_min=None, renorm_p=1.0, scaling_factor=1.0, score_dtype=None, weights_dtype=float32, sorted=True, sparsemixer_threshold=0.0) -> (float32[10,2], int64[10,2])
 v1 = getitem(v0, 0) -> float32[10,2]
 v2 = getitem(v0, 1) -> int64[10,2]
 v3 = grouter.dispatch_plan(v2, 8) -> (int64[20], int64[20], int64[8], int32[8])
@@ -43,7 +43,7 @@ v4 = getitem(v3, 0) -> int64[20]
 v5 = getitem(v3, 1) -> int64[20]
 v6 = getitem(v3, 2) -> int64[8]
 v7 = getitem(v3, 3) -> int32[8]
-v8 = grouter.moe_experts(in1, v1, v4, v5, v7, in2, in3, in4, in5, up_transposed=True, down_transposed=True, out_dtype=float32, activation='clamped_swiglu', gated=True, interleaved=True, alpha=1.702, limit=7.0) -> (float32[10,64], float32[20,96])
+v8 = grouter.moe_experts(in1, v1, v4, v5, v7, in2, in3, in4, in5, up_transposed=True, down_transposed=True, weight_on_input=False, out_dtype=float32, activation='clamped_swiglu', gated=True, interleaved=True, alpha=1.702, limit=7.0) -> (float32[10,64], float32[20,96])
 v9 = getitem(v8, 0) -> float32[10,64]
 v10 = getitem(v8, 1) -> float32[20,96]""")
 
