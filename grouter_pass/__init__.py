@@ -13,7 +13,7 @@ in ``grouter_pass/ops``; ``grouter_pass/backend.py`` hands the result to Inducto
 """
 
 from grouter_pass import ops  # noqa: F401  (registers torch.ops.grouter.*)
-from grouter_pass.api import apply_grouter, grouter_reports
+from grouter_pass.api import PrepareReport, apply_grouter, grouter_reports, prepare_model
 from grouter_pass.backend import GrouterBackend, grouter_backend, register_grouter_backend
 from grouter_pass.config import GrouterConfig, LearnedRouter
 from grouter_pass.integrations.inductor import GrouterPreGradPass
@@ -34,8 +34,10 @@ __all__ = [
     "GrouterVerificationError",
     "LearnedRouter",
     "PassReport",
+    "PrepareReport",
     "SiteReport",
     "apply_grouter",
     "grouter_backend",
     "grouter_reports",
+    "prepare_model",
 ]

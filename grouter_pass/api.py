@@ -1,14 +1,40 @@
-"""Public entry points: :func:`apply_grouter` and :func:`grouter_reports`."""
+"""Public entry points: :func:`apply_grouter`, :func:`prepare_model` and :func:`grouter_reports`."""
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
 from grouter_pass.backend import GrouterBackend
 from grouter_pass.config import GrouterConfig
+from grouter_pass.integrations.modules import LoopBlockRewrite
 from grouter_pass.spec import PassReport
+
+
+@dataclass
+class PrepareReport:
+    """What :func:`prepare_model` changed before Dynamo."""
+
+    experts_switched: list[str] = field(default_factory=list)
+    loop_blocks: list[LoopBlockRewrite] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.experts_switched) or any(b.rewritten for b in self.loop_blocks)
+
+
+def prepare_model(model: torch.nn.Module) -> PrepareReport:
+    """Make the MoE layers of ``model`` whose expert loop breaks the graph capturable, in place,
+    without changing a number (see ``GrouterConfig.rewrite_modules``). Call it before
+    ``torch.compile(model, backend="grouter")``; :func:`apply_grouter` calls it for you."""
+    from grouter_pass.integrations.modules import rewrite_loop_blocks
+    from grouter_pass.integrations.transformers import use_grouter_experts
+
+    report = PrepareReport(experts_switched=use_grouter_experts(model))
+    report.loop_blocks = rewrite_loop_blocks(model)
+    return report
 
 
 def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *, verify: bool | None = None
@@ -17,7 +43,9 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
 
     Nothing is compiled until the first call. Each MoE gating site the pass finds is replaced
     by ``grouter.route`` / ``grouter.dispatch_plan`` / ``grouter.moe_experts``; everything else
-    is left to Inductor. The model object itself is not modified.
+    is left to Inductor. The model's code and weights are not modified; MoE layers whose expert
+    loop would break the graph are first made capturable in place (:func:`prepare_model`,
+    ``config.rewrite_modules``), which changes no number.
 
     Args:
         model: any ``nn.Module`` (or callable) containing MoE layers; no annotations needed.
@@ -34,9 +62,11 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
     config = config or GrouterConfig()
     if verify is not None:
         config = dataclasses.replace(config, verify=verify)
+    prepared = prepare_model(model) if config.rewrite_modules else PrepareReport()
     backend = GrouterBackend(config)
     compiled = torch.compile(model, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
     compiled._grouter_backend = backend
+    compiled._grouter_prepared = prepared
     return compiled
 
 

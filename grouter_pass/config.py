@@ -33,6 +33,12 @@ class GrouterConfig:
     Attributes:
         routing: where routing decisions come from. ``LearnedRouter()`` (the default) keeps the
             model's router: the rewritten model computes the same function.
+        rewrite_modules: before compiling, make MoE layers whose expert loop would break the graph
+            capturable, in place and without changing a number: transformers models using the
+            ``eager`` experts implementation switch to the ``"grouter"`` one, and loop-style blocks
+            found by structure get a forward written in the grouter ops (see
+            ``integrations/modules.py``). Only :func:`~grouter_pass.apply_grouter` does this (a
+            backend sees graphs, not modules).
         probe: before rewriting a site, run its original subgraph and the classified spec on
             random inputs and rewrite only if they agree (cost: about one MoE layer forward per
             site, at compile time). Turn off only to save compile time on a trusted model.
@@ -52,6 +58,7 @@ class GrouterConfig:
     """
 
     routing: RoutingSource = field(default_factory=LearnedRouter)
+    rewrite_modules: bool = True
     probe: bool = True
     verify: bool = False
     verify_rtol: float | None = None

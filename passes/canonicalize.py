@@ -376,12 +376,19 @@ def _result_meta(target: Any, args: tuple, kwargs: dict) -> Any:
     fake_args = fx.node.map_aggregate(args, to_fake)
     fake_kwargs = fx.node.map_aggregate(kwargs, to_fake)
     mode = fake_mode_of(fakes)
-    if mode is None:
+    if mode is None and not fakes:
         return None
-    with mode:
+
+    def call() -> Any:
         if isinstance(target, str):
             return getattr(fake_args[0], target)(*fake_args[1:], **fake_kwargs)
         return target(*fake_args, **fake_kwargs)
+
+    if mode is None:  # a graph recorded on real tensors (function_trace): the canonical op is functional
+        with torch.no_grad():
+            return call()
+    with mode:
+        return call()
 
 
 def canonicalize_gating_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None

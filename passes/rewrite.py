@@ -32,7 +32,7 @@ import torch.utils._pytree as pytree
 from torch._dynamo.utils import counters
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
-from grouter_pass.passes.detect import Site
+from grouter_pass.passes.detect import Site, route_insertion_point
 from grouter_pass.passes.graph_utils import fake_mode_of, meta_val
 
 log = logging.getLogger(__name__)
@@ -86,13 +86,9 @@ def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
     """Rewrite one site in place; returns the names of the ops inserted."""
     g, e = site.gating, site.experts
     region = set(g.region) | set(e.region)
-    # after the last of route's inputs (a runtime scale may be computed late in the graph)
-    route_inputs = [n for n in (g.logits, g.bias, g.parse.scale_node) if n is not None]
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    with graph.inserting_before(max(route_inputs, key=position.__getitem__).next):
-        route_kwargs = g.spec.route_kwargs()
-        if g.parse.scale_node is not None:
-            route_kwargs["scaling_factor"] = g.parse.scale_node
+    # after the last of route's inputs (a runtime scale may be computed late), outside no_grad
+    with graph.inserting_before(route_insertion_point(graph, g.parse).next):
+        route_kwargs = {**g.spec.route_kwargs(), **g.parse.runtime_scalars}
         weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
                              like=g.weights, role="router", n_outputs=2)
         perm, inv_perm, _counts, offsets = _call(

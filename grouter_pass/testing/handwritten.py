@@ -29,7 +29,8 @@ class TorchtitanStyleMoE(nn.Module):
         self.top_k, self.num_experts, self.score, self.route_scale = top_k, experts, score, route_scale
         self.gate = nn.Linear(hidden, experts, bias=False)
         self.expert_bias = nn.Parameter(torch.randn(experts) * 0.1, requires_grad=False)
-        self.w1, self.w3, self.w2 = _init(experts, ffn, hidden), _init(experts, ffn, hidden), _init(experts, hidden, ffn)
+        self.w1, self.w3 = _init(experts, ffn, hidden), _init(experts, ffn, hidden)
+        self.w2 = _init(experts, hidden, ffn)
         self.shared = nn.Sequential(nn.Linear(hidden, ffn, bias=False), nn.SiLU(), nn.Linear(ffn, hidden, bias=False)) \
             if shared else None
 
@@ -287,6 +288,9 @@ class TinyMoELM(nn.Module):
         self.norms = nn.ModuleList([nn.RMSNorm(hidden) for _ in range(layers)])
         self.blocks = nn.ModuleList([block_factory() for _ in range(layers)])
         self.head = nn.Linear(hidden, vocab, bias=False)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds

@@ -44,10 +44,20 @@ HF_TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "jamba": dict(intermediate_size=MOE_FFN, num_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, expert_layer_period=1,
                   expert_layer_offset=0, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
                   mamba_d_state=4, mamba_d_conv=2, mamba_expand=1),
+    # top-1, dense experts on every token, an MLP shared expert
+    "llama4_text": dict(intermediate_size=MOE_FFN, intermediate_size_mlp=DENSE_FFN, num_local_experts=NUM_EXPERTS,
+                        num_experts_per_tok=1, interleave_moe_layer_step=1, head_dim=16, attention_chunk_size=16,
+                        use_qk_norm=False, no_rope_layers=[1, 1]),
+    "phimoe": dict(intermediate_size=MOE_FFN, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
+                   router_jitter_noise=0.01),
+    # DBRX has its own expert loop (no experts interface); its attention config needs rope_theta
+    # and clip_qkv to build from a config in transformers 5.24
+    "dbrx": dict(d_model=HIDDEN, n_heads=4, n_layers=2, max_seq_len=64,
+                 ffn_config=dict(ffn_hidden_size=MOE_FFN, moe_num_experts=NUM_EXPERTS, moe_top_k=TOP_K),
+                 attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)),
 }
 
-#: the model types of the core release (issue 2), each checked through Inductor or AOT autograd
-CORE_HF_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss")
+
 
 
 def _fill_zero_routing_buffers(model: torch.nn.Module, seed: int) -> None:

@@ -87,7 +87,7 @@ def gating_region(graph: fx.Graph, parse: GatingParse) -> list[fx.Node] | NoMatc
     """Nodes between the router logits and ``(weights, ids)``, in graph order."""
     upstream = ancestors([parse.logits]) | {parse.logits}
     # the bias and a runtime scale are inputs of the site: whatever computes them stays outside
-    for site_input in (parse.bias, parse.scale_node):
+    for site_input in (parse.bias, *parse.runtime_scalars.values()):
         if site_input is not None:
             upstream |= ancestors([site_input]) | {site_input}
     outs = [parse.weights, parse.ids]
@@ -98,11 +98,6 @@ def gating_region(graph: fx.Graph, parse: GatingParse) -> list[fx.Node] | NoMatc
         if n.op == "get_attr":
             return NoMatch("the gating reads module attribute %s", (n.target,), partial=True)
     return [n for n in graph.nodes if n in region]
-
-
-def _pos(graph: fx.Graph):
-    index = {n: i for i, n in enumerate(graph.nodes)}
-    return lambda n: -1 if n is None else index[n]
 
 
 def _inside_no_grad(graph: fx.Graph, points: list[fx.Node]) -> fx.Node | None:
@@ -121,11 +116,29 @@ def _inside_no_grad(graph: fx.Graph, points: list[fx.Node]) -> fx.Node | None:
     return None
 
 
+def route_insertion_point(graph: fx.Graph, parse: GatingParse) -> fx.Node:
+    """The node after which ``grouter.route`` goes: its last input, or, when that lies inside a
+    ``no_grad`` block (PhiMoE computes its threshold there), the call that turns grad back on."""
+    remaining = {parse.logits, parse.bias, *parse.runtime_scalars.values()} - {None}
+    enabled, point = True, None
+    for n in graph.nodes:
+        if n in remaining:
+            remaining.discard(n)
+            point = n
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "_set_grad_enabled" and n.args:
+            enabled = bool(n.args[0])
+            if not remaining and enabled:
+                return n
+        if not remaining and enabled:
+            return point
+    return point
+
+
 def _reader_before_route_inputs(graph: fx.Graph, parse: GatingParse, regions: set[fx.Node]) -> NoMatch | None:
-    """The new route node goes after its last input; every other reader of the old weights/ids
-    must come after that point to be rewired to it."""
+    """The new route node goes after :func:`route_insertion_point`; every other reader of the old
+    weights/ids must come after that point to be rewired to it."""
     position = {n: i for i, n in enumerate(graph.nodes)}
-    last = max(position[n] for n in (parse.logits, parse.bias, parse.scale_node) if n is not None)
+    last = position[route_insertion_point(graph, parse)]
     for old in (parse.weights, parse.ids):
         for user in old.users:
             if user not in regions and position[user] <= last:
@@ -157,8 +170,7 @@ def match_site(graph: fx.Graph, anchor: fx.Node, *, probe: bool = True) -> Site 
     late = _reader_before_route_inputs(graph, parse, set(region) | set(experts.region))
     if late is not None:
         return _rejected(late, where, spec)
-    route_after = max((parse.logits, parse.bias, parse.scale_node), key=_pos(graph))
-    no_grad = _inside_no_grad(graph, [route_after, experts.output])
+    no_grad = _inside_no_grad(graph, [experts.output])  # route's point is chosen under grad by construction
     if no_grad is not None:
         return _rejected(NoMatch("the rewritten ops would run inside a no_grad region (at %s)", (no_grad.name,),
                                  partial=True), where, spec)
@@ -230,4 +242,4 @@ def _router_of(anchor: fx.Node) -> fx.Node | None:
 
 
 __all__ = ["GATING_FAMILIES", "GatingMatch", "Site", "find_gating_sites", "gating_region", "match_site",
-           "register_gating_family"]
+           "register_gating_family", "route_insertion_point"]

@@ -19,7 +19,7 @@ Anything not on these paths makes the parse fail with a reason; a failure is nev
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -65,10 +65,10 @@ class GatingParse:
     scaling_factor: float = 1.0
     weights_dtype: torch.dtype = torch.float32
     sorted: bool = True
-    #: a runtime scale (a SymFloat node: Dynamo turns float module attributes such as
-    #: ``routed_scaling_factor`` into graph inputs under ``dynamic=True``); ``scaling_factor``
-    #: then holds its value at trace time, and the rewrite passes the node itself to the op
-    scale_node: fx.Node | None = None
+    #: spec fields whose value is a runtime scalar (a SymFloat node: Dynamo turns float module
+    #: attributes such as ``routed_scaling_factor`` into graph inputs under ``dynamic=True``). The
+    #: spec holds their value at trace time; the rewrite passes the nodes themselves to the op.
+    runtime_scalars: dict[str, fx.Node] = field(default_factory=dict)
     #: the weights reach the experts as a dense ``[N, E]`` tensor (zero, or sigmoid(-inf), for
     #: unselected experts), as in Llama 4; ``weights`` is then that dense node
     dense: bool = False
@@ -330,15 +330,30 @@ def _next_op_after_casts(node: fx.Node) -> fx.Node:
     return next(iter(node.users)) if len(node.users) == 1 else node
 
 
-def _denominator(d: fx.Node, w: fx.Node) -> tuple[str, float, float | None, float] | None:
+def scalar_or_runtime(parse: GatingParse, field_name: str, value: object) -> float | None:
+    """A constant, or a runtime scalar node recorded in ``parse.runtime_scalars``."""
+    if isinstance(value, fx.Node):
+        hint = runtime_scalar(value)
+        if hint is not None:
+            parse.runtime_scalars[field_name] = value
+        return hint
+    return _scalar(value)
+
+
+def _is_scalar_like(value: object) -> bool:
+    return _scalar(value) is not None or runtime_scalar(value) is not None
+
+
+def _denominator(d: fx.Node, w: fx.Node) -> tuple[str, object, object, float] | None:
     """``sum(w, -1, keepdim=True)`` / ``vector_norm(w, p, -1, keepdim=True)`` with optional
-    ``+ eps`` and ``clamp(min=c)`` -> ``(kind, eps, clamp_min, p)``."""
+    ``+ eps`` and ``clamp(min=c)`` -> ``(kind, eps, clamp_min, p)`` (eps / clamp_min as constants
+    or runtime scalar nodes)."""
     eps, clamp_min = 0.0, None
-    if is_function(d, torch.clamp) and d.kwargs.get("max") is None and _scalar(d.kwargs.get("min")) is not None:
-        clamp_min = _scalar(d.kwargs["min"])
+    if is_function(d, torch.clamp) and d.kwargs.get("max") is None and _is_scalar_like(d.kwargs.get("min")):
+        clamp_min = d.kwargs["min"]
         d = d.args[0]
-    if is_function(d, torch.add) and _scalar(d.args[1]) is not None:
-        eps = _scalar(d.args[1])
+    if is_function(d, torch.add) and _is_scalar_like(d.args[1]):
+        eps = d.args[1]
         d = d.args[0]
     if is_function(d, torch.sum) and d.args[0] is w and _last_dim(d.args[1], 2) and d.kwargs.get("keepdim"):
         return "sum", eps, clamp_min, 1.0
@@ -363,17 +378,16 @@ def parse_weight_chain(parse: GatingParse, start: fx.Node) -> NoMatch | None:
                 if den is not None:
                     if stage >= 1:
                         return NoMatch("routing weights are renormalised after scaling or casting", partial=True)
-                    parse.renorm, parse.renorm_eps, parse.renorm_clamp_min, parse.renorm_p = den
+                    parse.renorm, eps, clamp_min, parse.renorm_p = den
+                    parse.renorm_eps = scalar_or_runtime(parse, "renorm_eps", eps)
+                    parse.renorm_clamp_min = None if clamp_min is None else scalar_or_runtime(
+                        parse, "renorm_clamp_min", clamp_min)
                     nxt, stage = u, 1
                     break
-            if is_function(u, torch.mul) and u.args[0] is w and (
-                    _scalar(u.args[1]) is not None or runtime_scalar(u.args[1]) is not None):
+            if is_function(u, torch.mul) and u.args[0] is w and _is_scalar_like(u.args[1]):
                 if stage >= 2:
                     return NoMatch("routing weights are scaled twice or after a cast", partial=True)
-                if isinstance(u.args[1], fx.Node):
-                    parse.scale_node, parse.scaling_factor = u.args[1], runtime_scalar(u.args[1])
-                else:
-                    parse.scaling_factor = _scalar(u.args[1])
+                parse.scaling_factor = scalar_or_runtime(parse, "scaling_factor", u.args[1])
                 nxt, stage = u, 2
                 break
             if _is_cast(u) and u.args[0] is w:

@@ -27,7 +27,12 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from grouter_pass.passes.detect.gating_chain import GatingParse, find_router_logits, parse_weight_chain
+from grouter_pass.passes.detect.gating_chain import (
+    GatingParse,
+    find_router_logits,
+    parse_weight_chain,
+    scalar_or_runtime,
+)
 from grouter_pass.passes.detect.registry import build_spec, register_gating_family
 from grouter_pass.passes.graph_utils import ancestors, descendants, is_function, is_getitem, shape_of, static_int
 from grouter_pass.spec import GatingSpec, NoMatch
@@ -70,15 +75,18 @@ def parse_sparsemixer(anchor: fx.Node) -> GatingParse | NoMatch | None:
     if ids is None or weights is None:
         return None
     region = ancestors([ids, weights]) - ancestors([logits]) - {logits}
-    thresholds = {n.args[1] for n in region if n.op == "call_function" and getattr(n.target, "__name__", "") == "gt"
-                  and isinstance(n.args[1], float)}
+    gts = [n for n in region if n.op == "call_function" and getattr(n.target, "__name__", "") == "gt"]
+    thresholds = {n.args[1] for n in gts}
     if len(thresholds) != 1:
-        return NoMatch("sparsemixer-like routing without one constant threshold (%s)", (sorted(thresholds),),
-                       partial=True)
+        return NoMatch("sparsemixer-like routing without one threshold (%s)", (len(thresholds),), partial=True)
     num_experts = static_int(shape_of(logits)[-1])
     parse = GatingParse(anchor=anchor, logits=logits, num_experts=num_experts, top_k=2, ids=ids, weights=weights,
                         order="score_then_topk", score_func="sparsemixer", score_dtype=None, score_node=None,
-                        bias=None, bias_mode="none", sparsemixer_threshold=thresholds.pop())
+                        bias=None, bias_mode="none")
+    threshold = scalar_or_runtime(parse, "sparsemixer_threshold", thresholds.pop())
+    if threshold is None:
+        return NoMatch("sparsemixer threshold is neither a constant nor a runtime scalar", partial=True)
+    parse.sparsemixer_threshold = threshold
     problem = parse_weight_chain(parse, weights)
     return problem if problem is not None else parse
 

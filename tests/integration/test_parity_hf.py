@@ -1,10 +1,12 @@
-"""Exact mode is the same function: every supported transformers family, compiled with the grouter
-backend under ``dynamic=True``, trained one step next to the unmodified model.
+"""Exact mode through the real compilers: the grouter backend with Inductor (and AOT autograd)
+under ``dynamic=True``, one training step next to the unmodified model.
 
-Three families go through Inductor (between them they cover softmax and sigmoid gating, a router
-bias, transposed biased experts, and runtime scalars passed to the ops); the other three through
-AOT autograd with eager kernels, which traces the same forward and backward graphs without code
-generation (Inductor's C++ compile of a whole model costs about a minute on the CI machine).
+The support matrix (test_support_matrix.py) checks every family and style with the rewritten
+graph run directly; these three cases add what only a compiler exercises: AOT tracing of the
+ops' fake and autograd registrations with symbolic token counts, the partitioner saving the
+dispatch plan, and Inductor lowering. Between them they cover softmax and sigmoid gating, a
+router bias, transposed biased experts, and runtime scalars passed to the ops (Inductor's C++
+compile of a whole model costs about a minute on the CI machine, hence three).
 
 Compared: the logits, the gradient of the input embeddings, and the gradient of every parameter
 (router weights and biases, expert weights and biases, attention, norms). Contract: relative
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from grouter_pass import GrouterConfig, apply_grouter, grouter_reports
-from grouter_pass.testing.models import CORE_HF_FAMILIES, tiny_hf_moe, tiny_token_ids
+from grouter_pass.testing.models import tiny_hf_moe, tiny_token_ids
 from grouter_pass.testing.parity import check_parity
 
 REL_TOL = 1e-5
@@ -26,16 +28,11 @@ def embeds(model, batch=2, seq=7, seed=0):
         return model.get_input_embeddings()(tiny_token_ids(batch, seq, seed=seed))
 
 
-COMPILER = {"qwen3_moe": "inductor", "deepseek_v3": "inductor", "gpt_oss": "inductor",
-            "mixtral": "aot_eager", "qwen2_moe": "aot_eager", "olmoe": "aot_eager"}
-
-
-def test_every_supported_family_is_covered():
-    assert set(COMPILER) == set(CORE_HF_FAMILIES)
+COMPILER = {"qwen3_moe": "inductor", "deepseek_v3": "inductor", "gpt_oss": "aot_eager"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_type", CORE_HF_FAMILIES)
+@pytest.mark.parametrize("model_type", sorted(COMPILER))
 def test_train_step_parity_dynamic(model_type):
     model = tiny_hf_moe(model_type).train()
     compiled = []

@@ -18,7 +18,7 @@ def parity(model_type, **kwargs):
     return result, grouter_reports(compiled[0])[-1]
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["gpt_oss"])  # Mixtral's batched_mm is a row of the support matrix
 def test_batched_mm_experts(model_type):
     result, report = parity(model_type, experts_implementation="batched_mm")
     assert [s.experts.style for s in report.rewritten] == ["batched_mm", "batched_mm"]

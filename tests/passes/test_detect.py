@@ -119,7 +119,7 @@ def test_deepseek_v3_dynamic_shapes_keep_the_runtime_scale():
     gm, sites, rejected = detected("deepseek_v3", dynamic=True)
     assert len(sites) == 2 and not rejected
     parse = sites[0].gating.parse
-    assert parse.scale_node is not None and parse.scaling_factor == 2.5
+    assert set(parse.runtime_scalars) == {"scaling_factor"} and parse.scaling_factor == 2.5
 
 
 def test_gpt_oss_dynamic_shapes_keep_runtime_activation_parameters():

@@ -90,3 +90,58 @@ def test_auxiliary_loss_topk_is_not_a_site():
     assert sorted(s.module_path.removeprefix("model.") for s in sites) == ["layers.0.mlp", "layers.1.mlp"]
     assert all(s.rewritten for s in sites)
     assert aux_topks == 2  # the load-balancing loss keeps its own top-k, one per layer
+
+
+class _Sampler(torch.nn.Module):
+    """A tiny LM's generation step: top-k sampling over vocabulary logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = DenseMLPModel()
+
+    def forward(self, ids):
+        logits, _ = self.lm(ids)
+        vals, idx = torch.topk(logits[:, -1], 5, dim=-1)
+        choice = torch.multinomial(torch.softmax(vals, dim=-1), 1)
+        return idx.gather(-1, choice)
+
+
+class _TopKAttention(torch.nn.Module):
+    """Sparse attention: each query keeps its top-k keys (q @ k^T has a token dim, not experts)."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.qkv = torch.nn.Linear(hidden, 3 * hidden)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        scores = q @ k.transpose(0, 1)
+        vals, idx = torch.topk(scores, 3, dim=-1)
+        return torch.einsum("nk,nkh->nh", torch.softmax(vals, dim=-1), v[idx])
+
+
+class _EightWayClassifier(torch.nn.Module):
+    """A linear with 8 outputs (as many as a router would have) whose top-2 pick label embeddings."""
+
+    def __init__(self, hidden=64):
+        super().__init__()
+        self.head = torch.nn.Linear(hidden, 8, bias=False)
+        self.labels = torch.nn.Embedding(8, hidden)
+
+    def forward(self, x):
+        w, idx = torch.topk(torch.softmax(self.head(x), dim=-1), 2, dim=-1)
+        return (self.labels(idx) * w.unsqueeze(-1)).sum(1)
+
+
+@pytest.mark.parametrize("model,inputs", [
+    (_Sampler(), (tiny_token_ids(),)),
+    (_TopKAttention(), (torch.randn(10, 64),)),
+    (_EightWayClassifier(), (torch.randn(10, 64),)),
+    (DenseMLPModel(), (tiny_token_ids(),)),  # softmax over the vocabulary, then top-k
+], ids=["topk_sampling", "attention_topk", "eight_way_classifier", "vocab_softmax_topk"])
+def test_not_a_moe_site(model, inputs, grouter_logs):
+    graphs = capture_graphs(model, *inputs)
+    for gm in graphs:
+        new_gm, report = run_grouter_passes(gm, None, GrouterConfig())
+        assert new_gm is gm and report.sites == []
+    assert not [r for r in grouter_logs.records if r.levelno >= logging.INFO and r.name.startswith("grouter_pass")]
