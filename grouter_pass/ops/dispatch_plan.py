@@ -7,6 +7,10 @@ with ``S = N*K`` (see :func:`~grouter_pass.ops.reference.dispatch_plan_reference
 Every output size is fixed by ``(N*K, E)``, so the plan is traceable with a symbolic token
 count and never forces a host synchronisation; it is computed once per site (once per step in
 Grouter mode) and saved by the AOT partitioner for the backward.
+
+On CUDA (:mod:`grouter_pass.ops.kernel_select`) it runs the three-launch counting sort of
+:mod:`grouter_pass.kernels.dispatch_kernels`, identical to the reference's stable sort; there
+out-of-range ids are not checked (that needs a host read) and their slots are left out.
 """
 
 from __future__ import annotations
@@ -14,11 +18,16 @@ from __future__ import annotations
 import torch
 
 from grouter_pass.ops import reference
+from grouter_pass.ops.kernel_select import kernels_available_for
 
 
 @torch.library.custom_op("grouter::dispatch_plan", mutates_args=())
 def dispatch_plan(ids: torch.Tensor, num_experts: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if kernels_available_for(ids):
+        from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
+
+        return dispatch_plan_triton(ids, num_experts)[:4]
     return reference.dispatch_plan_reference(ids, num_experts)
 
 

@@ -13,10 +13,14 @@ The backward is one more opaque op, ``grouter::moe_experts_backward``, returning
 of x, routing weights, both expert weights and both biases (empty tensors for the gradients
 autograd did not ask for).
 
-Device dispatch: every device runs :mod:`grouter_pass.ops.reference` for now; each expert's GEMMs
-are ``torch.mm`` calls on contiguous row ranges, with one host read of the E offsets per call.
-That read is free on CPU; on CUDA it is a device synchronisation per call (logged once), until
-the fused CUDA kernels replace this path.
+Device dispatch (:mod:`grouter_pass.ops.kernel_select`): on CUDA with Triton installed, the fused
+kernels of :mod:`grouter_pass.kernels.moe` (no host synchronisation; Inductor sees them through
+the ``*_triton`` ops of :mod:`grouter_pass.ops.triton_ops`); on CPU, and for configurations the
+kernels do not fuse, :mod:`grouter_pass.ops.reference`, whose per-expert GEMMs are ``torch.mm``
+calls on contiguous row ranges with one host read of the E offsets per call (free on CPU; a
+device synchronisation per call elsewhere, logged once).
+
+Troubleshooting: ``GROUTER_KERNELS=reference`` forces the reference path on every device.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from collections.abc import Sequence
 import torch
 
 from grouter_pass.ops import reference
+from grouter_pass.ops.kernel_select import allow_tf32, use_moe_kernels
 
 log = logging.getLogger(__name__)
 _EMPTY_GRAD = (0,)
@@ -60,6 +65,14 @@ def moe_experts(
     weight_on_input: bool,
     out_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if use_moe_kernels(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input):
+        from grouter_pass.kernels.moe import moe_experts_triton
+
+        with torch.no_grad():
+            return moe_experts_triton(
+                x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
+                interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
+                out_dtype=out_dtype, allow_tf32=allow_tf32())
     if x.device.type != "cpu":
         _warn_reference_on(x.device.type)
     with torch.no_grad():
@@ -127,6 +140,15 @@ def moe_experts_backward(
     down_transposed: bool,
     weight_on_input: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_moe_kernels(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input):
+        from grouter_pass.kernels.moe import moe_experts_backward_triton
+
+        with torch.no_grad():
+            grads = moe_experts_backward_triton(
+                grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
+                gated=gated, interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
+                needs=tuple(needs), allow_tf32=allow_tf32())
+        return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
     with torch.no_grad():
         grads = reference.moe_experts_backward_reference(
             grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,

@@ -1,0 +1,70 @@
+"""Which implementation an op call runs: the Triton kernels or the plain-torch reference.
+
+Why here and not in the ops: the three ops and the Inductor decomposition must agree, and
+the choice must never change CPU numerics by accident. ``auto`` (default) uses the kernels on
+CUDA tensors when Triton is installed and the configuration is fused
+(:func:`grouter_pass.kernels.moe.unsupported_reason`), the reference otherwise.
+
+Troubleshooting: ``GROUTER_KERNELS=reference`` forces the reference everywhere (escape hatch
+for a suspected kernel bug); ``GROUTER_KERNELS=triton`` also sends CPU tensors to the kernels,
+which only works under ``TRITON_INTERPRET=1`` (how the kernel tests run on machines without a
+GPU). tf32 GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_MODES = ("auto", "reference", "triton")
+
+
+def kernels_mode() -> str:
+    """``GROUTER_KERNELS``: auto, reference or triton (read at each call)."""
+    mode = os.environ.get("GROUTER_KERNELS", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"GROUTER_KERNELS must be one of {_MODES}, got {mode!r}")
+    return mode
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels_available_for(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels may run on ``t``'s device."""
+    from grouter_pass.kernels import has_triton
+
+    mode = kernels_mode()
+    if mode == "reference" or not has_triton():
+        return False
+    return t.device.type == "cuda" or (mode == "triton" and _interpreting() and t.device.type == "cpu")
+
+
+@functools.cache
+def _log_fallback(reason: str) -> None:
+    log.warning("grouter.moe_experts runs the reference implementation: %s", reason)
+
+
+def use_moe_kernels(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *, activation: str,
+                    weight_on_input: bool) -> bool:
+    """Whether ``moe_experts`` (and its backward) run the fused kernels for these inputs."""
+    if not kernels_available_for(x):
+        return False
+    from grouter_pass.kernels.moe import unsupported_reason
+
+    reason = unsupported_reason(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input)
+    if reason is not None:
+        _log_fallback(reason)
+        return False
+    return True
+
+
+def allow_tf32() -> bool:
+    """The user's opt-in to tf32 GEMMs (torch's own flag)."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
