@@ -1,0 +1,35 @@
+"""The Grouter workflow (arXiv 2603.06626): a small standalone router distilled from a trained
+MoE, adapted to a target's expert count, tuned for balance, and optionally pre-dispatched.
+
+Modules, one job each: ``config`` (GrouterModelConfig), ``network`` (Grouter, gate),
+``checkpoint`` (save/load, reference layout), ``data`` (tokenizers, corpora, batches),
+``capture`` (the source model's first router, found by the detection pass), ``distill``,
+``fold``, ``expand``, ``tune``, ``predispatch``, ``progress``, ``training``, ``cli``.
+See docs/grouter.md.
+"""
+
+from grouter_pass.router.capture import RouterTeacher, load_source_model
+from grouter_pass.router.checkpoint import (
+    CheckpointError,
+    Folding,
+    convert_reference_state_dict,
+    load_grouter,
+    save_grouter,
+)
+from grouter_pass.router.config import GrouterModelConfig, check_compatible
+from grouter_pass.router.data import ByteTokenizer, PackedBatches, TokenizedCorpus, load_corpus, load_tokenizer
+from grouter_pass.router.distill import DistillConfig, EvalResult, distill, evaluate
+from grouter_pass.router.expand import expand_grouter
+from grouter_pass.router.fold import coactivation_affinity, fold_grouter, greedy_groups, grouter_affinity
+from grouter_pass.router.network import Grouter, gate
+from grouter_pass.router.predispatch import PreDispatchedDataset, Routing, predispatch, predispatch_loader
+from grouter_pass.router.tune import TuneConfig, balance_loss, max_violation, measure_max_violation, tune
+
+__all__ = [
+    "ByteTokenizer", "CheckpointError", "DistillConfig", "EvalResult", "Folding", "Grouter", "GrouterModelConfig",
+    "PackedBatches", "PreDispatchedDataset", "RouterTeacher", "Routing", "TokenizedCorpus", "TuneConfig",
+    "balance_loss", "check_compatible", "coactivation_affinity", "convert_reference_state_dict", "distill", "evaluate",
+    "expand_grouter", "fold_grouter", "gate", "greedy_groups", "grouter_affinity", "load_corpus", "load_grouter",
+    "load_source_model", "load_tokenizer", "max_violation", "measure_max_violation", "predispatch",
+    "predispatch_loader", "save_grouter", "tune",
+]

@@ -1,0 +1,294 @@
+"""``grouter distill | fold | expand | tune | predispatch | info``: the Grouter workflow's commands.
+
+Registered by ``grouter_pass.cli`` (``register(subparsers)``). Every command reads and writes
+checkpoint directories (:mod:`.checkpoint`); data options are shared: ``--data`` (``stdlib``, a
+text/JSONL file or directory, a ``datasets`` directory, or a tokenized directory), ``--tokenizer``
+(``byte`` or a local tokenizer directory) and ``--max-tokens``. User errors raise ``ValueError``
+/ ``CLIError`` and are printed as one line by the top-level CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, max_tokens: int | None = 2_000_000, val: bool = False) -> None:
+    p.add_argument("--data", default="stdlib",
+                   help="stdlib (default: the Python standard library's sources), a .txt/.jsonl file or directory, "
+                        "a datasets.save_to_disk directory, or a tokenized directory")
+    if val:
+        p.add_argument("--val-data", default=None,
+                       help="held-out data (default: the validation split of --data)")
+    p.add_argument("--tokenizer", default=None,
+                   help="byte (default) or a local tokenizers/transformers tokenizer directory")
+    p.add_argument("--text-field", default="text", help="JSONL / datasets text field (default: text)")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to read (default: {max_tokens})")
+
+
+def _add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup: int, seq_len: int,
+                    batch_size: int) -> None:
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--seq-len", type=int, default=seq_len)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--warmup", type=int, default=warmup)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint period in steps (default: 100)")
+    p.add_argument("--eval-tokens", type=int, default=65536)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _tokenizer(args: argparse.Namespace, default: str | None = None):
+    from grouter_pass.router.data import load_tokenizer
+
+    return load_tokenizer(args.tokenizer or default or "byte")
+
+
+def _corpus(args: argparse.Namespace, source: str, split: str, tokenizer, max_tokens: int | None = None):
+    from grouter_pass.router.data import load_corpus
+
+    return load_corpus(source, split, tokenizer=tokenizer, max_tokens=max_tokens or args.max_tokens,
+                       text_field=args.text_field)
+
+
+def _check_vocab(grouter, tokenizer) -> None:
+    from grouter_pass.router.config import check_compatible
+
+    check_compatible(grouter.config, vocab_size=tokenizer.vocab_size, what=f"tokenizer ({tokenizer.name})")
+
+
+def _train_val(args: argparse.Namespace, tokenizer):
+    train = _corpus(args, args.data, "train", tokenizer)
+    val_source = args.val_data or args.data
+    val = _corpus(args, val_source, "validation" if args.val_data is None else "all", tokenizer,
+                  max_tokens=max(args.eval_tokens, args.seq_len))
+    return train, val
+
+
+def _eval_batches(args: argparse.Namespace, corpus):
+    from grouter_pass.router.data import PackedBatches
+
+    return list(PackedBatches(corpus, args.seq_len, args.batch_size, shuffle=False).eval_batches(args.max_tokens))
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import torch
+
+    from grouter_pass.router.capture import RouterTeacher, load_source_model
+    from grouter_pass.router.config import GrouterModelConfig
+    from grouter_pass.router.distill import DistillConfig, distill
+
+    source = Path(args.source)
+    model = load_source_model(source)
+    has_tok = (source / "tokenizer.json").exists() or (source / "tokenizer_config.json").exists()
+    tokenizer = _tokenizer(args, str(source) if has_tok else "byte")
+    teacher = RouterTeacher(model)
+    vocab = teacher.vocab_size or tokenizer.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ValueError(f"vocabulary mismatch: tokenizer ({tokenizer.name}) has vocab_size={tokenizer.vocab_size} "
+                         f"but the source model has vocab_size={vocab}")
+    teacher(torch.zeros(1, 4, dtype=torch.long))      # find the router: E and k
+    print(f"teacher router: {teacher.module_path} ({teacher.family}), E={teacher.num_experts}, k={teacher.top_k}")
+    mcfg = GrouterModelConfig(vocab_size=vocab, hidden_size=args.hidden_size, num_heads=args.num_heads,
+                              num_layers=args.num_layers, intermediate_size=args.intermediate_size,
+                              num_experts=teacher.num_experts, top_k=args.top_k or teacher.top_k,
+                              rope_theta=args.rope_theta, scaling_factor=args.scaling_factor, causal=args.causal)
+    dcfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                         warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                         temperature=args.temperature, save_every=args.save_every, eval_every=args.eval_every,
+                         eval_tokens=args.eval_tokens, seed=args.seed)
+    train, val = _train_val(args, tokenizer)
+    print(f"data: {train.num_tokens} training tokens, {val.num_tokens} held-out tokens ({tokenizer.name} tokenizer)")
+    _, result = distill(teacher, mcfg, train, val, dcfg, out_dir=args.out, resume=not args.no_resume,
+                        progress=not args.no_progress)
+    print(f"distilled Grouter saved to {args.out}: {result}")
+    return 0
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from grouter_pass.router.checkpoint import load_grouter, save_grouter
+    from grouter_pass.router.fold import fold_grouter, greedy_groups, grouter_affinity
+
+    grouter = load_grouter(args.checkpoint)
+    tokenizer = _tokenizer(args)
+    _check_vocab(grouter, tokenizer)
+    corpus = _corpus(args, args.data, "train", tokenizer)
+    affinity = grouter_affinity(grouter, _eval_batches(args, corpus))
+    groups = greedy_groups(affinity, args.experts)
+    folded = fold_grouter(grouter, groups, top_k=args.top_k)
+    save_grouter(folded, args.out)
+    print(f"folded {grouter.config.num_experts} -> {args.experts} experts (top-{folded.config.top_k}) on "
+          f"{corpus.num_tokens} tokens; groups: {groups}; saved to {args.out}")
+    return 0
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from grouter_pass.router.checkpoint import load_grouter, save_grouter
+    from grouter_pass.router.expand import expand_grouter
+
+    grouter = load_grouter(args.checkpoint)
+    tokenizer = _tokenizer(args)
+    _check_vocab(grouter, tokenizer)
+    corpus = _corpus(args, args.data, "train", tokenizer)
+    expanded = expand_grouter(grouter, args.experts, _eval_batches(args, corpus), top_k=args.top_k,
+                              quantile=args.quantile, seed=args.seed)
+    save_grouter(expanded, args.out)
+    print(f"expanded {grouter.config.num_experts} -> {args.experts} experts (top-{expanded.config.top_k}) from "
+          f"{expanded.expanding['low_confidence_tokens']} low-confidence tokens; saved to {args.out}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from grouter_pass.router.checkpoint import load_grouter
+    from grouter_pass.router.tune import TuneConfig, tune
+
+    grouter = load_grouter(args.checkpoint)
+    tokenizer = _tokenizer(args)
+    _check_vocab(grouter, tokenizer)
+    train, val = _train_val(args, tokenizer)
+    cfg = TuneConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                     weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
+                     bias_rate=args.bias_rate, save_every=args.save_every, eval_tokens=args.eval_tokens, seed=args.seed)
+    _, result = tune(grouter, train, val, cfg, out_dir=args.out, resume=not args.no_resume,
+                     progress=not args.no_progress)
+    print(f"tuned Grouter saved to {args.out}: {result}")
+    return 0
+
+
+def cmd_predispatch(args: argparse.Namespace) -> int:
+    from grouter_pass.router.checkpoint import load_grouter
+    from grouter_pass.router.config import check_compatible
+    from grouter_pass.router.data import TOKENS_META
+    from grouter_pass.router.predispatch import predispatch
+
+    grouter = load_grouter(args.checkpoint)
+    check_compatible(grouter.config, num_experts=args.expect_experts, top_k=args.expect_top_k)
+    if (Path(args.data) / TOKENS_META).is_file():
+        directory = Path(args.data)
+    else:
+        if args.out is None:
+            raise ValueError("--out is needed to store the tokenized dataset when --data is not a tokenized directory")
+        tokenizer = _tokenizer(args)
+        _check_vocab(grouter, tokenizer)
+        _corpus(args, args.data, args.split, tokenizer).save(args.out)
+        directory = Path(args.out)
+    meta = predispatch(grouter, directory, granularity=args.granularity, seq_len=args.seq_len,
+                       weights_dtype=args.weights_dtype, progress=not args.no_progress)
+    info = json.loads(meta.read_text())
+    print(f"pre-dispatched {info['num_tokens']} tokens ({info['granularity']}, ids {info['ids_dtype']}, weights "
+          f"{info['weights_dtype']}) into {directory}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from grouter_pass.router.checkpoint import load_grouter
+    from grouter_pass.router.config import check_compatible
+
+    grouter = load_grouter(args.checkpoint)
+    cfg = grouter.config
+    n_params = sum(p.numel() for p in grouter.parameters())
+    n_embed = grouter.embed_tokens.weight.numel()
+    dtype = next(grouter.parameters()).dtype
+    print(f"Grouter {args.checkpoint}")
+    print(f"  parameters: {n_params:,} ({n_embed:,} in the embedding), dtype {str(dtype).replace('torch.', '')}")
+    for key, value in cfg.to_dict().items():
+        print(f"  {key}: {value}")
+    folding = getattr(grouter, "folding", None)
+    if folding is not None:
+        print(f"  folded from {folding.source_experts} experts: {folding.groups}")
+    check_compatible(cfg, num_experts=args.expect_experts, top_k=args.expect_top_k)
+    if args.tokenizer:
+        tokenizer = _tokenizer(args)
+        _check_vocab(grouter, tokenizer)
+        print(f"  tokenizer {tokenizer.name}: vocab_size {tokenizer.vocab_size} fits")
+    return 0
+
+
+def _grouter_size_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("Grouter architecture (reference: 512 wide, 8 heads, 3 layers, MLP 2736)")
+    g.add_argument("--hidden-size", type=int, default=512)
+    g.add_argument("--num-heads", type=int, default=8)
+    g.add_argument("--num-layers", type=int, default=3)
+    g.add_argument("--intermediate-size", type=int, default=2736)
+    g.add_argument("--rope-theta", type=float, default=1e6)
+    g.add_argument("--scaling-factor", type=float, default=2.5, help="gate weights scale (reference: 2.5)")
+    g.add_argument("--top-k", type=int, default=None, help="default: the teacher router's k")
+    g.add_argument("--causal", action="store_true", help="causal attention instead of bidirectional")
+
+
+def _expect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--expect-experts", type=int, default=None, help="refuse unless the Grouter has this many experts")
+    p.add_argument("--expect-top-k", type=int, default=None, help="refuse unless the Grouter's top-k is this")
+
+
+def register(subparsers: Any) -> None:
+    """Add the Grouter workflow's subcommands to the ``grouter`` CLI."""
+    p = subparsers.add_parser("distill", help="distill a Grouter from a source MoE's first router",
+                              description="Distill a Grouter from the first MoE layer's router of a transformers "
+                                          "checkpoint directory (found by the grouter detection pass).")
+    p.add_argument("--source", required=True, help="source MoE: a local transformers checkpoint directory")
+    p.add_argument("--out", required=True, help="run/output directory (checkpoints, final Grouter)")
+    _add_data_args(p, max_tokens=5_000_000, val=True)
+    _grouter_size_args(p)
+    _add_train_args(p, steps=1000, lr=3e-4, warmup=100, seq_len=512, batch_size=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: only at the end)")
+    p.set_defaults(func=cmd_distill)
+
+    p = subparsers.add_parser("fold", help="fold a Grouter to fewer experts (E_T < E_S)")
+    p.add_argument("checkpoint")
+    p.add_argument("--experts", type=int, required=True, help="target expert count E_T")
+    p.add_argument("--top-k", type=int, default=None, help="target top-k (default: the source's, if it fits)")
+    p.add_argument("--out", required=True)
+    _add_data_args(p, max_tokens=1_000_000)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_fold)
+
+    p = subparsers.add_parser("expand", help="expand a Grouter to more experts (E_T > E_S)")
+    p.add_argument("checkpoint")
+    p.add_argument("--experts", type=int, required=True, help="target expert count E_T")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--quantile", type=float, default=0.2, help="low-confidence quantile (default: 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_data_args(p, max_tokens=1_000_000)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_expand)
+
+    p = subparsers.add_parser("tune", help="tune a Grouter's score layer for load balance on target data")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mode", choices=("score", "bias"), default="score")
+    p.add_argument("--bias-rate", type=float, default=1e-3, help="bias mode: sign-update step")
+    _add_data_args(p, max_tokens=5_000_000, val=True)
+    _add_train_args(p, steps=400, lr=1e-3, warmup=0, seq_len=512, batch_size=8)
+    p.set_defaults(func=cmd_tune)
+
+    p = subparsers.add_parser("predispatch", help="store a dataset's routing beside its tokens")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", default=None, help="directory for the tokenized dataset (when --data is not one)")
+    _add_data_args(p, max_tokens=None)
+    p.add_argument("--split", choices=("train", "validation", "all"), default="all")
+    p.add_argument("--granularity", choices=("document", "packed"), default="document")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--weights-dtype", choices=("bfloat16", "float32", "bf16", "fp32"), default="bfloat16")
+    p.add_argument("--no-progress", action="store_true")
+    _expect_args(p)
+    p.set_defaults(func=cmd_predispatch)
+
+    p = subparsers.add_parser("info", help="describe (and validate) a Grouter checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--tokenizer", default=None, help="also check this tokenizer's vocabulary fits")
+    _expect_args(p)
+    p.set_defaults(func=cmd_info)

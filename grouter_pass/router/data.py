@@ -1,0 +1,349 @@
+"""Token data for the Grouter workflow: tokenizers, corpora, tokenized token files, batches.
+
+* Tokenizers: :class:`ByteTokenizer` (default, no download: ids 0..255 are UTF-8 bytes, 256 is
+  the end-of-document token, ``vocab_size = 257``) or a local ``tokenizers`` / transformers
+  tokenizer directory (:func:`load_tokenizer`). A Grouter distilled from a real MoE must use that
+  model's tokenizer: it reads the source model's token ids.
+* Corpora (:func:`iter_documents`): ``"stdlib"`` (the Python standard library's ``*.py`` files,
+  sorted by relative path, split into train/validation by a CRC of the path, so the split is the
+  same on every machine and does not shift when a file is added), a ``.txt`` file (one document),
+  a ``.jsonl`` file (one document per line, field ``text``), a directory of those, or a
+  directory written by ``datasets.save_to_disk`` (needs the ``datasets`` package). Outside the
+  stdlib corpus, every 20th document is held out for validation.
+* :class:`TokenizedCorpus`: a flat token array plus document offsets, saved as memory-mapped
+  files (``tokens.bin``, ``doc_offsets.bin``, ``tokens.json``) that pre-dispatch writes beside.
+* :class:`PackedBatches`: training batches as a pure function of ``(seed, step)``: resuming at
+  step ``s`` sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+VALIDATION_PERCENT = 5          # stdlib files whose CRC32 % 100 falls below this are validation
+VALIDATION_EVERY = 20           # other corpora: every 20th document is validation
+TOKENS_FILE, OFFSETS_FILE, TOKENS_META = "tokens.bin", "doc_offsets.bin", "tokens.json"
+
+
+class Tokenizer(Protocol):
+    name: str
+    vocab_size: int
+    eos_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 plus an end-of-document id 256 (``vocab_size = 257``)."""
+
+    name = "byte"
+    vocab_size = 257
+    eos_id = 256
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8", errors="replace"))
+
+
+class HFTokenizer:
+    """A local tokenizer directory: transformers' ``AutoTokenizer`` (offline) if it loads, else a
+    bare ``tokenizers`` ``tokenizer.json``."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        p = Path(path)
+        if not p.exists():
+            raise FileNotFoundError(f"tokenizer not found: {p}")
+        self.name = str(p)
+        self._tok: Any = None
+        try:
+            from transformers import AutoTokenizer
+
+            self._tok = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+            self.vocab_size = len(self._tok)
+            self.eos_id = self._tok.eos_token_id
+            self._encode = lambda text: self._tok(text, add_special_tokens=False)["input_ids"]
+        except Exception as exc:  # fall back to the bare tokenizers file
+            file = p / "tokenizer.json" if p.is_dir() else p
+            if not file.is_file():
+                raise ValueError(f"{p} is not a tokenizer directory (transformers said: {exc})") from None
+            from tokenizers import Tokenizer as RawTokenizer
+
+            self._tok = RawTokenizer.from_file(str(file))
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            self.eos_id = None
+            self._encode = lambda text: self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._encode(text))
+
+
+def load_tokenizer(spec: str | os.PathLike | None = "byte") -> Tokenizer:
+    """``"byte"`` (or None) for :class:`ByteTokenizer`, else a local tokenizer directory/file."""
+    if spec is None or str(spec) == "byte":
+        return ByteTokenizer()
+    return HFTokenizer(spec)
+
+
+# ----------------------------------------------------------------------------------- corpora
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    """``(relative path, path)`` of every ``*.py`` under the stdlib, sorted, without site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "dist-packages/")) or "/site-packages/" in rel:
+            continue
+        files.append((rel, path))
+    return sorted(files)
+
+
+def stdlib_split(rel: str) -> str:
+    return "validation" if zlib.crc32(rel.encode()) % 100 < VALIDATION_PERCENT else "train"
+
+
+def _read_text(path: Path) -> str:
+    return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict) or text_field not in row:
+                raise ValueError(f"{path}:{lineno}: no field {text_field!r} (keys: "
+                                 f"{sorted(row) if isinstance(row, dict) else type(row).__name__})")
+            yield str(row[text_field])
+
+
+def _iter_hf_dataset(path: Path, split: str, text_field: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ModuleNotFoundError:
+        raise ValueError(f"{path} is a `datasets` directory; reading it needs the `datasets` package "
+                         "(pip install datasets), or export it to JSONL") from None
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{path} has splits {sorted(ds)}, not {split!r}")
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise ValueError(f"{path} has no column {text_field!r} (columns: {ds.column_names})")
+    for row in ds:
+        yield str(row[text_field])
+
+
+def _files_of(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".json", ".py"))
+
+
+def iter_documents(source: str | os.PathLike, split: str = "train", *, text_field: str = "text",
+                   split_documents: bool = True) -> Iterator[str]:
+    """Documents of ``source`` in a deterministic order (see the module docstring).
+
+    Args:
+        source: ``"stdlib"``, a file or a directory.
+        split: ``"train"``, ``"validation"`` or ``"all"``.
+        split_documents: for sources other than the stdlib, hold out every 20th document as
+            validation (False: every document belongs to every split; use it when the user
+            passes a separate validation source).
+    """
+    if split not in ("train", "validation", "all"):
+        raise ValueError(f"split must be 'train', 'validation' or 'all', got {split!r}")
+    if str(source) == "stdlib":
+        for rel, path in stdlib_files():
+            if split == "all" or stdlib_split(rel) == split:
+                yield _read_text(path)
+        return
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset not found: {path}")
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        docs: Iterator[str] = _iter_hf_dataset(path, "validation" if split == "validation" else "train", text_field)
+        yield from docs
+        return
+
+    def all_docs() -> Iterator[str]:
+        for f in _files_of(path):
+            if f.suffix in (".jsonl", ".json"):
+                yield from _iter_jsonl(f, text_field)
+            else:
+                yield _read_text(f)
+
+    for i, doc in enumerate(all_docs()):
+        if split == "all" or not split_documents or (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (
+                split == "validation"):
+            yield doc
+
+
+# ------------------------------------------------------------------------------- tokenized data
+
+def _token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+@dataclass
+class TokenizedCorpus:
+    """A flat token stream with document boundaries: document ``d`` is
+    ``tokens[doc_offsets[d]:doc_offsets[d + 1]]`` (end-of-document token included, if any)."""
+
+    tokens: np.ndarray          # [T] uint16 / int32 (possibly a read-only memmap)
+    doc_offsets: np.ndarray     # [D + 1] int64
+    vocab_size: int
+    tokenizer: str = "byte"
+    source: str = ""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.doc_offsets.shape[0]) - 1
+
+    def document(self, d: int) -> np.ndarray:
+        return self.tokens[self.doc_offsets[d]:self.doc_offsets[d + 1]]
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokens.bin``, ``doc_offsets.bin`` and ``tokens.json`` into ``directory``."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        np.ascontiguousarray(self.tokens, dtype=_token_dtype(self.vocab_size)).tofile(out / TOKENS_FILE)
+        np.ascontiguousarray(self.doc_offsets, dtype=np.int64).tofile(out / OFFSETS_FILE)
+        meta = {"num_tokens": self.num_tokens, "num_documents": self.num_documents, "vocab_size": self.vocab_size,
+                "dtype": _token_dtype(self.vocab_size).name, "tokenizer": self.tokenizer, "source": self.source}
+        (out / TOKENS_META).write_text(json.dumps(meta, indent=2))
+        return out
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> TokenizedCorpus:
+        """Memory-map a directory written by :meth:`save`; sizes are checked against the metadata."""
+        d = Path(directory)
+        meta_path = d / TOKENS_META
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"not a tokenized dataset (no {TOKENS_META}): {d}")
+        meta = json.loads(meta_path.read_text())
+        n, docs, dtype = int(meta["num_tokens"]), int(meta["num_documents"]), np.dtype(meta["dtype"])
+        for name, count, dt in ((TOKENS_FILE, n, dtype), (OFFSETS_FILE, docs + 1, np.dtype(np.int64))):
+            f = d / name
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing")
+            if f.stat().st_size != count * dt.itemsize:
+                raise ValueError(f"{f} is truncated or corrupt: {f.stat().st_size} bytes, expected {count} x "
+                                 f"{dt.itemsize} = {count * dt.itemsize}")
+        tokens = np.memmap(d / TOKENS_FILE, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
+        offsets = np.fromfile(d / OFFSETS_FILE, dtype=np.int64)
+        return cls(tokens, offsets, int(meta["vocab_size"]), meta.get("tokenizer", ""), meta.get("source", ""))
+
+
+def tokenize_documents(docs: Iterator[str] | list[str], tokenizer: Tokenizer, *, max_tokens: int | None = None,
+                       source: str = "") -> TokenizedCorpus:
+    """Tokenize ``docs`` (each followed by the tokenizer's end-of-document id, if it has one),
+    stopping once ``max_tokens`` tokens are collected. Empty documents are skipped.
+
+    Raises ``ValueError`` if no token results (an empty dataset)."""
+    chunks: list[np.ndarray] = []
+    offsets = [0]
+    total = 0
+    dtype = _token_dtype(tokenizer.vocab_size)
+    for doc in docs:
+        ids = tokenizer.encode(doc)
+        if not ids:
+            continue
+        if tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+        if max_tokens is not None and total + len(ids) > max_tokens:
+            ids = ids[:max_tokens - total]
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.max() >= tokenizer.vocab_size or arr.min() < 0):
+            raise ValueError(f"tokenizer {tokenizer.name} produced id {int(arr.max())} outside its vocab_size="
+                             f"{tokenizer.vocab_size}")
+        chunks.append(arr.astype(dtype))
+        total += arr.size
+        offsets.append(total)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    if total == 0:
+        raise ValueError(f"empty dataset: {source or 'the corpus'} produced no tokens")
+    tokens = np.concatenate(chunks)
+    return TokenizedCorpus(tokens, np.asarray(offsets, dtype=np.int64), tokenizer.vocab_size, tokenizer.name, source)
+
+
+def load_corpus(source: str | os.PathLike, split: str = "train", *, tokenizer: Tokenizer | None = None,
+                max_tokens: int | None = None, text_field: str = "text") -> TokenizedCorpus:
+    """Tokenized ``split`` of ``source``; ``source`` may also be a tokenized directory
+    (``tokens.json`` inside), which is memory-mapped as is (then ``split`` is ignored)."""
+    if str(source) != "stdlib" and (Path(source) / TOKENS_META).is_file():
+        corpus = TokenizedCorpus.load(source)
+        if corpus.num_tokens == 0:
+            raise ValueError(f"empty dataset: {source} holds no tokens")
+        return corpus
+    tokenizer = tokenizer or ByteTokenizer()
+    where = f"{source} ({split})"
+    return tokenize_documents(iter_documents(source, split, text_field=text_field), tokenizer, max_tokens=max_tokens,
+                              source=where)
+
+
+# ------------------------------------------------------------------------------------- batches
+
+class PackedBatches:
+    """Training batches of ``[batch_size, seq_len]`` packed token windows.
+
+    The stream is cut into ``T // seq_len`` windows (the tail is dropped); each epoch visits them
+    in a permutation drawn from ``seed + epoch``. :meth:`batch` is a pure function of the step, so
+    a resumed run reads the same data as an uninterrupted one without saving a data cursor.
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.windows = corpus.num_tokens // seq_len
+        if self.windows == 0:
+            raise ValueError(f"empty dataset: {corpus.source or 'the corpus'} has {corpus.num_tokens} tokens, fewer "
+                             f"than one sequence of seq_len={seq_len}")
+        self.corpus, self.seq_len, self.batch_size, self.seed, self.shuffle = corpus, seq_len, batch_size, seed, shuffle
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            order = torch.randperm(self.windows, generator=torch.Generator().manual_seed(self.seed + epoch)) \
+                if self.shuffle else torch.arange(self.windows)
+            self._perm = (epoch, order)
+        return self._perm[1]
+
+    def window(self, w: int) -> torch.Tensor:
+        s = w * self.seq_len
+        return torch.from_numpy(np.asarray(self.corpus.tokens[s:s + self.seq_len], dtype=np.int64))
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The ``[batch_size, seq_len]`` int64 batch of ``step`` (0-based)."""
+        rows = []
+        for j in range(self.batch_size):
+            flat = step * self.batch_size + j
+            epoch, pos = divmod(flat, self.windows)
+            rows.append(self.window(int(self._order(epoch)[pos])))
+        return torch.stack(rows)
+
+    def eval_batches(self, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+        """Windows in order (no shuffling), in batches, up to ``max_tokens`` tokens."""
+        n = self.windows if max_tokens is None else min(self.windows, max(1, max_tokens // self.seq_len))
+        for start in range(0, n, self.batch_size):
+            yield torch.stack([self.window(w) for w in range(start, min(n, start + self.batch_size))])

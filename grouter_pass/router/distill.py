@@ -1,0 +1,207 @@
+"""Distillation (method notes section 4): train a Grouter to match the source's first MoE router.
+
+    loss = T^2 * KL( softmax(teacher_logits / T) || softmax(student_logits / T) )   over all E,
+           averaged over tokens (T = 1 by default, as the paper and the released script)
+
+The teacher is a :class:`~.capture.RouterTeacher` (or any callable ``input_ids -> [B, S, E]``):
+it only runs forward. The student sees the same packed token windows. AdamW with linear warmup
+and cosine decay, gradient clipping, periodic checkpoints (resumable, see :mod:`.training`),
+a progress bar, and a held-out evaluation reporting KL and top-k agreement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from grouter_pass.router.checkpoint import save_grouter
+from grouter_pass.router.config import GrouterModelConfig
+from grouter_pass.router.data import PackedBatches, TokenizedCorpus
+from grouter_pass.router.network import Grouter
+from grouter_pass.router.progress import Progress
+from grouter_pass.router.training import load_trainer_checkpoint, lr_at, save_trainer_checkpoint
+
+log = logging.getLogger(__name__)
+
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Settings of :func:`distill` (reference script values in brackets).
+
+    Attributes:
+        steps: optimizer steps [10010]. batch_size, seq_len: sequences per step and their
+            length [128 x 4096]. lr [3e-4], warmup [3000] steps, cosine to ``min_lr_ratio * lr``.
+        weight_decay: AdamW weight decay. grad_clip: global grad-norm clip [1.0].
+        temperature: KL temperature [1.0; the paper uses none, which is T = 1].
+        save_every: checkpoint every this many steps (0: only at the end).
+        eval_every: evaluate on held-out tokens every this many steps (0: only at the end).
+        eval_tokens: held-out tokens per evaluation. seed: data order and initialisation.
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 512
+    lr: float = 3e-4
+    warmup: int = 100
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    save_every: int = 200
+    eval_every: int = 0
+    eval_tokens: int = 65536
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class EvalResult:
+    """Held-out agreement with the teacher.
+
+    ``kl``: mean per-token KL(teacher || student); ``topk_agreement``: fraction of tokens whose
+    top-k expert *set* equals the teacher's; ``topk_overlap``: mean |student set & teacher set| / k;
+    ``tokens``: tokens evaluated.
+    """
+
+    kl: float
+    topk_agreement: float
+    topk_overlap: float
+    tokens: int
+
+    def __str__(self) -> str:
+        return (f"KL {self.kl:.4f}, top-k set agreement {self.topk_agreement:.2%}, top-k overlap "
+                f"{self.topk_overlap:.2%} on {self.tokens} held-out tokens")
+
+
+def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean over tokens of ``T^2 KL(softmax(t/T) || softmax(s/T))`` over the last dim."""
+    e = student_logits.shape[-1]
+    s = F.log_softmax(student_logits.float().reshape(-1, e) / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float().reshape(-1, e) / temperature, dim=-1)
+    return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature ** 2
+
+
+def topk_sets(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """``[N, E]`` boolean membership of each token's top-k set."""
+    e = logits.shape[-1]
+    flat = logits.reshape(-1, e)
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(k, dim=-1).indices, True)
+
+
+@torch.no_grad()
+def evaluate(grouter: Grouter, teacher: Teacher, batches: PackedBatches, *, max_tokens: int | None = None,
+             top_k: int | None = None) -> EvalResult:
+    """KL and top-k agreement of ``grouter`` with ``teacher`` on ``batches`` (in order)."""
+    was_training = grouter.training
+    grouter.eval()
+    k = top_k or grouter.config.top_k
+    kl_sum, agree, overlap, n = 0.0, 0, 0.0, 0
+    for ids in batches.eval_batches(max_tokens):
+        t_logits, s_logits = teacher(ids), grouter(ids)
+        tokens = ids.numel()
+        kl_sum += float(kl_loss(s_logits, t_logits)) * tokens
+        ts, ss = topk_sets(t_logits, k), topk_sets(s_logits, k)
+        agree += int((ts == ss).all(-1).sum())
+        overlap += float((ts & ss).sum()) / k
+        n += tokens
+    grouter.train(was_training)
+    return EvalResult(kl_sum / n, agree / n, overlap / n, n)
+
+
+def _settings(config: DistillConfig, model_config: GrouterModelConfig, train: TokenizedCorpus) -> dict:
+    return {"distill": dataclasses.asdict(config), "model": model_config.to_dict(), "train_tokens": train.num_tokens}
+
+
+def distill(teacher: Teacher, model_config: GrouterModelConfig, train: TokenizedCorpus,
+            validation: TokenizedCorpus | None = None, config: DistillConfig | None = None, *,
+            out_dir: str | os.PathLike | None = None, resume: bool = True, progress: bool = True,
+            on_step: Callable[[int, float], None] | None = None) -> tuple[Grouter, EvalResult | None]:
+    """Distill a Grouter of ``model_config`` from ``teacher`` on ``train``.
+
+    Args:
+        teacher: ``input_ids [B, S] -> logits [B, S, E]``; usually ``RouterTeacher(model)``.
+        model_config: the student's sizes; its ``num_experts`` must equal the teacher's E.
+        train, validation: tokenized corpora (validation: held-out tokens for the evaluation).
+        out_dir: run directory for checkpoints (``out_dir/checkpoint``) and the final Grouter
+            (``out_dir``); None trains in memory only.
+        resume: continue from ``out_dir/checkpoint`` if it exists (same settings required).
+        on_step: called as ``on_step(step, loss)`` after each step (tests use it to interrupt).
+
+    Returns:
+        ``(grouter, evaluation on validation or None)``.
+    """
+    config = config or DistillConfig()
+    settings = _settings(config, model_config, train)
+    batches = PackedBatches(train, config.seq_len, config.batch_size, seed=config.seed)
+    if train.vocab_size > model_config.vocab_size:
+        raise ValueError(f"vocabulary mismatch: the tokenizer has vocab_size={train.vocab_size} but the Grouter's "
+                         f"embedding has vocab_size={model_config.vocab_size}")
+    start = 0
+    loaded = load_trainer_checkpoint(out_dir, settings) if (out_dir is not None and resume) else None
+    if loaded is not None:
+        grouter, state = loaded
+        start = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming distillation from step %d (%s)", start, out_dir)
+    else:
+        torch.manual_seed(config.seed)
+        grouter = Grouter(model_config)
+    grouter.train()
+    optimizer = torch.optim.AdamW(grouter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if loaded is not None:
+        optimizer.load_state_dict(loaded[1]["optimizer"])
+    val_batches = PackedBatches(validation, config.seq_len, config.batch_size, shuffle=False) \
+        if validation is not None else None
+    bar = Progress(config.steps, "distill", start=start, enabled=progress)
+    result = None
+    checked = False
+    for step in range(start, config.steps):
+        ids = batches.batch(step)
+        with torch.no_grad():
+            t_logits = teacher(ids)
+        if not checked:
+            if t_logits.shape[-1] != model_config.num_experts:
+                raise ValueError(f"expert count mismatch: the teacher router has num_experts={t_logits.shape[-1]} but "
+                                 f"the Grouter config has num_experts={model_config.num_experts}")
+            checked = True
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, base_lr=config.lr, warmup=config.warmup, total=config.steps,
+                                min_ratio=config.min_lr_ratio)
+        loss = kl_loss(grouter(ids), t_logits, config.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(grouter.parameters(), config.grad_clip)
+        optimizer.step()
+        done = step + 1
+        bar.update(done, tokens=ids.numel(), loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
+        if out_dir is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+            save_trainer_checkpoint(out_dir, grouter, optimizer, done, settings)
+        if val_batches is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            log.info("step %d: %s", done, evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens))
+        if on_step is not None:
+            on_step(done, float(loss.detach()))
+    bar.close()
+    grouter.eval()
+    if val_batches is not None:
+        result = evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens)
+        log.info("distilled Grouter: %s", result)
+    if out_dir is not None:
+        save_trainer_checkpoint(out_dir, grouter, optimizer, config.steps, settings)
+        save_grouter(grouter, Path(out_dir), extra={"step": config.steps})
+    return grouter, result

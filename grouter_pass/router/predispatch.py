@@ -1,0 +1,254 @@
+"""Pre-dispatch (method notes section 9): run the Grouter over a tokenized dataset once and
+store each token's routing beside the tokens, memory-mapped, for training without the Grouter.
+
+Files written into the tokenized dataset's directory (``name`` defaults to ``routing``)::
+
+    {name}.json           format, version, num_tokens, num_experts, top_k, ids/weights dtypes,
+                          granularity, seq_len, scaling_factor, use_selection_bias, grouter
+                          fingerprint (so a cache is never paired with another Grouter or
+                          scaled twice: the stored weights already include scaling_factor)
+    {name}_ids.bin        [T, K] uint8 when E <= 256, else int16 (row t = token t of tokens.bin)
+    {name}_weights.bin    [T, K] bfloat16 (raw bits) or float32
+
+**Granularity** (the Grouter is bidirectional, so a token's routing depends on the context it
+was run with):
+
+* ``"document"`` (default, as the reference ``tools/predispatch.py``): each document is routed
+  on its own, in consecutive windows of at most ``seq_len`` tokens (positions restart at 0 in
+  every window). Routing does not depend on how documents are later packed, so any
+  ``seq_len`` can be read back.
+* ``"packed"`` (as the paper's pipeline and the reference online mode): the token stream is cut
+  into the same ``seq_len`` windows :class:`PreDispatchedDataset` yields, and each window is
+  routed as a whole, across document boundaries. It must be read back with the same
+  ``seq_len``; it reproduces exactly what online routing of those packed batches computes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from grouter_pass.router.checkpoint import grouter_fingerprint
+from grouter_pass.router.data import TokenizedCorpus
+from grouter_pass.router.network import Grouter
+from grouter_pass.router.progress import Progress
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "grouter-predispatch", 1
+GRANULARITIES = ("document", "packed")
+_WEIGHT_DTYPES = {"bfloat16": (torch.bfloat16, np.uint16), "float32": (torch.float32, np.float32)}
+_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "float": "float32"}
+
+
+class Routing(NamedTuple):
+    """Per-token routing: ``weights [..., K]`` and ``ids [..., K]`` (the order of ``Grouter.route``)."""
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+
+
+def ids_dtype_for(num_experts: int) -> np.dtype:
+    """uint8 while E <= 256, int16 up to 32768 experts."""
+    if num_experts <= 256:
+        return np.dtype(np.uint8)
+    if num_experts <= 1 << 15:
+        return np.dtype(np.int16)
+    raise ValueError(f"num_experts={num_experts} does not fit int16 expert ids")
+
+
+def _windows(corpus: TokenizedCorpus, granularity: str, seq_len: int) -> list[tuple[int, int]]:
+    """``(start, end)`` token ranges routed as one sequence each."""
+    if granularity == "packed":
+        return [(s, min(s + seq_len, corpus.num_tokens)) for s in range(0, corpus.num_tokens, seq_len)]
+    out = []
+    for d in range(corpus.num_documents):
+        a, b = int(corpus.doc_offsets[d]), int(corpus.doc_offsets[d + 1])
+        out.extend((s, min(s + seq_len, b)) for s in range(a, b, seq_len))
+    return out
+
+
+def _write_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+
+
+@torch.no_grad()
+def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *, granularity: str = "document",
+                seq_len: int = 4096, weights_dtype: str = "bfloat16", batch_tokens: int = 65536,
+                name: str = "routing", progress: bool = True) -> Path:
+    """Route every token of a tokenized dataset directory and store the routing beside it.
+
+    Args:
+        grouter: the (folded/tuned) Grouter; its k, scale and selection bias are used as is.
+        corpus: a tokenized dataset directory (``TokenizedCorpus.save``), or one loaded from it.
+        granularity: ``"document"`` or ``"packed"`` (module docstring).
+        seq_len: window length (``packed``: the training sequence length).
+        weights_dtype: ``"bfloat16"`` (the paper) or ``"float32"`` (the reference tool).
+        batch_tokens: tokens per Grouter forward (windows of equal length are batched).
+
+    Returns:
+        The path of ``{name}.json``.
+    """
+    if isinstance(corpus, (str, os.PathLike)):
+        directory = Path(corpus)
+        corpus = TokenizedCorpus.load(directory)
+    else:
+        raise TypeError("predispatch() takes the directory of a saved TokenizedCorpus (routing is written beside it)")
+    weights_dtype = _ALIASES.get(weights_dtype, weights_dtype)
+    if weights_dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"weights_dtype must be bfloat16 or float32, got {weights_dtype!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if corpus.num_tokens == 0:
+        raise ValueError(f"empty dataset: {directory} holds no tokens")
+    if corpus.vocab_size > grouter.config.vocab_size:
+        raise ValueError(f"vocabulary mismatch: the dataset's tokenizer has vocab_size={corpus.vocab_size} but the "
+                         f"Grouter's embedding has vocab_size={grouter.config.vocab_size}")
+    cfg = grouter.config
+    n, k = corpus.num_tokens, cfg.top_k
+    ids_np = ids_dtype_for(cfg.num_experts)
+    w_torch, w_np = _WEIGHT_DTYPES[weights_dtype]
+    ids_out = _write_memmap(directory / f"{name}_ids.bin", ids_np, (n, k))
+    w_out = _write_memmap(directory / f"{name}_weights.bin", w_np, (n, k))
+    windows = _windows(corpus, granularity, seq_len)
+    by_len: dict[int, list[int]] = {}
+    for s, e in windows:
+        by_len.setdefault(e - s, []).append(s)
+    grouter.eval()
+    bar = Progress(n, f"predispatch[{granularity}]", enabled=progress)
+    done = 0
+    for length in sorted(by_len, reverse=True):
+        starts = by_len[length]
+        per_batch = max(1, batch_tokens // length)
+        for i in range(0, len(starts), per_batch):
+            chunk = starts[i:i + per_batch]
+            ids = torch.from_numpy(np.stack([np.asarray(corpus.tokens[s:s + length], dtype=np.int64) for s in chunk]))
+            weights, sel = grouter.route(ids)
+            w_bits = weights.to(w_torch)
+            w_arr = w_bits.view(torch.int16).numpy().view(np.uint16) if w_torch is torch.bfloat16 else w_bits.numpy()
+            sel_arr = sel.numpy().astype(ids_np)
+            for j, s in enumerate(chunk):
+                ids_out[s:s + length] = sel_arr[j]
+                w_out[s:s + length] = w_arr[j]
+            done += ids.numel()
+            bar.update(done, tokens=ids.numel())
+    bar.close()
+    ids_out.flush()
+    w_out.flush()
+    del ids_out, w_out
+    meta = {"format": FORMAT, "version": VERSION, "num_tokens": n, "num_experts": cfg.num_experts, "top_k": k,
+            "ids_dtype": ids_np.name, "weights_dtype": weights_dtype, "granularity": granularity, "seq_len": seq_len,
+            "scaling_factor": cfg.scaling_factor, "use_selection_bias": cfg.use_selection_bias,
+            "grouter": grouter_fingerprint(grouter), "vocab_size": cfg.vocab_size}
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(meta, indent=2))
+    log.info("pre-dispatched %d tokens (%s, %d windows) into %s", n, granularity, len(windows), directory)
+    return path
+
+
+def _load_meta(directory: Path, name: str) -> dict[str, Any]:
+    path = directory / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no pre-dispatched routing in {directory} (missing {path.name}); run "
+                                "`grouter predispatch` first")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is corrupt: not valid JSON ({exc})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise ValueError(f"{path} is not a {FORMAT} v{VERSION} file (format={meta.get('format')!r}, "
+                         f"version={meta.get('version')!r})")
+    return meta
+
+
+class PreDispatchedDataset(torch.utils.data.Dataset):
+    """Packed token windows with their stored routing: item ``i`` is
+    ``(input_ids [S] int64, Routing(weights [S, K], ids [S, K]))``, windows ``[i*S, (i+1)*S)`` of
+    the token stream (the tail shorter than ``S`` is dropped).
+
+    Args:
+        directory: the tokenized dataset directory holding ``{name}.json``.
+        seq_len: window length (default: the stored ``seq_len``; must equal it for ``packed``).
+        raw: keep the stored dtypes (ids uint8/int16, weights bfloat16/float32) to move less
+            data; default converts ids to int64 and weights to float32, as ``Grouter.route``.
+        expect_experts, expect_top_k: the target's E and k; a mismatch is an error naming both.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, seq_len: int | None = None, name: str = "routing",
+                 raw: bool = False, expect_experts: int | None = None, expect_top_k: int | None = None) -> None:
+        self.directory = Path(directory)
+        self.meta = meta = _load_meta(self.directory, name)
+        self.corpus = TokenizedCorpus.load(self.directory)
+        n, k = int(meta["num_tokens"]), int(meta["top_k"])
+        if self.corpus.num_tokens != n:
+            raise ValueError(f"{name}.json covers num_tokens={n} but tokens.bin has {self.corpus.num_tokens}; "
+                             "re-run predispatch")
+        self.seq_len = int(seq_len or meta["seq_len"])
+        if meta["granularity"] == "packed" and self.seq_len != int(meta["seq_len"]):
+            raise ValueError(f"routing was computed on packed sequences of seq_len={meta['seq_len']}; reading it with "
+                             f"seq_len={self.seq_len} would pair tokens with another context's routing")
+        if expect_experts is not None and expect_experts != meta["num_experts"]:
+            raise ValueError(f"expert count mismatch: the target has num_experts={expect_experts} but the stored "
+                             f"routing has num_experts={meta['num_experts']}")
+        if expect_top_k is not None and expect_top_k != k:
+            raise ValueError(f"top-k mismatch: the target has top_k={expect_top_k} but the stored routing has "
+                             f"top_k={k}")
+        ids_dt = np.dtype(meta["ids_dtype"])
+        w_torch, w_np = _WEIGHT_DTYPES[meta["weights_dtype"]]
+        self.ids = self._map(f"{name}_ids.bin", ids_dt, n, k)
+        self.weights = self._map(f"{name}_weights.bin", np.dtype(w_np), n, k)
+        self._w_torch, self.raw, self.top_k = w_torch, raw, k
+        self.num_windows = n // self.seq_len
+        if self.num_windows == 0:
+            raise ValueError(f"empty dataset: {n} tokens are fewer than one sequence of seq_len={self.seq_len}")
+
+    def _map(self, file: str, dtype: np.dtype, n: int, k: int) -> np.ndarray:
+        path = self.directory / file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing")
+        want = n * k * dtype.itemsize
+        if path.stat().st_size != want:
+            raise ValueError(f"{path} is truncated or corrupt: {path.stat().st_size} bytes, expected {n} tokens x "
+                             f"{k} x {dtype.itemsize} = {want}")
+        return np.memmap(path, dtype=dtype, mode="r", shape=(n, k))
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def routing(self, start: int, end: int) -> Routing:
+        """Stored routing of tokens ``[start, end)``."""
+        ids = torch.from_numpy(np.array(self.ids[start:end]))
+        w = torch.from_numpy(np.array(self.weights[start:end]))
+        if self._w_torch is torch.bfloat16:
+            w = w.view(torch.bfloat16)
+        if not self.raw:
+            ids, w = ids.long(), w.float()
+        return Routing(w, ids)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Routing]:
+        if not 0 <= i < self.num_windows:
+            raise IndexError(i)
+        s, e = i * self.seq_len, (i + 1) * self.seq_len
+        tokens = torch.from_numpy(np.asarray(self.corpus.tokens[s:e], dtype=np.int64))
+        return tokens, self.routing(s, e)
+
+    def document(self, d: int) -> tuple[torch.Tensor, Routing]:
+        """One whole document with its routing (document granularity keeps it context-free)."""
+        a, b = int(self.corpus.doc_offsets[d]), int(self.corpus.doc_offsets[d + 1])
+        return torch.from_numpy(np.asarray(self.corpus.tokens[a:b], dtype=np.int64)), self.routing(a, b)
+
+
+def predispatch_loader(directory: str | os.PathLike, batch_size: int, *, seq_len: int | None = None,
+                       shuffle: bool = False, seed: int = 0, raw: bool = False, num_workers: int = 0,
+                       **kwargs: Any) -> torch.utils.data.DataLoader:
+    """A ``DataLoader`` yielding ``(input_ids [B, S], Routing(weights [B, S, K], ids [B, S, K]))``."""
+    ds = PreDispatchedDataset(directory, seq_len=seq_len, raw=raw, **kwargs)
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       num_workers=num_workers)
