@@ -10,7 +10,11 @@ STAMP  := $(VENV)/.installed-stamp
 # step; pinning its thresholds removes that noise from timings (docs/performance.md).
 PINNED_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=4294967296
 
-.PHONY: install demo test bench clean
+# The HTML report test drives a real headless Chromium (Debian's package; root or sudo needed once).
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+HAVE_CHROMIUM := command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
+
+.PHONY: install browser demo test bench clean
 
 install: $(STAMP)
 
@@ -23,7 +27,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PINNED_MALLOC) $(PY) -m grouter_pass.demo
 
-test: $(STAMP)
+browser:
+	@$(HAVE_CHROMIUM) || DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium \
+	  || { $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(VENV)/bin/ruff check grouter_pass passes tests examples
 	$(PY) -m pytest -q
 

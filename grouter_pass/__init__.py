@@ -16,6 +16,7 @@ from grouter_pass import ops  # noqa: F401  (registers torch.ops.grouter.*)
 from grouter_pass.api import PrepareReport, apply_grouter, grouter_reports, prepare_model
 from grouter_pass.backend import GrouterBackend, grouter_backend, register_grouter_backend
 from grouter_pass.config import GrouterConfig, LearnedRouter
+from grouter_pass.inspect import ExplainReport, explain
 from grouter_pass.integrations.inductor import GrouterPreGradPass
 from grouter_pass.spec import ActivationSpec, ExpertsSpec, GatingSpec, PassReport, SiteReport
 from grouter_pass.verify import GrouterVerificationError
@@ -27,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationSpec",
     "ExpertsSpec",
+    "ExplainReport",
     "GatingSpec",
     "GrouterBackend",
     "GrouterConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "PrepareReport",
     "SiteReport",
     "apply_grouter",
+    "explain",
     "grouter_backend",
     "grouter_reports",
     "prepare_model",

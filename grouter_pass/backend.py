@@ -25,12 +25,15 @@ log = logging.getLogger(__name__)
 
 
 def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], config: GrouterConfig,
-                         *, mode: str | None = None, reports: list[PassReport] | None = None) -> Callable:
+                         *, mode: str | None = None, reports: list[PassReport] | None = None,
+                         graphs: list[tuple[fx.GraphModule, fx.GraphModule, PassReport]] | None = None) -> Callable:
     """Rewrite ``gm`` (a Dynamo graph) and compile it with Inductor (or not, per ``config``)."""
     new_gm, report = run_grouter_passes(gm, example_inputs, config)
-    log_report(report)
+    log_report(report, before=gm, after=new_gm)
     if reports is not None:
         reports.append(report)
+    if graphs is not None:
+        graphs.append((gm, new_gm, report))
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -63,12 +66,14 @@ class GrouterBackend:
     restart of the trace, which ``dynamic=True`` triggers for models with float attributes).
     """
 
-    def __init__(self, config: GrouterConfig | None = None) -> None:
+    def __init__(self, config: GrouterConfig | None = None, *, keep_graphs: bool = False) -> None:
         self.config = config or GrouterConfig()
         self.reports: list[PassReport] = []
+        #: with ``keep_graphs``: ``(graph before, graph after, report)`` of every compile (inspection)
+        self.graphs: list[tuple[fx.GraphModule, fx.GraphModule, PassReport]] | None = [] if keep_graphs else None
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return compile_with_grouter(gm, example_inputs, self.config, reports=self.reports)
+        return compile_with_grouter(gm, example_inputs, self.config, reports=self.reports, graphs=self.graphs)
 
     def __repr__(self) -> str:
         return f"GrouterBackend({self.config!r})"

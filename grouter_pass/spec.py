@@ -253,10 +253,24 @@ class SiteReport:
     #: for a site not rewritten: True when it looked like a MoE gating site (see NoMatch.partial)
     partial: bool = False
     new_ops: list[str] = field(default_factory=list)
+    #: names (in the graph the pass received) of the nodes the rewrite removed, and of the nodes it
+    #: added with their roles ("router", "dispatch_plan", "experts", "combine")
+    removed_nodes: list[str] = field(default_factory=list)
+    added_nodes: dict[str, str] = field(default_factory=dict)
 
     @property
     def family(self) -> str:
         return self.gating.family if self.gating is not None else "?"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module_path": self.module_path, "family": self.family if self.gating is not None else None,
+            "rewritten": self.rewritten, "reason": self.reason, "partial": self.partial,
+            "gating": self.gating.to_dict() if self.gating is not None else None,
+            "experts": self.experts.to_dict() if self.experts is not None else None,
+            "new_ops": list(self.new_ops), "removed_nodes": list(self.removed_nodes),
+            "added_nodes": dict(self.added_nodes),
+        }
 
     def summary(self) -> str:
         if self.gating is None:
@@ -283,3 +297,6 @@ class PassReport:
     @property
     def changed(self) -> bool:
         return bool(self.rewritten)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sites": [s.to_dict() for s in self.sites]}

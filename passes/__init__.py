@@ -4,7 +4,9 @@ Installed as ``grouter_pass.passes``. These modules only match and rewrite graph
 live in ``grouter_pass.ops`` (reached as ``torch.ops.grouter.*``), workflows elsewhere.
 
 Every pass has the signature ``(gm, example_inputs, *, config) -> gm``; passes share results
-through ``gm.meta`` (``grouter_sites``, ``grouter_report``). :func:`build_pass_pipeline` lists
+through ``gm.meta`` (``grouter_sites``, ``grouter_report``). Matching runs on a canonicalized
+copy; ``translate_to_original`` then moves the sites onto a fresh copy of the caller's graph, so
+the compiled graph differs from the caller's only where sites were rewritten. :func:`build_pass_pipeline` lists
 them in order; :func:`apply_passes` runs a list (timing each, honouring
 ``config.disable_passes``); :func:`run_grouter_passes` is what the backend and the Inductor hook
 call: it works on a copy and returns the caller's graph untouched when no site was rewritten.
@@ -50,6 +52,29 @@ def detect_gating_sites_pass(gm: fx.GraphModule, example_inputs: Any = None, *, 
     return gm
 
 
+def translate_to_original_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig
+                               ) -> fx.GraphModule:
+    """Move the detected sites from the canonicalized copy onto a fresh copy of the caller's graph.
+
+    Canonicalization exists for matching only: the graph that is compiled keeps every node the
+    caller had, spelled as it was, except the nodes each site's rewrite replaces. Every node of
+    the canonical copy is either a copy of an original node (same name) or the canonical form of
+    one (``meta["grouter_origin"]``), so each site translates node by node."""
+    original: fx.GraphModule = gm.meta.pop("grouter_original")
+    sites = gm.meta.pop("grouter_sites", [])
+    if not sites:
+        return gm
+    out = copy_graph_module(original)
+    by_name = {n.name: n for n in out.graph.nodes}
+
+    def to_original(node: fx.Node) -> fx.Node:
+        return by_name[node.meta.get("grouter_origin", node.name)]
+
+    out.meta["grouter_report"] = gm.meta["grouter_report"]
+    out.meta["grouter_sites"] = [(site.translated(to_original), report) for site, report in sites]
+    return out
+
+
 def cleanup_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig) -> fx.GraphModule:
     """Lint and regenerate code (the FX invariant every pass pipeline ends with)."""
     gm.graph.lint()
@@ -62,6 +87,7 @@ def build_pass_pipeline(config: GrouterConfig) -> list[tuple[str, GraphPass]]:
     pipeline: list[tuple[str, GraphPass]] = [
         ("canonicalize_gating", canonicalize_gating_pass),
         ("detect_gating_sites", detect_gating_sites_pass),
+        ("translate_to_original", translate_to_original_pass),
         ("rewrite_exact", rewrite_exact_pass),
         ("cleanup", cleanup_pass),
     ]
@@ -86,7 +112,9 @@ def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
     """Run the pipeline on a copy of ``gm``; returns ``(gm or the rewritten copy, report)``."""
     work = copy_graph_module(gm)
     work.meta["grouter_report"] = PassReport()
+    work.meta["grouter_original"] = gm
     work = apply_passes(work, example_inputs, build_pass_pipeline(config))
+    work.meta.pop("grouter_original", None)
     report: PassReport = work.meta.pop("grouter_report")
     work.meta.pop("grouter_sites", None)
     if not report.changed:
@@ -95,4 +123,4 @@ def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
 
 
 __all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass",
-           "detect_gating_sites_pass", "rewrite_exact_pass", "run_grouter_passes"]
+           "detect_gating_sites_pass", "rewrite_exact_pass", "run_grouter_passes", "translate_to_original_pass"]

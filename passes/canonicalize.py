@@ -424,6 +424,7 @@ def canonicalize_gating_pass(gm: fx.GraphModule, example_inputs: Any = None, *, 
             new = (graph.call_method(target, args, kwargs) if isinstance(target, str)
                    else graph.call_function(target, args, kwargs))
         new.meta = dict(node.meta)
+        new.meta.setdefault("grouter_origin", node.name)  # the node it stands for in the caller's graph
         if new_val is not None:
             new.meta["example_value"] = new_val
             new.meta.pop("val", None)

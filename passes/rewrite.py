@@ -41,9 +41,11 @@ _KEEP_META = ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr")
 
 
 def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.Node, role: str,
-          n_outputs: int) -> list[fx.Node]:
-    """Insert ``target(*args, **kwargs)`` plus one getitem per output, with metadata."""
+          names: tuple[str, ...]) -> list[fx.Node]:
+    """Insert ``target(*args, **kwargs)`` plus one getitem per output (named ``names``: the
+    graph diff then reads ``expert_ids = getitem(grouter_route, 1)``), with metadata."""
     node = graph.call_function(target, args, kwargs)
+    node._rename(f"grouter_{target._opname}" if hasattr(target, "_opname") else "grouter_call")
     for key in _KEEP_META:
         if key in like.meta:
             node.meta[key] = like.meta[key]
@@ -57,8 +59,9 @@ def _call(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.N
             val = target(*fake_args, **fake_kwargs)
         node.meta["example_value"] = val
     outs = []
-    for i in range(n_outputs):
+    for i, name in enumerate(names):
         item = graph.call_function(operator.getitem, (node, i))
+        item._rename(name)
         item.meta.update({k: node.meta[k] for k in (*_KEEP_META, "grouter_role") if k in node.meta})
         if val is not None:
             item.meta["example_value"] = val[i]
@@ -83,17 +86,17 @@ def _node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.N
 
 
 def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
-    """Rewrite one site in place; returns the names of the ops inserted."""
+    """Rewrite one site in place; returns the (caller-graph) names of the nodes it removed."""
     g, e = site.gating, site.experts
     region = set(g.region) | set(e.region)
     # after the last of route's inputs (a runtime scale may be computed late), outside no_grad
     with graph.inserting_before(route_insertion_point(graph, g.parse).next):
         route_kwargs = {**g.spec.route_kwargs(), **g.parse.runtime_scalars}
         weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
-                             like=g.weights, role="router", n_outputs=2)
+                             like=g.weights, role="router", names=("routing_weights", "expert_ids"))
         perm, inv_perm, _counts, offsets = _call(
             graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
-            role="dispatch_plan", n_outputs=4)
+            role="dispatch_plan", names=("perm", "inv_perm", "expert_counts", "expert_offsets"))
     with graph.inserting_before(e.output):
         w_up, b_up = e.w_up, e.b_up
         if e.w_gate is not None:  # gate and up were two GEMMs: the op takes [gate; up]
@@ -103,27 +106,32 @@ def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
                 b_up = _node(graph, torch.cat, ([e.b_gate, e.b_up],), {"dim": 1}, like=e.output, role="experts")
         out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
                         (e.x, weights, perm, inv_perm, offsets, w_up, e.w_down, b_up, e.b_down),
-                        {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts", n_outputs=2)
+                        {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts",
+                        names=("moe_out", "moe_hidden"))
         if e.combine_base is not None:  # the experts were added into e.g. a shared expert's output
-            out = _node(graph, torch.add, (e.combine_base, out), {}, like=e.output, role="experts")
+            out = _node(graph, torch.add, (e.combine_base, out), {}, like=e.output, role="combine")
     e.output.replace_all_uses_with(out)
     for old, new in ((g.weights, weights), (g.ids, ids)):
         for user in list(old.users):
             if user not in region:
                 user.replace_input_with(old, new)
-    erased = 0
+    removed = []
     for node in reversed([n for n in graph.nodes if n in region]):
         if not node.users and node.op not in ("placeholder", "output"):
+            removed.append(node.meta.get("grouter_origin", node.name))
             graph.erase_node(node)
-            erased += 1
-    counters["grouter"]["nodes_replaced"] += erased
-    return ["grouter.route", "grouter.dispatch_plan", "grouter.moe_experts"]
+    counters["grouter"]["nodes_replaced"] += len(removed)
+    return removed[::-1]
 
 
 def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
     """Rewrite every site the detection pass recorded in ``gm.meta["grouter_sites"]``."""
     for site, report in gm.meta.pop("grouter_sites", []):
-        report.new_ops = rewrite_site(gm.graph, site)
+        before = set(gm.graph.nodes)
+        report.removed_nodes = rewrite_site(gm.graph, site)
+        report.added_nodes = {n.name: n.meta["grouter_role"] for n in gm.graph.nodes
+                              if n not in before and "grouter_role" in n.meta}
+        report.new_ops = ["grouter.route", "grouter.dispatch_plan", "grouter.moe_experts"]
         report.rewritten = True
         counters["grouter"]["sites_rewritten"] += 1
     return gm

@@ -49,7 +49,7 @@ class GrouterPreGradPass(CustomGraphPass):
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
         new_gm, report = run_grouter_passes(gm, None, self.config)
-        log_report(report)
+        log_report(report, before=gm, after=new_gm)  # gm is still the original here
         if report.changed:
             replace_graph_contents(graph, new_gm.graph)
             gm.recompile()

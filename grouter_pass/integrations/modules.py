@@ -346,6 +346,7 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
     if isinstance(spec, NoMatch):
         report.reason = spec.detail
         return report
+    report.gating = spec   # from here on the block is an MoE block: a failure is worth reporting
     was_training = block.training
     try:
         refs = {mode: [_run(block.train(mode), x, True) for x in inputs] for mode in (True, False)}
@@ -389,7 +390,6 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
         roles = matches[0]
         block.forward = types.MethodType(_make_forward(cand, spec, roles, ffn, *outputs), block)
         block._grouter_original_forward = original
-        report.gating = spec
         report.activation = ActivationSpec(roles.activation, gated=roles.gate is not None)
         report.graph_breaks_after = reuse.breaks_after if reuse is not None else _graph_breaks(block, inputs[0])
         report._analysis = _Analysis(breaks_before, report.graph_breaks_after, spec, roles, ffn, outputs)
@@ -415,7 +415,9 @@ def rewrite_loop_blocks(model: nn.Module) -> list[LoopBlockRewrite]:
         report = rewrite_loop_block(cand, reuse=analysed.get(key))
         if report.rewritten and key not in analysed:
             analysed[key] = report._analysis
-        if report.reason == "no graph break: the graph pass handles it":
+        if report.gating is None:
+            # not an MoE block after all (e.g. attention: a Linear next to [E, ...] weights), or
+            # one the graph pass handles because it has no graph break: nothing to tell the user
             log.debug("grouter: %s: %s", cand.path, report.reason)
             continue
         (log.info if report.rewritten else log.warning if report.graph_breaks_before > 0 else log.info)(

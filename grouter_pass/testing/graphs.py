@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from grouter_pass.inspect.graph_text import fmt_arg, fmt_val
 from grouter_pass.passes.graph_utils import meta_val, target_name
 
 
@@ -30,38 +31,6 @@ def capture_graphs(fn: Callable, *args: Any, dynamic: bool | None = False, **kwa
     compiled = torch.compile(fn, backend=record, dynamic=dynamic)
     compiled(*args, **kwargs)
     return graphs
-
-
-def _fmt_arg(a: Any, names: dict[fx.Node, str]) -> str:
-    if isinstance(a, fx.Node):
-        return names.get(a, a.name)
-    if isinstance(a, (tuple, list)):
-        inner = ", ".join(_fmt_arg(x, names) for x in a)
-        return f"({inner},)" if isinstance(a, tuple) and len(a) == 1 else (
-            f"({inner})" if isinstance(a, tuple) else f"[{inner}]")
-    if isinstance(a, torch.dtype):
-        return str(a).removeprefix("torch.")
-    if isinstance(a, float):
-        return repr(a)
-    if isinstance(a, slice):
-        return f"{'' if a.start is None else a.start}:{'' if a.stop is None else a.stop}" + (
-            "" if a.step is None else f":{a.step}")
-    if a is Ellipsis:
-        return "..."
-    return repr(a)
-
-
-def _fmt_val(v: Any) -> str:
-    if isinstance(v, torch.Tensor):
-        dims = ",".join(str(d) for d in v.shape)
-        return f"{str(v.dtype).removeprefix('torch.')}[{dims}]"
-    if isinstance(v, (tuple, list)):
-        return "(" + ", ".join(_fmt_val(x) for x in v) + ")"
-    if isinstance(v, torch.SymInt):
-        return "SymInt"
-    if isinstance(v, torch.SymFloat):
-        return "SymFloat"
-    return type(v).__name__ if v is not None else "None"
 
 
 def nodes_text(nodes: Iterable[fx.Node], *, rename: dict[fx.Node, str] | None = None) -> str:
@@ -82,12 +51,12 @@ def nodes_text(nodes: Iterable[fx.Node], *, rename: dict[fx.Node, str] | None = 
         if isinstance(a, fx.Node) and a not in names:
             names[a] = f"in{n_inputs}"
             n_inputs += 1
-        return _fmt_arg(a, names)
+        return fmt_arg(a, names)
 
     lines = []
     for n in nodes:
         args = ", ".join([fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()])
-        lines.append(f"{names[n]} = {target_name(n)}({args}) -> {_fmt_val(meta_val(n))}")
+        lines.append(f"{names[n]} = {target_name(n)}({args}) -> {fmt_val(meta_val(n))}")
     return re.sub(r"0x[0-9a-f]+", "0x?", "\n".join(lines))
 
 

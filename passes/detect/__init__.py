@@ -18,8 +18,11 @@ Detection never looks at module classes or attribute names.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -48,6 +51,24 @@ from grouter_pass.passes.probe import probe_experts, probe_gating
 from grouter_pass.spec import GatingSpec, NoMatch, SiteReport
 
 log = logging.getLogger(__name__)
+
+
+def map_nodes(obj: Any, f: Callable[[fx.Node], fx.Node]) -> Any:
+    """A copy of a (dataclass / list / dict) structure with every fx.Node replaced by ``f(node)``."""
+    if isinstance(obj, fx.Node):
+        return f(obj)
+    if isinstance(obj, list):
+        return [map_nodes(x, f) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_nodes(x, f) for x in obj)
+    if isinstance(obj, dict):
+        return {k: map_nodes(v, f) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and any(
+            isinstance(getattr(obj, fl.name), (fx.Node, list, tuple, dict)) or dataclasses.is_dataclass(
+                getattr(obj, fl.name)) for fl in dataclasses.fields(obj)):
+        return dataclasses.replace(obj, **{fl.name: map_nodes(getattr(obj, fl.name), f)
+                                          for fl in dataclasses.fields(obj) if fl.init})
+    return obj
 
 
 @dataclass
@@ -81,6 +102,10 @@ class Site:
 
     def report(self) -> SiteReport:
         return SiteReport(module_path=self.module_path, gating=self.gating.spec, experts=self.experts.spec)
+
+    def translated(self, f: Callable[[fx.Node], fx.Node]) -> Site:
+        """The same site with every node mapped through ``f`` (onto another copy of the graph)."""
+        return map_nodes(self, f)
 
 
 def gating_region(graph: fx.Graph, parse: GatingParse) -> list[fx.Node] | NoMatch:

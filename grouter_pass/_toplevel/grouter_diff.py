@@ -1,0 +1,1 @@
+"""The ``TORCH_LOGS="grouter_diff"`` log channel."""
