@@ -37,6 +37,13 @@ def test_ep4_matches_single_process(ep4, check):
         assert rec["max_rel_err"] <= 1e-5
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_ep_op_matches_moe_experts_for_other_layouts(ep2, ep4, world):
+    """Transposed weights without biases; non-gated GELU with the weight on the input."""
+    for rec in assert_check({2: ep2, 4: ep4}[world], "op_variants"):
+        assert rec["max_rel_err"] <= 1e-5
+
+
 def test_ep2_compiled_precomputed_has_no_count_exchange(ep2):
     """aot_eager forward and backward graphs: one graph each, only the 2-per-layer token
     all-to-alls (float32), no integer all-to-all, no other collective, no host read; at most one
