@@ -343,22 +343,9 @@ def infer_config(state: dict[str, torch.Tensor], *, head_dim: int = 64, **overri
     return GrouterModelConfig(**kw)
 
 
-def fingerprint(path: str | os.PathLike) -> str:
-    """A short hash of a checkpoint's weights, config and mapping: stored with pre-dispatched
-    routing so a cache cannot be paired with another Grouter by mistake."""
-    p = Path(path)
-    h = hashlib.sha256()
-    files = [p / WEIGHTS_FILE, p / CONFIG_FILE, p / FOLDING_FILE] if p.is_dir() else [p]
-    for f in files:
-        if f.exists():
-            with f.open("rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def grouter_fingerprint(grouter: Grouter) -> str:
-    """The same idea for an in-memory Grouter (hash of config and parameters)."""
+    """A short hash of a Grouter's config and parameters: stored with pre-dispatched routing (and
+    with tuning checkpoints) so a cache cannot be paired with another Grouter by mistake."""
     h = hashlib.sha256(grouter.config.to_json().encode())
     for name, t in sorted(grouter.state_dict().items()):
         h.update(name.encode())

@@ -96,7 +96,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > vocab:
         raise ValueError(f"vocabulary mismatch: tokenizer ({tokenizer.name}) has vocab_size={tokenizer.vocab_size} "
                          f"but the source model has vocab_size={vocab}")
-    teacher(torch.zeros(1, 4, dtype=torch.long))      # find the router: E and k
+    # find the router (E and k) with the training shape, so the compiled teacher is reused
+    teacher(torch.zeros(args.batch_size, args.seq_len, dtype=torch.long))
     print(f"teacher router: {teacher.module_path} ({teacher.family}), E={teacher.num_experts}, k={teacher.top_k}")
     mcfg = GrouterModelConfig(vocab_size=vocab, hidden_size=args.hidden_size, num_heads=args.num_heads,
                               num_layers=args.num_layers, intermediate_size=args.intermediate_size,

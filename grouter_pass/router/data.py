@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -98,8 +99,10 @@ def load_tokenizer(spec: str | os.PathLike | None = "byte") -> Tokenizer:
 
 # ----------------------------------------------------------------------------------- corpora
 
-def stdlib_files() -> list[tuple[str, Path]]:
-    """``(relative path, path)`` of every ``*.py`` under the stdlib, sorted, without site-packages."""
+@functools.cache
+def stdlib_files() -> tuple[tuple[str, Path], ...]:
+    """``(relative path, path)`` of every ``*.py`` under the stdlib, sorted, without site-packages
+    (cached: the walk takes seconds and the list never changes within a process)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
     for path in root.rglob("*.py"):
@@ -107,7 +110,7 @@ def stdlib_files() -> list[tuple[str, Path]]:
         if rel.startswith(("site-packages/", "dist-packages/")) or "/site-packages/" in rel:
             continue
         files.append((rel, path))
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def stdlib_split(rel: str) -> str:
@@ -343,7 +346,11 @@ class PackedBatches:
         return torch.stack(rows)
 
     def eval_batches(self, max_tokens: int | None = None) -> Iterator[torch.Tensor]:
-        """Windows in order (no shuffling), in batches, up to ``max_tokens`` tokens."""
+        """Windows in order (no shuffling), in batches, up to ``max_tokens`` tokens. Only full
+        batches are yielded when there is at least one, so every batch has the training shape
+        (a compiled teacher then never recompiles for a ragged last batch)."""
         n = self.windows if max_tokens is None else min(self.windows, max(1, max_tokens // self.seq_len))
+        if n >= self.batch_size:
+            n -= n % self.batch_size
         for start in range(0, n, self.batch_size):
             yield torch.stack([self.window(w) for w in range(start, min(n, start + self.batch_size))])

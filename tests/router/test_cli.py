@@ -1,0 +1,132 @@
+"""The ``grouter`` subcommands of the Grouter workflow, and the errors they print."""
+
+import json
+
+import pytest
+import torch
+
+from grouter_pass.cli import main
+from grouter_pass.router import load_grouter, save_grouter
+from tests.router.conftest import tiny_grouter
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    return save_grouter(tiny_grouter(vocab_size=257), tmp_path / "g")
+
+
+@pytest.fixture
+def text(tmp_path):
+    d = tmp_path / "text"
+    d.mkdir()
+    (d / "docs.jsonl").write_text("\n".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i}\n" * 3})
+                                            for i in range(60)))
+    return d
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_fold_tune_predispatch_info(tmp_path, ckpt, text, capsys):
+    rc, out, err = run(capsys, "fold", ckpt, "--experts", 3, "--top-k", 2, "--out", tmp_path / "f", "--data", text,
+                       "--seq-len", 32)
+    assert rc == 0, err
+    assert "folded 8 -> 3 experts (top-2)" in out
+    folded = load_grouter(tmp_path / "f")
+    assert folded.config.num_experts == 3 and sorted(len(g) for g in folded.folding.groups) == [2, 3, 3]
+    rc, out, err = run(capsys, "tune", tmp_path / "f", "--out", tmp_path / "t", "--data", text, "--steps", 4,
+                       "--seq-len", 32, "--batch-size", 2, "--eval-tokens", 256, "--save-every", 2, "--no-progress")
+    assert rc == 0, err
+    assert "MaxVio" in out and load_grouter(tmp_path / "t").folding.groups == folded.folding.groups
+    rc, out, err = run(capsys, "predispatch", tmp_path / "t", "--data", text, "--out", tmp_path / "tok", "--seq-len",
+                       64, "--granularity", "packed", "--weights-dtype", "fp32", "--expect-experts", 3,
+                       "--expect-top-k", 2, "--no-progress")
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "tok" / "routing.json").read_text())
+    assert meta["granularity"] == "packed" and meta["weights_dtype"] == "float32" and meta["ids_dtype"] == "uint8"
+    rc, out, err = run(capsys, "info", tmp_path / "t")
+    assert rc == 0, err
+    assert "num_experts: 3" in out and "folded from 8 experts" in out
+
+
+def test_expand(tmp_path, ckpt, text, capsys):
+    rc, out, err = run(capsys, "expand", ckpt, "--experts", 12, "--out", tmp_path / "e", "--data", text,
+                       "--seq-len", 32)
+    assert rc == 0, err
+    assert load_grouter(tmp_path / "e").config.num_experts == 12
+
+
+def test_distill_from_a_transformers_directory(tmp_path, text, capsys):
+    from grouter_pass.testing.models import tiny_hf_moe
+
+    tiny_hf_moe("mixtral", vocab_size=257, num_hidden_layers=1).save_pretrained(tmp_path / "src")
+    args = ["distill", "--source", tmp_path / "src", "--out", tmp_path / "d", "--data", text, "--hidden-size", 16,
+            "--num-heads", 2, "--num-layers", 1, "--intermediate-size", 16, "--steps", 3, "--batch-size", 2,
+            "--seq-len", 16, "--warmup", 1, "--save-every", 2, "--eval-tokens", 64, "--no-progress"]
+    rc, out, err = run(capsys, *args)
+    assert rc == 0, err
+    assert "teacher router: model.layers.0.mlp" in out and "E=8, k=2" in out and "top-k set agreement" in out
+    g = load_grouter(tmp_path / "d")
+    assert (g.config.num_experts, g.config.top_k, g.config.vocab_size) == (8, 2, 257)
+
+
+def expect_error(capsys, pattern, *argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2, (out, err)
+    assert pattern in err, err
+
+
+def test_vocab_mismatch_with_tokenizer(tmp_path, text, capsys):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    vocab = {f"w{i}": i for i in range(300)}
+    vocab["[UNK]"] = 300
+    (tmp_path / "tok").mkdir()
+    Tokenizer(WordLevel(vocab, unk_token="[UNK]")).save(str(tmp_path / "tok" / "tokenizer.json"))
+    ckpt = save_grouter(tiny_grouter(vocab_size=257), tmp_path / "g")
+    expect_error(capsys, "vocabulary mismatch: the tokenizer (", "fold", ckpt, "--experts", 4, "--out",
+                 tmp_path / "f", "--data", text, "--tokenizer", tmp_path / "tok")
+    expect_error(capsys, "has vocab_size=301 but the Grouter's embedding has vocab_size=257", "info", ckpt,
+                 "--tokenizer", tmp_path / "tok")
+
+
+def test_expert_and_topk_mismatch_with_target(ckpt, text, tmp_path, capsys):
+    expect_error(capsys, "the target has num_experts=16 but the Grouter routes to num_experts=8", "predispatch", ckpt,
+                 "--data", text, "--out", tmp_path / "tok", "--expect-experts", 16)
+    expect_error(capsys, "the target has top_k=4 but the Grouter has top_k=2", "info", ckpt, "--expect-top-k", 4)
+    expect_error(capsys, "target_experts=10, source_experts=8", "fold", ckpt, "--experts", 10, "--out",
+                 tmp_path / "f", "--data", text)
+
+
+def test_missing_and_corrupt_files(tmp_path, ckpt, capsys):
+    expect_error(capsys, "Grouter checkpoint not found", "info", tmp_path / "nope")
+    expect_error(capsys, "dataset not found", "fold", ckpt, "--experts", 4, "--out", tmp_path / "f", "--data",
+                 tmp_path / "nodata")
+    expect_error(capsys, "not a transformers checkpoint directory", "distill", "--source", tmp_path / "nosrc",
+                 "--out", tmp_path / "d")
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    expect_error(capsys, "model.safetensors is truncated", "info", ckpt)
+
+
+def test_wrong_dtype_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    g = tiny_grouter()
+    (tmp_path / "g").mkdir()
+    save_file({k: (v.to(torch.int64) if k == "norm.weight" else v).contiguous() for k, v in g.state_dict().items()},
+              tmp_path / "g" / "model.safetensors")
+    (tmp_path / "g" / "config.json").write_text(g.config.to_json())
+    expect_error(capsys, "tensor norm.weight has dtype I64", "info", tmp_path / "g")
+
+
+def test_empty_dataset(tmp_path, ckpt, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    expect_error(capsys, "empty dataset", "fold", ckpt, "--experts", 4, "--out", tmp_path / "f", "--data",
+                 tmp_path / "empty.jsonl")
+    expect_error(capsys, "empty dataset", "predispatch", ckpt, "--data", tmp_path / "empty.jsonl", "--out",
+                 tmp_path / "tok")
