@@ -2,6 +2,8 @@
 
 Rows (all in one process, same inputs, same warm-up, median of timed calls):
   grouter exact      the transformers block compiled with backend="grouter" (Inductor)
+  grouter reference  the same compiled block with GROUTER_KERNELS=reference: the experts op runs
+                     its plain reference instead of the expert-parallel CPU path (for comparison)
   hf grouped_mm      transformers' default experts implementation, eager
   hf grouped_mm+compile   the same under torch.compile (Inductor)
   hf eager loop      transformers' per-expert loop (experts_implementation="eager")
@@ -65,10 +67,32 @@ class DenseBound(torch.nn.Module):
         return (torch.nn.functional.silu(gate) * up) @ self.down
 
 
+class WithEnv:
+    """Calls ``fn`` with environment variables set for the duration of the call (the grouter ops
+    read ``GROUTER_KERNELS`` at each call)."""
+
+    def __init__(self, fn, **env: str) -> None:
+        self.fn, self.env = fn, env
+
+    def __call__(self, *args):
+        before = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            return self.fn(*args)
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
 def time_rows(rows: dict[str, tuple], warmup: int, iters: int) -> dict[str, float]:
     """Median forward+backward ms of each ``name -> (fn, input, grad)``, steps interleaved."""
 
     def step(fn, x, grad):
+        if isinstance(fn, WithEnv):
+            return lambda: WithEnv(lambda: fn.fn(x.detach().requires_grad_()).backward(grad), **fn.env)()
         return lambda: fn(x.detach().requires_grad_()).backward(grad)
 
     return time_interleaved({name: step(*row) for name, row in rows.items()}, warmup=warmup, iters=iters)
@@ -126,6 +150,9 @@ def main() -> None:
     if "grouter" in wanted:
         compiled = apply_grouter(make_block("grouped_mm", args), GrouterConfig())
         todo["grouter exact"] = (compiled, x, grad)
+    if "grouter_reference" in wanted:
+        compiled_ref = apply_grouter(make_block("grouped_mm", args), GrouterConfig())
+        todo["grouter exact, reference experts"] = (WithEnv(compiled_ref, GROUTER_KERNELS="reference"), x, grad)
     if "hf_grouped_mm" in wanted:
         todo["hf grouped_mm (eager)"] = (make_block("grouped_mm", args), x, grad)
     if "hf_grouped_mm_compiled" in wanted:

@@ -3,10 +3,11 @@
 Why here and not in the ops: the three ops and the Inductor decomposition must agree, and
 the choice must never change CPU numerics by accident. ``auto`` (default) uses the kernels on
 CUDA tensors when Triton is installed and the configuration is fused
-(:func:`grouter_pass.kernels.moe.unsupported_reason`), the reference otherwise.
+(:func:`grouter_pass.kernels.moe.unsupported_reason`); on CPU the expert-parallel path of
+:mod:`grouter_pass.ops.cpu_experts` where it applies; the reference otherwise.
 
 Troubleshooting: ``GROUTER_KERNELS=reference`` forces the reference everywhere (escape hatch
-for a suspected kernel bug); ``GROUTER_KERNELS=triton`` also sends CPU tensors to the kernels,
+for a suspected kernel or CPU-path bug); ``GROUTER_KERNELS=triton`` also sends CPU tensors to the kernels,
 which only works under ``TRITON_INTERPRET=1`` (how the kernel tests run on machines without a
 GPU). tf32 GEMMs follow ``torch.backends.cuda.matmul.allow_tf32`` (off by default).
 """
@@ -63,6 +64,15 @@ def use_moe_kernels(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *
         _log_fallback(reason)
         return False
     return True
+
+
+def use_cpu_experts(x: torch.Tensor, weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
+                    weight_on_input: bool) -> bool:
+    """Whether ``moe_experts`` on CPU runs the expert-parallel path of
+    :mod:`grouter_pass.ops.cpu_experts` (same numbers as the reference, faster)."""
+    from grouter_pass.ops import cpu_experts
+
+    return kernels_mode() != "reference" and cpu_experts.supported(x, weights, w_up, w_down, weight_on_input)
 
 
 def allow_tf32() -> bool:

@@ -18,7 +18,8 @@ kernels of :mod:`grouter_pass.kernels.moe` (no host synchronisation; Inductor se
 the ``*_triton`` ops of :mod:`grouter_pass.ops.triton_ops`); on CPU, and for configurations the
 kernels do not fuse, :mod:`grouter_pass.ops.reference`, whose per-expert GEMMs are ``torch.mm``
 calls on contiguous row ranges with one host read of the E offsets per call (free on CPU; a
-device synchronisation per call elsewhere, logged once).
+device synchronisation per call elsewhere, logged once). On CPU the common configuration runs
+:mod:`grouter_pass.ops.cpu_experts` instead: the same arithmetic, experts split between threads.
 
 Troubleshooting: ``GROUTER_KERNELS=reference`` forces the reference path on every device.
 """
@@ -31,8 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
-from grouter_pass.ops import reference
-from grouter_pass.ops.kernel_select import allow_tf32, use_moe_kernels
+from grouter_pass.ops import cpu_experts, reference
+from grouter_pass.ops.kernel_select import allow_tf32, use_cpu_experts, use_moe_kernels
 
 log = logging.getLogger(__name__)
 _EMPTY_GRAD = (0,)
@@ -73,10 +74,13 @@ def moe_experts(
                 x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
                 interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
                 out_dtype=out_dtype, allow_tf32=allow_tf32())
-    if x.device.type != "cpu":
+    impl = reference.moe_experts_reference
+    if use_cpu_experts(x, weights, w_up, w_down, weight_on_input=weight_on_input):
+        impl = cpu_experts.moe_experts_cpu
+    elif x.device.type != "cpu":
         _warn_reference_on(x.device.type)
     with torch.no_grad():
-        return reference.moe_experts_reference(
+        return impl(
             x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
             interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
             down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)
@@ -149,8 +153,11 @@ def moe_experts_backward(
                 gated=gated, interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
                 needs=tuple(needs), allow_tf32=allow_tf32())
         return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
+    impl = reference.moe_experts_backward_reference
+    if use_cpu_experts(x, weights, w_up, w_down, weight_on_input=weight_on_input):
+        impl = cpu_experts.moe_experts_backward_cpu
     with torch.no_grad():
-        grads = reference.moe_experts_backward_reference(
+        grads = impl(
             grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
             gated=gated, interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
             down_transposed=down_transposed, weight_on_input=weight_on_input, needs_input_grad=tuple(needs))

@@ -1,0 +1,217 @@
+"""CPU implementation of ``grouter::moe_experts`` and its backward: experts in parallel, one
+fused pass per expert.
+
+Why not the reference's shape (one ATen call per step over all ``S = N*K`` rows, each GEMM a
+2-thread ``torch.mm`` per expert): every ``torch.mm`` opens an OpenMP parallel region, and on a
+shared or oversubscribed machine the barrier at the end of each of the ~400 regions per step
+waits for a descheduled thread; measured on the 2-core benchmark machine under load, 64
+per-expert GEMMs took 5-7x longer with 2 threads than with 1 (docs/performance.md). Here the
+experts are split between ``torch.get_num_threads()`` Python threads (ATen releases the GIL),
+each running its experts single-threaded from gather to weighted output while the rows are in
+cache: ``x[tokens] -> h = x W_up^T -> act -> y = a W_down^T -> y *= w``. One parallel region per
+call, no ``[S, H]`` gathered copy of ``x``, and the per-element arithmetic is the reference's,
+so results equal the reference's up to the GEMM library's blocking.
+
+Only the common configuration is handled (see :func:`supported`): one dtype for activations
+and weights, weight on the output. Everything else runs :mod:`grouter_pass.ops.reference`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from grouter_pass.ops import reference as R
+
+log = logging.getLogger(__name__)
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def supported(x: torch.Tensor, weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+              weight_on_input: bool) -> bool:
+    """Whether this path reproduces the reference for these inputs."""
+    cdt = w_up.dtype
+    return (x.device.type == "cpu" and not weight_on_input and x.dim() == 2 and x.dtype == cdt
+            and w_down.dtype == cdt and torch.promote_types(cdt, weights.dtype) == cdt)
+
+
+def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _pool, _pool_size
+    if _pool is None or _pool_size != workers:
+        if _pool is not None:
+            _pool.shutdown(wait=True)
+        _pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grouter-experts")
+        _pool_size = workers
+    return _pool
+
+
+def _balance(segments: list[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
+    """Longest-processing-time split of the experts into ``parts`` lists of similar row counts."""
+    bins: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
+    loads = [0] * parts
+    for seg in sorted(segments, key=lambda s: s[1] - s[2]):
+        i = loads.index(min(loads))
+        bins[i].append(seg)
+        loads[i] += seg[2] - seg[1]
+    return [b for b in bins if b]
+
+
+@contextlib.contextmanager
+def _single_threaded_aten() -> Iterator[None]:
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def _run_parallel(work: Callable[[list[tuple[int, int, int]]], None], segments: list[tuple[int, int, int]]) -> None:
+    """``work(experts)`` on balanced shares of ``segments``: one share on this thread, the others on
+    the pool; every thread runs ATen single-threaded and without autograd recording."""
+    threads = torch.get_num_threads()
+    shares = _balance(segments, max(threads, 1))
+
+    def run(share: list[tuple[int, int, int]]) -> None:
+        with torch.no_grad():
+            torch.set_num_threads(1)  # ATen's thread count is per thread (OpenMP ICV, MKL local)
+            work(share)
+
+    with _single_threaded_aten():
+        futures = [_executor(threads - 1).submit(run, share) for share in shares[1:]]
+        try:
+            if shares:
+                run(shares[0])
+        finally:
+            for f in futures:
+                f.result()
+
+
+def _mm_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    torch.mm(a, b, out=out)
+
+
+def moe_experts_cpu(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor, inv_perm_S: torch.Tensor,
+                    offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
+                    b_down: torch.Tensor | None, *, activation: str, gated: bool, interleaved: bool, alpha: float,
+                    limit: float, up_transposed: bool, down_transposed: bool, out_dtype: torch.dtype | None = None,
+                    **_unused) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward, same contract as :func:`~grouter_pass.ops.reference.moe_experts_reference`."""
+    n, hidden = x_NH.shape
+    k = weights_NK.shape[1]
+    s = perm_S.numel()
+    act_kw = dict(activation=activation, gated=gated, interleaved=interleaved, alpha=alpha, limit=limit)
+    segs = R._segments(offsets_E)
+    tok_S = torch.div(perm_S, k, rounding_mode="floor")
+    w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
+    up_out = w_up.shape[2] if up_transposed else w_up.shape[1]
+    h = x_NH.new_empty(s, up_out, dtype=w_up.dtype)
+    y = x_NH.new_empty(s, hidden, dtype=w_up.dtype)
+
+    def work(share: list[tuple[int, int, int]]) -> None:
+        for e, s0, s1 in share:
+            x_e = x_NH.index_select(0, tok_S[s0:s1])
+            h_e = h[s0:s1]
+            _mm_out(x_e, w_up[e] if up_transposed else w_up[e].t(), h_e)
+            if b_up is not None:
+                h_e += b_up[e]
+            a_e = R.activation_forward(h_e, **act_kw)
+            y_e = y[s0:s1]
+            _mm_out(a_e, w_down[e] if down_transposed else w_down[e].t(), y_e)
+            if b_down is not None:
+                y_e += b_down[e]
+            y_e.mul_(w_sorted_S1[s0:s1])
+
+    _run_parallel(work, segs)
+    covered = segs[-1][2] if segs else 0
+    if covered < s:  # rows beyond offsets[-1] belong to no expert (as in the reference)
+        h[covered:].zero_()
+        y[covered:].zero_()
+    out = torch.zeros(n, hidden, dtype=y.dtype, device=x_NH.device).index_add_(0, tok_S, y)
+    return out.to(x_NH.dtype if out_dtype is None else out_dtype), h
+
+
+def moe_experts_backward_cpu(
+    grad_out_NH: torch.Tensor, x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
+    inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+    b_up: torch.Tensor | None, b_down: torch.Tensor | None, h: torch.Tensor, *, activation: str, gated: bool,
+    interleaved: bool, alpha: float, limit: float, up_transposed: bool, down_transposed: bool,
+    needs_input_grad: Sequence[bool] = (True,) * 6, **_unused,
+) -> tuple[torch.Tensor | None, ...]:
+    """Backward, same contract as :func:`~grouter_pass.ops.reference.moe_experts_backward_reference`."""
+    n, hidden = x_NH.shape
+    k = weights_NK.shape[1]
+    s = perm_S.numel()
+    need_x, need_w, need_up, need_down, need_bup, need_bdown = needs_input_grad
+    need_bup = need_bup and b_up is not None
+    need_bdown = need_bdown and b_down is not None
+    act_kw = dict(activation=activation, gated=gated, interleaved=interleaved, alpha=alpha, limit=limit)
+    segs = R._segments(offsets_E)
+    tok_S = torch.div(perm_S, k, rounding_mode="floor")
+    w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
+    g_src = grad_out_NH.to(w_up.dtype)
+    gw_sorted = x_NH.new_zeros(s, dtype=w_up.dtype) if need_w else None
+    gx_sorted = x_NH.new_zeros(s, hidden, dtype=w_up.dtype) if need_x else None
+    hit = {e for e, _, _ in segs}
+
+    def grad_buffer(need: bool, like: torch.Tensor | None) -> torch.Tensor | None:
+        if not need or like is None:
+            return None
+        out = torch.empty_like(like)
+        for e in range(like.shape[0]):
+            if e not in hit:
+                out[e].zero_()
+        return out
+
+    g_wu, g_wd = grad_buffer(need_up, w_up), grad_buffer(need_down, w_down)
+    g_bu, g_bd = grad_buffer(need_bup, b_up), grad_buffer(need_bdown, b_down)
+
+    def work(share: list[tuple[int, int, int]]) -> None:
+        for e, s0, s1 in share:
+            tok_e, w_e = tok_S[s0:s1], w_sorted_S1[s0:s1]
+            g_e = g_src.index_select(0, tok_e)
+            h_e = h[s0:s1]
+            a, act_gate = R.activation_forward_saving(h_e, **act_kw)
+            ga = torch.mm(g_e, w_down[e].t() if down_transposed else w_down[e])
+            if need_w:
+                gw = (ga * a).sum(dim=-1)
+                if b_down is not None:
+                    gw += g_e @ b_down[e]
+                gw_sorted[s0:s1] = gw
+            ga.mul_(w_e)
+            if need_down or need_bdown:
+                gy = g_e.mul_(w_e)
+                if need_down:
+                    if down_transposed:
+                        _mm_out(a.t(), gy, g_wd[e])
+                    else:
+                        _mm_out(gy.t(), a, g_wd[e])
+                if need_bdown:
+                    torch.sum(gy, dim=0, out=g_bd[e])
+            del a
+            gh = R.activation_backward(ga, h_e, act_gate=act_gate, **act_kw)
+            if need_up:
+                x_e = x_NH.index_select(0, tok_e)
+                if up_transposed:
+                    _mm_out(x_e.t(), gh, g_wu[e])
+                else:
+                    _mm_out(gh.t(), x_e, g_wu[e])
+            if need_bup:
+                torch.sum(gh, dim=0, out=g_bu[e])
+            if need_x:
+                _mm_out(gh, w_up[e].t() if up_transposed else w_up[e], gx_sorted[s0:s1])
+
+    _run_parallel(work, segs)
+    grad_weights = grad_x = None
+    if need_w:
+        grad_weights = gw_sorted.index_select(0, inv_perm_S).view(n, k).to(weights_NK.dtype)
+    if need_x:
+        grad_x = torch.zeros(n, hidden, dtype=gx_sorted.dtype, device=x_NH.device).index_add_(
+            0, tok_S, gx_sorted).to(x_NH.dtype)
+    return grad_x, grad_weights, g_wu, g_wd, g_bu, g_bd
