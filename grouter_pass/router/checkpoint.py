@@ -208,7 +208,7 @@ def save_grouter(grouter: Grouter, path: str | os.PathLike, *, folding: Folding 
 
 
 def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None = None,
-                 dtype: torch.dtype | None = None) -> Grouter:
+                 dtype: torch.dtype | None = None, **overrides: Any) -> Grouter:
     """Load a Grouter from a checkpoint directory, a ``.safetensors`` file, or a reference ``.pth``.
 
     Args:
@@ -218,6 +218,9 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
         config: overrides the stored config (needed for settings shapes cannot tell, e.g. the
             number of heads of a reference checkpoint whose head dim is not 64).
         dtype: cast the loaded weights (default: as stored).
+        overrides: config fields to change after loading, e.g. ``top_k=6`` for the reference's
+            folded 64-expert checkpoint (a reference ``.pth`` does not record k; it defaults to
+            ``min(8, E)``) or ``scaling_factor=1.0``. Shape fields are checked like the rest.
     """
     p = Path(path)
     if not p.exists():
@@ -258,6 +261,11 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
         source = str(p)
     else:
         raise CheckpointError(f"{p}: unknown checkpoint format (expected a directory, .safetensors or .pth)")
+    if overrides:
+        try:
+            config = config.replace(**overrides)
+        except TypeError as exc:
+            raise ValueError(f"load_grouter: {exc}") from None
     grouter = build_grouter(state, config, source=source)
     grouter.folding = folding
     if dtype is not None:

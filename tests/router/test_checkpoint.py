@@ -60,6 +60,7 @@ def test_reference_layout_gives_identical_logits(tmp_path):
     assert (inferred.config.vocab_size, inferred.config.num_layers, inferred.config.num_experts,
             inferred.config.intermediate_size) == (32, 2, 8, 24)
     assert convert_reference_state_dict(ref).keys() == g.state_dict().keys()
+    assert load_grouter(tmp_path / "grouter.pth", top_k=3).config.top_k == 3
 
 
 def test_reference_layout_in_safetensors(tmp_path):
