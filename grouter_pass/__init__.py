@@ -13,11 +13,19 @@ in ``grouter_pass/ops``; ``grouter_pass/backend.py`` hands the result to Inducto
 """
 
 from grouter_pass import ops  # noqa: F401  (registers torch.ops.grouter.*)
-from grouter_pass.api import PrepareReport, apply_grouter, grouter_reports, prepare_model
+from grouter_pass.api import (
+    PrepareReport,
+    apply_grouter,
+    grouter_reports,
+    prepare_model,
+    trainable_parameters,
+    unused_parameters,
+)
 from grouter_pass.backend import GrouterBackend, grouter_backend, register_grouter_backend
 from grouter_pass.config import GrouterConfig, LearnedRouter
 from grouter_pass.inspect import ExplainReport, explain
 from grouter_pass.integrations.inductor import GrouterPreGradPass
+from grouter_pass.routing import GrouterRouting, HashRouting, PrecomputedRouting, routing
 from grouter_pass.spec import ActivationSpec, ExpertsSpec, GatingSpec, PassReport, SiteReport
 from grouter_pass.verify import GrouterVerificationError
 
@@ -33,7 +41,10 @@ __all__ = [
     "GrouterBackend",
     "GrouterConfig",
     "GrouterPreGradPass",
+    "GrouterRouting",
     "GrouterVerificationError",
+    "HashRouting",
+    "PrecomputedRouting",
     "LearnedRouter",
     "PassReport",
     "PrepareReport",
@@ -43,4 +54,7 @@ __all__ = [
     "grouter_backend",
     "grouter_reports",
     "prepare_model",
+    "routing",
+    "trainable_parameters",
+    "unused_parameters",
 ]

@@ -27,6 +27,11 @@ from grouter_pass.spec import PassReport
 log = logging.getLogger("grouter_pass")
 site_log = logging.getLogger("grouter")          # TORCH_LOGS="grouter"
 diff_log = logging.getLogger("grouter_diff")     # TORCH_LOGS="grouter_diff"
+# Off unless asked for: torch gives the two loggers a level when TORCH_LOGS names them (before
+# this runs); otherwise they would inherit an application's root INFO level and dump diffs.
+for _channel in (site_log, diff_log):
+    if _channel.level == logging.NOTSET:
+        _channel.setLevel(logging.WARNING)
 
 
 def log_report(report: PassReport, *, before: fx.GraphModule | None = None,

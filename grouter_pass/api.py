@@ -63,6 +63,13 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
     if verify is not None:
         config = dataclasses.replace(config, verify=verify)
     prepared = prepare_model(model) if config.rewrite_modules else PrepareReport()
+    loops = [b.path for b in prepared.loop_blocks if b.rewritten]
+    if loops and not config.exact:
+        from grouter_pass.integrations.modules import restore_loop_blocks
+
+        restore_loop_blocks(model)
+        raise ValueError(f"{config.routing.kind} routing needs MoE layers the graph pass captures; the "
+                         f"loop-style blocks {loops} are only supported in exact mode (LearnedRouter())")
     backend = GrouterBackend(config)
     compiled = torch.compile(model, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
     compiled._grouter_backend = backend
@@ -77,3 +84,37 @@ def grouter_reports(compiled: torch.nn.Module) -> list[PassReport]:
     if backend is None:
         raise TypeError("grouter_reports() takes a model returned by apply_grouter()")
     return backend.reports
+
+
+def unused_parameters(compiled: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters the rewritten graphs no longer read (the routers, in Grouter modes)."""
+    reports = grouter_reports(compiled)
+    seen: dict[int, torch.nn.Parameter] = {}
+    for r in reports:
+        for p in r.unused_parameters:
+            seen[id(p)] = p
+    return list(seen.values())
+
+
+def trainable_parameters(compiled: torch.nn.Module, *, freeze_unused: bool = True) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer should update: those of the model minus the ones the rewrite
+    made unused (each MoE layer's router in Grouter, precomputed and hash modes).
+
+    Call it after the first forward (the graphs are compiled then). With ``freeze_unused`` the
+    unused ones also get ``requires_grad=False``, so nothing (weight decay, a grad-norm) touches
+    them. Their ``.grad`` stays ``None`` either way.
+
+    Example::
+
+        fast = apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter)))
+        fast(batch)                                           # compiles
+        opt = torch.optim.AdamW(trainable_parameters(fast), lr=3e-4)
+    """
+    if not grouter_reports(compiled):
+        raise RuntimeError("trainable_parameters() needs the compiled graphs: call the model once first")
+    unused = {id(p) for p in unused_parameters(compiled)}
+    if freeze_unused:
+        for p in unused_parameters(compiled):
+            p.requires_grad_(False)
+    model = getattr(compiled, "_orig_mod", compiled)
+    return [p for p in model.parameters() if id(p) not in unused and (p.requires_grad or not freeze_unused)]

@@ -22,7 +22,10 @@ class LearnedRouter:
     kind: str = "learned"
 
 
-RoutingSource = LearnedRouter
+from grouter_pass.routing import GrouterRouting, HashRouting, PrecomputedRouting  # noqa: E402
+
+RoutingSource = LearnedRouter | GrouterRouting | PrecomputedRouting | HashRouting
+ROUTING_SOURCES = (LearnedRouter, GrouterRouting, PrecomputedRouting, HashRouting)
 COMPILERS = ("inductor", "aot_eager", "eager")
 
 
@@ -32,7 +35,10 @@ class GrouterConfig:
 
     Attributes:
         routing: where routing decisions come from. ``LearnedRouter()`` (the default) keeps the
-            model's router: the rewritten model computes the same function.
+            model's router: the rewritten model computes the same function. ``GrouterRouting(g)``,
+            ``PrecomputedRouting()`` and ``HashRouting(table)`` route every MoE layer with one
+            routing computed once per step (:mod:`grouter_pass.routing`): the model's routers and
+            auxiliary router losses are removed from the graph.
         rewrite_modules: before compiling, make MoE layers whose expert loop would break the graph
             capturable, in place and without changing a number: transformers models using the
             ``eager`` experts implementation switch to the ``"grouter"`` one, and loop-style blocks
@@ -72,8 +78,11 @@ class GrouterConfig:
     def __post_init__(self) -> None:
         if self.compiler not in COMPILERS:
             raise ValueError(f"compiler={self.compiler!r}; choose one of {COMPILERS}")
-        if not isinstance(self.routing, LearnedRouter):
-            raise ValueError(f"routing={self.routing!r} is not supported in this release; use LearnedRouter()")
+        if not isinstance(self.routing, ROUTING_SOURCES):
+            raise ValueError(f"routing={self.routing!r}; use one of {[c.__name__ for c in ROUTING_SOURCES]}")
+        if self.verify and not self.exact:
+            raise ValueError(f"verify=True compares against the original model, which only exact mode "
+                             f"reproduces; routing={self.routing.kind!r} changes the function by design")
         if isinstance(self.disable_passes, str) or not isinstance(self.disable_passes, (tuple, list)):
             raise ValueError(f"disable_passes must be a tuple of pass names, got {self.disable_passes!r}")
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
@@ -81,6 +90,11 @@ class GrouterConfig:
             v = getattr(self, name)
             if v is not None and not v >= 0:
                 raise ValueError(f"{name} must be >= 0, got {v!r}")
+
+    @property
+    def exact(self) -> bool:
+        """True when the model's own router routes (the rewritten model is the same function)."""
+        return isinstance(self.routing, LearnedRouter)
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> GrouterConfig:
@@ -99,7 +113,8 @@ class GrouterConfig:
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["routing"] = {"kind": self.routing.kind, "key": getattr(self.routing, "key", None)}
         d["disable_passes"] = list(self.disable_passes)
         return d
 

@@ -257,6 +257,8 @@ class SiteReport:
     #: added with their roles ("router", "dispatch_plan", "experts", "combine")
     removed_nodes: list[str] = field(default_factory=list)
     added_nodes: dict[str, str] = field(default_factory=dict)
+    #: where the rewritten site's routing comes from: "learned" (exact), "grouter", "precomputed", "hash"
+    routing: str = "learned"
 
     @property
     def family(self) -> str:
@@ -269,7 +271,7 @@ class SiteReport:
             "gating": self.gating.to_dict() if self.gating is not None else None,
             "experts": self.experts.to_dict() if self.experts is not None else None,
             "new_ops": list(self.new_ops), "removed_nodes": list(self.removed_nodes),
-            "added_nodes": dict(self.added_nodes),
+            "added_nodes": dict(self.added_nodes), "routing": self.routing,
         }
 
     def summary(self) -> str:
@@ -280,7 +282,7 @@ class SiteReport:
         if self.experts is not None:
             head += f" experts={self.experts.style} act={self.experts.activation.describe()}"
         if self.rewritten:
-            return head + " -> rewritten"
+            return head + (" -> rewritten" if self.routing == "learned" else f" -> rewritten, {self.routing} routing")
         return head + f" -> left unchanged: {self.reason}"
 
 
@@ -289,6 +291,12 @@ class PassReport:
     """The result of one run of the pass pipeline over one FX graph."""
 
     sites: list[SiteReport] = field(default_factory=list)
+    #: Grouter modes: the one routing of the graph (``routing``, the shared ``nodes`` and their
+    #: roles, router nodes ``removed``, ``aux_losses`` replaced by zero, router outputs ``kept``)
+    shared: dict[str, Any] | None = None
+    #: graph inputs (and the parameters behind them) no longer read after the rewrite
+    unused_inputs: list[str] = field(default_factory=list)
+    unused_parameters: list[Any] = field(default_factory=list, repr=False)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -299,4 +307,8 @@ class PassReport:
         return bool(self.rewritten)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sites": [s.to_dict() for s in self.sites]}
+        d: dict[str, Any] = {"sites": [s.to_dict() for s in self.sites]}
+        if self.shared is not None:
+            d["shared"] = dict(self.shared)
+            d["unused_inputs"] = list(self.unused_inputs)
+        return d

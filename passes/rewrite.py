@@ -85,18 +85,24 @@ def _node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.N
     return node
 
 
-def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
-    """Rewrite one site in place; returns the (caller-graph) names of the nodes it removed."""
+def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None) -> list[str]:
+    """Rewrite one site in place; returns the (caller-graph) names of the nodes it removed.
+
+    ``shared`` (a :class:`~grouter_pass.passes.shared_routing.SharedRouting`): route with the
+    step's one routing and dispatch plan instead of the site's own router (Grouter modes)."""
     g, e = site.gating, site.experts
     region = set(g.region) | set(e.region)
-    # after the last of route's inputs (a runtime scale may be computed late), outside no_grad
-    with graph.inserting_before(route_insertion_point(graph, g.parse).next):
-        route_kwargs = {**g.spec.route_kwargs(), **g.parse.runtime_scalars}
-        weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
-                             like=g.weights, role="router", names=("routing_weights", "expert_ids"))
-        perm, inv_perm, _counts, offsets = _call(
-            graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
-            role="dispatch_plan", names=("perm", "inv_perm", "expert_counts", "expert_offsets"))
+    if shared is not None:
+        weights, ids, perm, inv_perm, offsets = shared.weights, shared.ids, shared.perm, shared.inv_perm, shared.offsets
+    else:
+        # after the last of route's inputs (a runtime scale may be computed late), outside no_grad
+        with graph.inserting_before(route_insertion_point(graph, g.parse).next):
+            route_kwargs = {**g.spec.route_kwargs(), **g.parse.runtime_scalars}
+            weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
+                                 like=g.weights, role="router", names=("routing_weights", "expert_ids"))
+            perm, inv_perm, _counts, offsets = _call(
+                graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
+                role="dispatch_plan", names=("perm", "inv_perm", "expert_counts", "expert_offsets"))
     with graph.inserting_before(e.output):
         w_up, b_up = e.w_up, e.b_up
         if e.w_gate is not None:  # gate and up were two GEMMs: the op takes [gate; up]
@@ -126,6 +132,8 @@ def rewrite_site(graph: fx.Graph, site: Site) -> list[str]:
 
 def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
     """Rewrite every site the detection pass recorded in ``gm.meta["grouter_sites"]``."""
+    if config is not None and not config.exact:
+        return rewrite_shared_pass(gm, example_inputs, config=config)
     for site, report in gm.meta.pop("grouter_sites", []):
         before = set(gm.graph.nodes)
         report.removed_nodes = rewrite_site(gm.graph, site)
@@ -134,4 +142,51 @@ def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config
         report.new_ops = ["grouter.route", "grouter.dispatch_plan", "grouter.moe_experts"]
         report.rewritten = True
         counters["grouter"]["sites_rewritten"] += 1
+    return gm
+
+
+def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any) -> fx.GraphModule:
+    """Grouter / precomputed / hash modes: one routing and one dispatch plan for all sites,
+    routers and router-only losses removed (see :mod:`grouter_pass.passes.shared_routing`)."""
+    from grouter_pass.passes.shared_routing import insert_shared_routing, remove_router_remnants
+
+    pairs = gm.meta.pop("grouter_sites", [])
+    if not pairs:
+        return gm
+    sites = [site for site, _ in pairs]
+    used_before = {n for n in gm.graph.nodes if n.op == "placeholder" and n.users}
+    shared = insert_shared_routing(gm, sites, config.routing, _call)
+    report_all = gm.meta["grouter_report"]
+    kind = config.routing.kind
+    for site, report in pairs:
+        before = set(gm.graph.nodes)
+        report.removed_nodes = rewrite_site(gm.graph, site, shared)
+        report.added_nodes = {n.name: n.meta["grouter_role"] for n in gm.graph.nodes
+                              if n not in before and "grouter_role" in n.meta}
+        report.new_ops = ["grouter.moe_experts"]
+        report.routing = kind
+        report.rewritten = True
+        counters["grouter"]["sites_rewritten"] += 1
+    remnants = remove_router_remnants(gm, [s.gating.logits for s in sites], [s.experts.x for s in sites],
+                                      token_like=shared.weights)
+    counters["grouter"]["nodes_replaced"] += len(remnants.removed)
+    shared_names = {n.name: n.meta["grouter_role"] for n in shared.added}
+    report_all.shared = {"routing": config.routing.describe(), "nodes": shared_names,
+                         "removed": remnants.removed, "aux_losses": remnants.aux_losses, "kept": remnants.kept,
+                         "zeroed_logits": remnants.zeroed}
+    dead = [n for n in remnants.dead_placeholders if n in used_before]
+    report_all.unused_inputs = [n.name for n in dead]
+    report_all.unused_parameters = [ga.example for n in dead
+                                    if (ga := n.meta.get("grapharg")) is not None
+                                    and isinstance(getattr(ga, "example", None), torch.nn.Parameter)]
+    for line in remnants.aux_losses:
+        log.info("grouter: removed the auxiliary router loss %s: it was computed only from router logits, "
+                 "which %s routing replaces", line, kind)
+    for line in remnants.zeroed:
+        log.warning("grouter: router logits %s are returned by the graph (e.g. output_router_logits=True, for an "
+                    "auxiliary loss computed after a graph break); with %s routing there is no router, so they "
+                    "are returned as zeros: a loss computed from them is a constant without gradient. Set "
+                    "output_router_logits=False to drop it altogether", line, kind)
+    for line in remnants.kept:
+        log.warning("grouter: router logits still used: %s; that router linear is kept", line)
     return gm
