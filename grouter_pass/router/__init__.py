@@ -3,8 +3,10 @@ MoE, adapted to a target's expert count, tuned for balance, and optionally pre-d
 
 Modules, one job each: ``config`` (GrouterModelConfig), ``network`` (Grouter, gate),
 ``checkpoint`` (save/load, reference layout), ``data`` (tokenizers, corpora, batches),
-``capture`` (the source model's first router, found by the detection pass), ``distill``,
-``fold``, ``expand``, ``tune``, ``predispatch``, ``progress``, ``training``, ``cli``.
+``capture`` (the source model's first router, found by the detection pass), ``distillation``,
+``fold``, ``expand``, ``tuning``, ``predispatching``, ``progress``, ``training``, ``cli``. (The
+modules are not named ``distill``/``tune``/``predispatch`` so that those names stay the
+functions exported here.)
 See docs/grouter.md.
 """
 
@@ -18,12 +20,12 @@ from grouter_pass.router.checkpoint import (
 )
 from grouter_pass.router.config import GrouterModelConfig, check_compatible
 from grouter_pass.router.data import ByteTokenizer, PackedBatches, TokenizedCorpus, load_corpus, load_tokenizer
-from grouter_pass.router.distill import DistillConfig, EvalResult, distill, evaluate
+from grouter_pass.router.distillation import DistillConfig, EvalResult, distill, evaluate
 from grouter_pass.router.expand import expand_grouter
 from grouter_pass.router.fold import coactivation_affinity, fold_grouter, greedy_groups, grouter_affinity
 from grouter_pass.router.network import Grouter, gate
-from grouter_pass.router.predispatch import PreDispatchedDataset, Routing, predispatch, predispatch_loader
-from grouter_pass.router.tune import TuneConfig, balance_loss, max_violation, measure_max_violation, tune
+from grouter_pass.router.predispatching import PreDispatchedDataset, Routing, predispatch, predispatch_loader
+from grouter_pass.router.tuning import TuneConfig, balance_loss, max_violation, measure_max_violation, tune
 
 __all__ = [
     "ByteTokenizer", "CheckpointError", "DistillConfig", "EvalResult", "Folding", "Grouter", "GrouterModelConfig",

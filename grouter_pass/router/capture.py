@@ -132,6 +132,9 @@ class RouterTeacher:
             raise ValueError(f"vocabulary mismatch: token id {int(input_ids.max())} is outside the source model's "
                              f"vocab_size={self.vocab_size}")
         self._state.records.clear()
+        param = next(self.model.parameters(), None)
+        if param is not None:
+            input_ids = input_ids.to(param.device)
         with torch.no_grad():
             self._compiled(input_ids)
         if not self._state.records:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, steps: int, lr: float, warmup
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-resume", action="store_true", help="start over even if OUT has a checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--device", default="cpu", help="where the Grouter trains (cpu, cuda, ...)")
 
 
 def _tokenizer(args: argparse.Namespace, default: str | None = None):
@@ -80,15 +82,27 @@ def _eval_batches(args: argparse.Namespace, corpus):
     return list(PackedBatches(corpus, args.seq_len, args.batch_size, shuffle=False).eval_batches(args.max_tokens))
 
 
+def _interrupted(out: str) -> int:
+    import torch
+
+    from grouter_pass.router.training import CHECKPOINT_DIR, STATE_FILE
+
+    state = Path(out) / CHECKPOINT_DIR / STATE_FILE
+    step = torch.load(state, map_location="cpu", weights_only=False)["step"] if state.exists() else None
+    where = f"from step {step}" if step is not None else "from the start (no checkpoint was saved yet)"
+    print(f"\ninterrupted; run the same command again to resume {where}", file=sys.stderr)
+    return 130
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
     from grouter_pass.router.capture import RouterTeacher, load_source_model
     from grouter_pass.router.config import GrouterModelConfig
-    from grouter_pass.router.distill import DistillConfig, distill
+    from grouter_pass.router.distillation import DistillConfig, distill
 
     source = Path(args.source)
-    model = load_source_model(source)
+    model = load_source_model(source).to(args.device)
     has_tok = (source / "tokenizer.json").exists() or (source / "tokenizer_config.json").exists()
     tokenizer = _tokenizer(args, str(source) if has_tok else "byte")
     teacher = RouterTeacher(model)
@@ -106,11 +120,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
     dcfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                          temperature=args.temperature, save_every=args.save_every, eval_every=args.eval_every,
-                         eval_tokens=args.eval_tokens, seed=args.seed)
+                         eval_tokens=args.eval_tokens, seed=args.seed, device=args.device)
     train, val = _train_val(args, tokenizer)
     print(f"data: {train.num_tokens} training tokens, {val.num_tokens} held-out tokens ({tokenizer.name} tokenizer)")
-    _, result = distill(teacher, mcfg, train, val, dcfg, out_dir=args.out, resume=not args.no_resume,
-                        progress=not args.no_progress)
+    try:
+        _, result = distill(teacher, mcfg, train, val, dcfg, out_dir=args.out, resume=not args.no_resume,
+                            progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return _interrupted(args.out)
     print(f"distilled Grouter saved to {args.out}: {result}")
     return 0
 
@@ -150,7 +167,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from grouter_pass.router.checkpoint import load_grouter
-    from grouter_pass.router.tune import TuneConfig, tune
+    from grouter_pass.router.tuning import TuneConfig, tune
 
     grouter = load_grouter(args.checkpoint)
     tokenizer = _tokenizer(args)
@@ -158,9 +175,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     train, val = _train_val(args, tokenizer)
     cfg = TuneConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
-                     bias_rate=args.bias_rate, save_every=args.save_every, eval_tokens=args.eval_tokens, seed=args.seed)
-    _, result = tune(grouter, train, val, cfg, out_dir=args.out, resume=not args.no_resume,
-                     progress=not args.no_progress)
+                     bias_rate=args.bias_rate, save_every=args.save_every, eval_tokens=args.eval_tokens, seed=args.seed,
+                     device=args.device)
+    try:
+        _, result = tune(grouter, train, val, cfg, out_dir=args.out, resume=not args.no_resume,
+                         progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return _interrupted(args.out)
     print(f"tuned Grouter saved to {args.out}: {result}")
     return 0
 
@@ -169,9 +190,9 @@ def cmd_predispatch(args: argparse.Namespace) -> int:
     from grouter_pass.router.checkpoint import load_grouter
     from grouter_pass.router.config import check_compatible
     from grouter_pass.router.data import TOKENS_META
-    from grouter_pass.router.predispatch import predispatch
+    from grouter_pass.router.predispatching import predispatch
 
-    grouter = load_grouter(args.checkpoint)
+    grouter = load_grouter(args.checkpoint).to(args.device)
     check_compatible(grouter.config, num_experts=args.expect_experts, top_k=args.expect_top_k)
     if (Path(args.data) / TOKENS_META).is_file():
         directory = Path(args.data)
@@ -285,6 +306,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--weights-dtype", choices=("bfloat16", "float32", "bf16", "fp32"), default="bfloat16")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cpu", help="where the Grouter runs (cpu, cuda, ...)")
     _expect_args(p)
     p.set_defaults(func=cmd_predispatch)
 

@@ -130,3 +130,41 @@ def test_empty_dataset(tmp_path, ckpt, capsys):
                  tmp_path / "empty.jsonl")
     expect_error(capsys, "empty dataset", "predispatch", ckpt, "--data", tmp_path / "empty.jsonl", "--out",
                  tmp_path / "tok")
+
+
+def test_interrupted_tune_resumes(tmp_path, ckpt, text, capsys, monkeypatch, caplog):
+    import grouter_pass.router.tuning as tune_mod
+
+    real = tune_mod.tune
+
+    def interrupted(*args, **kwargs):
+        def ctrl_c(step, loss):
+            if step == 3:
+                raise KeyboardInterrupt
+        return real(*args, **kwargs, on_step=ctrl_c)
+
+    argv = ["tune", ckpt, "--out", tmp_path / "t", "--data", text, "--steps", 4, "--seq-len", 32, "--batch-size", 2,
+            "--eval-tokens", 256, "--save-every", 2, "--no-progress"]
+    monkeypatch.setattr(tune_mod, "tune", interrupted)
+    rc, out, err = run(capsys, *argv)
+    assert rc == 130 and "run the same command again to resume from step 2" in err
+    monkeypatch.setattr(tune_mod, "tune", real)
+    caplog.set_level("INFO", logger="grouter_pass.router")
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert "resuming tuning from step 2" in caplog.text
+
+
+def test_progress_bar_shows_loss_and_throughput():
+    import io
+
+    from grouter_pass.router.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(4, "distill", stream=stream, log_every=0)
+    for step in range(1, 5):
+        bar.update(step, tokens=100, loss=0.5 / step)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 4 and lines[-1].startswith("distill [########################] 4/4 loss 0.125 | ")
+    assert "tok/s" in lines[-1]

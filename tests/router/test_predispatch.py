@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from grouter_pass.router import PreDispatchedDataset, TokenizedCorpus, predispatch, predispatch_loader
-from grouter_pass.router.predispatch import ids_dtype_for
+from grouter_pass.router.predispatching import ids_dtype_for
 from tests.router.conftest import tiny_grouter
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from grouter_pass.router import TokenizedCorpus, TuneConfig, balance_loss, max_violation, tune
-from grouter_pass.router.tune import expert_load
+from grouter_pass.router.tuning import expert_load
 from tests.router.conftest import tiny_grouter
 
 

@@ -85,7 +85,8 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     """Route every token of a tokenized dataset directory and store the routing beside it.
 
     Args:
-        grouter: the (folded/tuned) Grouter; its k, scale and selection bias are used as is.
+        grouter: the (folded/tuned) Grouter; its k, scale and selection bias are used as is. It
+            runs where its parameters are (move it to a GPU first for large datasets).
         corpus: a tokenized dataset directory (``TokenizedCorpus.save``), or one loaded from it.
         granularity: ``"document"`` or ``"packed"`` (module docstring).
         seq_len: window length (``packed``: the training sequence length).
@@ -121,6 +122,7 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     for s, e in windows:
         by_len.setdefault(e - s, []).append(s)
     grouter.eval()
+    device = next(grouter.parameters()).device
     bar = Progress(n, f"predispatch[{granularity}]", enabled=progress)
     done = 0
     for length in sorted(by_len, reverse=True):
@@ -129,7 +131,8 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
         for i in range(0, len(starts), per_batch):
             chunk = starts[i:i + per_batch]
             ids = torch.from_numpy(np.stack([np.asarray(corpus.tokens[s:s + length], dtype=np.int64) for s in chunk]))
-            weights, sel = grouter.route(ids)
+            weights, sel = grouter.route(ids.to(device))
+            weights, sel = weights.cpu(), sel.cpu()
             w_bits = weights.to(w_torch)
             w_arr = w_bits.view(torch.int16).numpy().view(np.uint16) if w_torch is torch.bfloat16 else w_bits.numpy()
             sel_arr = sel.numpy().astype(ids_np)

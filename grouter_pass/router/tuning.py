@@ -43,7 +43,8 @@ class TuneConfig:
         mode: ``"score"`` trains ``score.weight`` on the balance loss [reference]; ``"bias"``
             updates the selection bias by sign steps of ``bias_rate``.
         steps [400], batch_size x seq_len [8 x 4096 x 4 ranks], lr [1e-3], weight_decay
-        [0.01], warmup [0], cosine decay, grad_clip [1.0]; save_every: checkpoint period.
+        [0.01], warmup [0], cosine decay, grad_clip [1.0]; save_every: checkpoint period;
+        device: where the Grouter runs.
     """
 
     mode: str = "score"
@@ -58,6 +59,7 @@ class TuneConfig:
     save_every: int = 100
     eval_tokens: int = 65536
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.mode not in TUNE_MODES:
@@ -93,8 +95,9 @@ def max_violation(load: torch.Tensor) -> float:
 def measure_max_violation(grouter: Grouter, batches: Iterable[torch.Tensor]) -> float:
     """MaxVio of ``grouter``'s routing over ``batches`` (all tokens pooled)."""
     load = torch.zeros(grouter.config.num_experts, dtype=torch.int64)
+    device = next(grouter.parameters()).device
     for ids in batches:
-        load += expert_load(grouter.route(ids)[1], grouter.config.num_experts)
+        load += expert_load(grouter.route(ids.to(device))[1], grouter.config.num_experts).cpu()
     return max_violation(load)
 
 
@@ -131,15 +134,18 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
                          f"embedding has vocab_size={grouter.config.vocab_size}")
     from grouter_pass.router.checkpoint import grouter_fingerprint
 
+    grouter.to(config.device)
     batches = PackedBatches(train, config.seq_len, config.batch_size, seed=config.seed)
     val = PackedBatches(validation, config.seq_len, config.batch_size, shuffle=False) if validation else None
     before = measure_max_violation(grouter, val.eval_batches(config.eval_tokens)) if val else None
-    settings = {"tune": dataclasses.asdict(config), "grouter": grouter_fingerprint(grouter),
+    settings = {"tune": {k: v for k, v in dataclasses.asdict(config).items() if k != "device"},
+                "grouter": grouter_fingerprint(grouter),
                 "train_tokens": train.num_tokens}
     folding, start = getattr(grouter, "folding", None), 0
     loaded = load_trainer_checkpoint(out_dir, settings) if (out_dir is not None and resume) else None
     if loaded is not None:
         grouter, state = loaded
+        grouter.to(config.device)
         grouter.folding = folding
         start = int(state["step"])
         torch.set_rng_state(state["torch_rng"])
@@ -156,7 +162,7 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
     e = grouter.config.num_experts
     bar = Progress(config.steps, f"tune[{config.mode}]", start=start, enabled=progress)
     for step in range(start, config.steps):
-        ids = batches.batch(step)
+        ids = batches.batch(step).to(config.device)
         if config.mode == "score":
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, base_lr=config.lr, warmup=config.warmup, total=config.steps)
@@ -173,7 +179,7 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
             with torch.no_grad():
                 logits = grouter(ids)
                 _, sel = grouter.gate(logits)
-                share = expert_load(sel, e).double() / sel.numel()
+                share = expert_load(sel, e).to(grouter.bias.device).double() / sel.numel()
                 grouter.bias -= config.bias_rate * torch.sign(share - 1.0 / e).to(grouter.bias.dtype)
                 value = float(balance_loss(logits, sel, e))
         done = step + 1

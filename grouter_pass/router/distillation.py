@@ -45,6 +45,8 @@ class DistillConfig:
         save_every: checkpoint every this many steps (0: only at the end).
         eval_every: evaluate on held-out tokens every this many steps (0: only at the end).
         eval_tokens: held-out tokens per evaluation. seed: data order and initialisation.
+        device: where the student trains (``"cuda"``...); the teacher model stays where it is
+            and receives the batch on its own device.
     """
 
     steps: int = 1000
@@ -60,6 +62,7 @@ class DistillConfig:
     eval_every: int = 0
     eval_tokens: int = 65536
     seed: int = 0
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
@@ -111,8 +114,10 @@ def evaluate(grouter: Grouter, teacher: Teacher, batches: PackedBatches, *, max_
     grouter.eval()
     k = top_k or grouter.config.top_k
     kl_sum, agree, overlap, n = 0.0, 0, 0.0, 0
+    device = next(grouter.parameters()).device
     for ids in batches.eval_batches(max_tokens):
-        t_logits, s_logits = teacher(ids), grouter(ids)
+        ids = ids.to(device)
+        t_logits, s_logits = teacher(ids).to(device), grouter(ids)
         tokens = ids.numel()
         kl_sum += float(kl_loss(s_logits, t_logits)) * tokens
         ts, ss = topk_sets(t_logits, k), topk_sets(s_logits, k)
@@ -147,6 +152,7 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     """
     config = config or DistillConfig()
     settings = _settings(config, model_config, train)
+    settings["distill"].pop("device")   # a run may resume on another device
     batches = PackedBatches(train, config.seq_len, config.batch_size, seed=config.seed)
     if train.vocab_size > model_config.vocab_size:
         raise ValueError(f"vocabulary mismatch: the tokenizer has vocab_size={train.vocab_size} but the Grouter's "
@@ -161,7 +167,7 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     else:
         torch.manual_seed(config.seed)
         grouter = Grouter(model_config)
-    grouter.train()
+    grouter.to(config.device).train()
     optimizer = torch.optim.AdamW(grouter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if loaded is not None:
         optimizer.load_state_dict(loaded[1]["optimizer"])
@@ -171,9 +177,9 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     result = None
     checked = False
     for step in range(start, config.steps):
-        ids = batches.batch(step)
+        ids = batches.batch(step).to(config.device)
         with torch.no_grad():
-            t_logits = teacher(ids)
+            t_logits = teacher(ids).to(config.device)
         if not checked:
             if t_logits.shape[-1] != model_config.num_experts:
                 raise ValueError(f"expert count mismatch: the teacher router has num_experts={t_logits.shape[-1]} but "
