@@ -212,9 +212,10 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
     """Load a Grouter from a checkpoint directory, a ``.safetensors`` file, or a reference ``.pth``.
 
     Args:
-        path: a directory written by :func:`save_grouter`; a ``.safetensors`` file (its
-            ``config.json`` beside it, or ``config``); or a ``.pth``/``.pt`` state dict in the
-            reference release's layout (sizes inferred from the shapes unless ``config`` is given).
+        path: a directory written by :func:`save_grouter`; a ``.safetensors`` file (with the
+            ``config.json`` beside it, if any); or a ``.pth``/``.pt`` state dict in the reference
+            release's layout. A lone weights file's sizes are inferred from its shapes
+            (:func:`infer_config`) unless ``config`` is given.
         config: overrides the stored config (needed for settings shapes cannot tell, e.g. the
             number of heads of a reference checkpoint whose head dim is not 64).
         dtype: cast the loaded weights (default: as stored).
@@ -229,7 +230,9 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
     if p.is_dir() or p.suffix == ".safetensors":
         directory = p if p.is_dir() else p.parent
         weights = p / WEIGHTS_FILE if p.is_dir() else p
-        if config is None:
+        # a directory must carry its config; a lone weights file without one gets sizes from shapes
+        infer = config is None and not p.is_dir() and not (directory / CONFIG_FILE).exists()
+        if config is None and not infer:
             try:
                 config = GrouterModelConfig.from_dict(_read_json(directory / CONFIG_FILE, "Grouter config"))
             except TypeError as exc:
@@ -237,6 +240,8 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
         state = read_safetensors(weights)
         if state.keys() and all(k.startswith(_REF_PREFIX) or k == "bias" for k in state):
             state = convert_reference_state_dict(state)
+        if infer:
+            config = infer_config(state)
         if (directory / FOLDING_FILE).exists():
             try:
                 folding = Folding.from_dict(_read_json(directory / FOLDING_FILE, "folding mapping"))

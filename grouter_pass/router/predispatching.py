@@ -181,10 +181,13 @@ class PreDispatchedDataset(torch.utils.data.Dataset):
         raw: keep the stored dtypes (ids uint8/int16, weights bfloat16/float32) to move less
             data; default converts ids to int64 and weights to float32, as ``Grouter.route``.
         expect_experts, expect_top_k: the target's E and k; a mismatch is an error naming both.
+        expect_grouter: the Grouter the target would otherwise run online: refuse routing
+            computed by another one (its fingerprint is stored in ``{name}.json``).
     """
 
     def __init__(self, directory: str | os.PathLike, *, seq_len: int | None = None, name: str = "routing",
-                 raw: bool = False, expect_experts: int | None = None, expect_top_k: int | None = None) -> None:
+                 raw: bool = False, expect_experts: int | None = None, expect_top_k: int | None = None,
+                 expect_grouter: Grouter | None = None) -> None:
         self.directory = Path(directory)
         self.meta = meta = _load_meta(self.directory, name)
         self.corpus = TokenizedCorpus.load(self.directory)
@@ -202,6 +205,9 @@ class PreDispatchedDataset(torch.utils.data.Dataset):
         if expect_top_k is not None and expect_top_k != k:
             raise ValueError(f"top-k mismatch: the target has top_k={expect_top_k} but the stored routing has "
                              f"top_k={k}")
+        if expect_grouter is not None and grouter_fingerprint(expect_grouter) != meta["grouter"]:
+            raise ValueError(f"the stored routing was computed by Grouter {meta['grouter']}, not by the given Grouter "
+                             f"{grouter_fingerprint(expect_grouter)}; re-run predispatch with it")
         ids_dt = np.dtype(meta["ids_dtype"])
         w_torch, w_np = _WEIGHT_DTYPES[meta["weights_dtype"]]
         self.ids = self._map(f"{name}_ids.bin", ids_dt, n, k)

@@ -71,6 +71,9 @@ def test_reference_layout_in_safetensors(tmp_path):
     save_file({k: v.contiguous() for k, v in reference_layout(g).items()}, tmp_path / "r" / "model.safetensors")
     (tmp_path / "r" / "config.json").write_text(g.config.to_json())
     assert torch.equal(load_grouter(tmp_path / "r")(IDS), g(IDS))
+    (tmp_path / "r" / "config.json").unlink()     # a lone weights file: sizes from the shapes
+    inferred = load_grouter(tmp_path / "r" / "model.safetensors", num_heads=2, rope_theta=100.0, top_k=2)
+    assert torch.equal(inferred(IDS), g(IDS))
 
 
 def test_truncated_safetensors_is_refused(tmp_path):

@@ -70,3 +70,15 @@ def test_packed_batches_are_a_function_of_the_step():
     assert torch.equal(a.batch(5), b.batch(5))
     seen = torch.cat([a.batch(s) for s in range(a.windows // 3)])
     assert len({tuple(r.tolist()) for r in seen}) == seen.shape[0]   # one epoch: no window twice
+
+
+def test_datasets_directory_needs_the_package(tmp_path):
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset_info.json").write_text("{}")
+    try:
+        import datasets  # noqa: F401
+    except ModuleNotFoundError:
+        with pytest.raises(ValueError, match="needs the `datasets` package"):
+            load_corpus(tmp_path / "ds", "train")
+    else:
+        pytest.skip("datasets is installed; its own loader reports the broken directory")

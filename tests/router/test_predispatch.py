@@ -99,6 +99,9 @@ def test_bad_files_and_mismatches_are_refused(tmp_path):
         PreDispatchedDataset(d, expect_experts=16)
     with pytest.raises(ValueError, match="the target has top_k=4 but the stored routing has top_k=2"):
         PreDispatchedDataset(d, expect_top_k=4)
+    with pytest.raises(ValueError, match="stored routing was computed by Grouter [0-9a-f]+, not by the given"):
+        PreDispatchedDataset(d, expect_grouter=tiny_grouter(seed=1))
+    assert len(PreDispatchedDataset(d, expect_grouter=tiny_grouter())) == 5
     f = d / "routing_weights.bin"
     f.write_bytes(f.read_bytes()[:-3])
     with pytest.raises(ValueError, match=r"routing_weights.bin is truncated or corrupt: \d+ bytes, expected 88 tokens"):
