@@ -79,6 +79,7 @@ class Attention(nn.Module):
             return x.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(h)), heads(self.k_proj(h)), heads(self.v_proj(h))
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)   # a bf16 Grouter stays bf16 (fp32 tables would upcast q, k)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)

@@ -76,3 +76,15 @@ def test_config_validation_names_values():
         tiny_config(top_k=9)
     with pytest.raises(ValueError, match="hidden_size=15 is not divisible by num_heads=2"):
         tiny_config(hidden_size=15)
+
+
+def test_bf16_grouter_routes_like_fp32():
+    g = tiny_grouter()
+    ids = torch.randint(0, 32, (2, 8))
+    w32, ids32 = g.route(ids)
+    g16 = tiny_grouter().to(torch.bfloat16)
+    logits = g16(ids)
+    assert logits.dtype == torch.float32   # the score layer runs in bf16, the gate in fp32
+    w16, ids16 = g16.route(ids)
+    assert (ids16 == ids32).float().mean() > 0.9
+    torch.testing.assert_close(w16.sum(-1), w32.sum(-1))
