@@ -203,6 +203,8 @@ def save_grouter(grouter: Grouter, path: str | os.PathLike, *, folding: Folding 
     expanding = getattr(grouter, "expanding", None)
     if expanding is not None:
         _write_atomic(out / EXPANDING_FILE, json.dumps(expanding).encode())
+    elif (out / EXPANDING_FILE).exists():
+        (out / EXPANDING_FILE).unlink()
     log.debug("saved Grouter to %s", out)
     return out
 
@@ -226,7 +228,7 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"Grouter checkpoint not found: {p}")
-    folding = None
+    folding, expanding = None, None
     if p.is_dir() or p.suffix == ".safetensors":
         directory = p if p.is_dir() else p.parent
         weights = p / WEIGHTS_FILE if p.is_dir() else p
@@ -250,6 +252,8 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
             if folding.target_experts != config.num_experts:
                 raise CheckpointError(f"{directory / FOLDING_FILE} maps onto {folding.target_experts} experts but the "
                                       f"config has num_experts={config.num_experts}")
+        if (directory / EXPANDING_FILE).exists():
+            expanding = _read_json(directory / EXPANDING_FILE, "expanding record")
         source = str(weights)
     elif p.suffix in (".pth", ".pt", ".bin"):
         try:
@@ -272,7 +276,7 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
         except TypeError as exc:
             raise ValueError(f"load_grouter: {exc}") from None
     grouter = build_grouter(state, config, source=source)
-    grouter.folding = folding
+    grouter.folding, grouter.expanding = folding, expanding
     if dtype is not None:
         grouter.to(dtype)
     return grouter

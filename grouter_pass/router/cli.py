@@ -227,6 +227,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     folding = getattr(grouter, "folding", None)
     if folding is not None:
         print(f"  folded from {folding.source_experts} experts: {folding.groups}")
+    if grouter.expanding is not None:
+        print(f"  expanded from {grouter.expanding['source_experts']} experts")
     check_compatible(cfg, num_experts=args.expect_experts, top_k=args.expect_top_k)
     if args.tokenizer:
         tokenizer = _tokenizer(args)

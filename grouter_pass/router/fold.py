@@ -112,6 +112,7 @@ def fold_grouter(grouter: Grouter, groups: list[list[int]], *, top_k: int | None
     if prior is not None:   # folding a folded Grouter composes the mappings
         folding = Folding(prior.source_experts, [sorted(i for s in g for i in prior.groups[s]) for g in folding.groups])
     new.folding = folding
+    new.expanding = None
     log.info("folded %d -> %d experts (top-%d); group sizes %s", grouter.config.num_experts, e_t, k,
              sorted({len(g) for g in groups}))
     return new

@@ -139,6 +139,10 @@ class Grouter(nn.Module):
         #: per-expert selection bias (reference ``bias``); used only with ``use_selection_bias``
         self.bias = nn.Parameter(torch.zeros(config.num_experts))
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        #: provenance saved with the checkpoint: a ``checkpoint.Folding`` after folding, a dict
+        #: after expanding (see ``fold.py`` / ``expand.py``)
+        self.folding = None
+        self.expanding: dict | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

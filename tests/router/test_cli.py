@@ -57,6 +57,8 @@ def test_expand(tmp_path, ckpt, text, capsys):
                        "--seq-len", 32)
     assert rc == 0, err
     assert load_grouter(tmp_path / "e").config.num_experts == 12
+    rc, out, err = run(capsys, "info", tmp_path / "e")
+    assert rc == 0 and "expanded from 8 experts" in out
 
 
 def test_distill_from_a_transformers_directory(tmp_path, text, capsys):
