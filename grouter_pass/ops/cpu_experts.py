@@ -20,8 +20,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import logging
+import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -29,6 +32,20 @@ from grouter_pass.ops import reference as R
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+_queue_threads = 0  # threads of the expert/token queue, while a whole call runs single-threaded
+
+
+@contextlib.contextmanager
+def _threads_for_queue(threads: int) -> Iterator[None]:
+    global _queue_threads
+    before = _queue_threads
+    _queue_threads = threads
+    try:
+        yield
+    finally:
+        _queue_threads = before
+_DONE = object()
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_size = 0
 
@@ -51,19 +68,13 @@ def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
     return _pool
 
 
-def _balance(segments: list[tuple[int, int, int]], parts: int) -> list[list[tuple[int, int, int]]]:
-    """Longest-processing-time split of the experts into ``parts`` lists of similar row counts."""
-    bins: list[list[tuple[int, int, int]]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for seg in sorted(segments, key=lambda s: s[1] - s[2]):
-        i = loads.index(min(loads))
-        bins[i].append(seg)
-        loads[i] += seg[2] - seg[1]
-    return [b for b in bins if b]
+def _largest_first(segments: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    return sorted(segments, key=lambda seg: seg[1] - seg[2])
 
 
 @contextlib.contextmanager
-def _single_threaded_aten() -> Iterator[None]:
+def single_threaded_aten() -> Iterator[None]:
+    """ATen single-threaded on this thread for the block (restored after)."""
     prev = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -72,31 +83,80 @@ def _single_threaded_aten() -> Iterator[None]:
         torch.set_num_threads(prev)
 
 
-def _run_parallel(work: Callable[[list[tuple[int, int, int]]], None], segments: list[tuple[int, int, int]]) -> None:
-    """``work(experts)`` on balanced shares of ``segments``: one share on this thread, the others on
-    the pool; every thread runs ATen single-threaded and without autograd recording."""
-    threads = torch.get_num_threads()
-    shares = _balance(segments, max(threads, 1))
+def _run_parallel(work: Callable[[T], None], items: Sequence[T]) -> None:
+    """``work(item)`` for every item, pulled from a shared queue by this thread and
+    ``torch.get_num_threads() - 1`` pool threads (a descheduled thread delays only its current
+    item, not a fixed share); every thread runs ATen single-threaded, without autograd recording."""
+    threads = max(_queue_threads or torch.get_num_threads(), 1)
+    queue = iter(items)
+    lock = threading.Lock()
 
-    def run(share: list[tuple[int, int, int]]) -> None:
+    def drain() -> None:
         with torch.no_grad():
             torch.set_num_threads(1)  # ATen's thread count is per thread (OpenMP ICV, MKL local)
-            work(share)
+            while True:
+                with lock:
+                    item = next(queue, _DONE)
+                if item is _DONE:
+                    return
+                work(item)
 
-    with _single_threaded_aten():
-        futures = [_executor(threads - 1).submit(run, share) for share in shares[1:]]
+    with single_threaded_aten():
+        helpers = min(threads, len(items)) - 1
+        futures = [_executor(threads - 1).submit(drain) for _ in range(helpers)]
         try:
-            if shares:
-                run(shares[0])
+            drain()
         finally:
             for f in futures:
                 f.result()
+
+
+def _whole_call_single_threaded(fn: Callable) -> Callable:
+    """Run a whole op call with ATen single-threaded on this thread: the small steps around the
+    expert loop (sorting the plan's positions, index arithmetic on ``[S]``) then never open
+    OpenMP regions of their own; the parallelism is the expert/token queue."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        with single_threaded_aten():
+            with _threads_for_queue(threads):
+                return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _token_chunks(n: int, threads: int) -> list[tuple[int, int]]:
+    step = max(64, -(-n // (4 * max(threads, 1))))
+    return [(t0, min(t0 + step, n)) for t0 in range(0, n, step)]
+
+
+def _combine(rows_S: torch.Tensor, inv_perm_S: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """``out[t] = sum of rows_S[slot]`` over token t's K slots, added in expert order starting
+    from zero: the same additions in the same order as the reference's ``index_add_`` (so the
+    same bits), but token-parallel and without the ``[S, H]`` index ATen expands it into."""
+    out = rows_S.new_empty(n, rows_S.shape[1])
+    if n == 0:
+        return out
+    pos_NK = inv_perm_S.view(n, k).sort(dim=1).values
+
+    def work(chunk: tuple[int, int]) -> None:
+        t0, t1 = chunk
+        gathered = rows_S.index_select(0, pos_NK[t0:t1].reshape(-1)).view(t1 - t0, k, -1)
+        acc = out[t0:t1]
+        torch.add(gathered[:, 0], 0.0, out=acc)  # 0 + y: also turns -0.0 into 0.0, as index_add_ on zeros
+        for j in range(1, k):
+            acc += gathered[:, j]
+
+    _run_parallel(work, _token_chunks(n, max(_queue_threads, 1)))
+    return out
 
 
 def _mm_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     torch.mm(a, b, out=out)
 
 
+@_whole_call_single_threaded
 def moe_experts_cpu(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor, inv_perm_S: torch.Tensor,
                     offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
                     b_down: torch.Tensor | None, *, activation: str, gated: bool, interleaved: bool, alpha: float,
@@ -114,29 +174,30 @@ def moe_experts_cpu(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.
     h = x_NH.new_empty(s, up_out, dtype=w_up.dtype)
     y = x_NH.new_empty(s, hidden, dtype=w_up.dtype)
 
-    def work(share: list[tuple[int, int, int]]) -> None:
-        for e, s0, s1 in share:
-            x_e = x_NH.index_select(0, tok_S[s0:s1])
-            h_e = h[s0:s1]
-            _mm_out(x_e, w_up[e] if up_transposed else w_up[e].t(), h_e)
-            if b_up is not None:
-                h_e += b_up[e]
-            a_e = R.activation_forward(h_e, **act_kw)
-            y_e = y[s0:s1]
-            _mm_out(a_e, w_down[e] if down_transposed else w_down[e].t(), y_e)
-            if b_down is not None:
-                y_e += b_down[e]
-            y_e.mul_(w_sorted_S1[s0:s1])
+    def work(seg: tuple[int, int, int]) -> None:
+        e, s0, s1 = seg
+        x_e = x_NH.index_select(0, tok_S[s0:s1])
+        h_e = h[s0:s1]
+        _mm_out(x_e, w_up[e] if up_transposed else w_up[e].t(), h_e)
+        if b_up is not None:
+            h_e += b_up[e]
+        a_e = R.activation_forward(h_e, **act_kw)
+        y_e = y[s0:s1]
+        _mm_out(a_e, w_down[e] if down_transposed else w_down[e].t(), y_e)
+        if b_down is not None:
+            y_e += b_down[e]
+        y_e.mul_(w_sorted_S1[s0:s1])
 
-    _run_parallel(work, segs)
+    _run_parallel(work, _largest_first(segs))
     covered = segs[-1][2] if segs else 0
     if covered < s:  # rows beyond offsets[-1] belong to no expert (as in the reference)
         h[covered:].zero_()
         y[covered:].zero_()
-    out = torch.zeros(n, hidden, dtype=y.dtype, device=x_NH.device).index_add_(0, tok_S, y)
+    out = _combine(y, inv_perm_S, n, k)
     return out.to(x_NH.dtype if out_dtype is None else out_dtype), h
 
 
+@_whole_call_single_threaded
 def moe_experts_backward_cpu(
     grad_out_NH: torch.Tensor, x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
     inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -172,46 +233,45 @@ def moe_experts_backward_cpu(
     g_wu, g_wd = grad_buffer(need_up, w_up), grad_buffer(need_down, w_down)
     g_bu, g_bd = grad_buffer(need_bup, b_up), grad_buffer(need_bdown, b_down)
 
-    def work(share: list[tuple[int, int, int]]) -> None:
-        for e, s0, s1 in share:
-            tok_e, w_e = tok_S[s0:s1], w_sorted_S1[s0:s1]
-            g_e = g_src.index_select(0, tok_e)
-            h_e = h[s0:s1]
-            a, act_gate = R.activation_forward_saving(h_e, **act_kw)
-            ga = torch.mm(g_e, w_down[e].t() if down_transposed else w_down[e])
-            if need_w:
-                gw = (ga * a).sum(dim=-1)
-                if b_down is not None:
-                    gw += g_e @ b_down[e]
-                gw_sorted[s0:s1] = gw
-            ga.mul_(w_e)
-            if need_down or need_bdown:
-                gy = g_e.mul_(w_e)
-                if need_down:
-                    if down_transposed:
-                        _mm_out(a.t(), gy, g_wd[e])
-                    else:
-                        _mm_out(gy.t(), a, g_wd[e])
-                if need_bdown:
-                    torch.sum(gy, dim=0, out=g_bd[e])
-            del a
-            gh = R.activation_backward(ga, h_e, act_gate=act_gate, **act_kw)
-            if need_up:
-                x_e = x_NH.index_select(0, tok_e)
-                if up_transposed:
-                    _mm_out(x_e.t(), gh, g_wu[e])
+    def work(seg: tuple[int, int, int]) -> None:
+        e, s0, s1 = seg
+        tok_e, w_e = tok_S[s0:s1], w_sorted_S1[s0:s1]
+        g_e = g_src.index_select(0, tok_e)
+        h_e = h[s0:s1]
+        a, act_gate = R.activation_forward_saving(h_e, **act_kw)
+        ga = torch.mm(g_e, w_down[e].t() if down_transposed else w_down[e])
+        if need_w:
+            gw = (ga * a).sum(dim=-1)
+            if b_down is not None:
+                gw += g_e @ b_down[e]
+            gw_sorted[s0:s1] = gw
+        ga.mul_(w_e)
+        if need_down or need_bdown:
+            gy = g_e.mul_(w_e)
+            if need_down:
+                if down_transposed:
+                    _mm_out(a.t(), gy, g_wd[e])
                 else:
-                    _mm_out(gh.t(), x_e, g_wu[e])
-            if need_bup:
-                torch.sum(gh, dim=0, out=g_bu[e])
-            if need_x:
-                _mm_out(gh, w_up[e].t() if up_transposed else w_up[e], gx_sorted[s0:s1])
+                    _mm_out(gy.t(), a, g_wd[e])
+            if need_bdown:
+                torch.sum(gy, dim=0, out=g_bd[e])
+        del a
+        gh = R.activation_backward(ga, h_e, act_gate=act_gate, **act_kw)
+        if need_up:
+            x_e = x_NH.index_select(0, tok_e)
+            if up_transposed:
+                _mm_out(x_e.t(), gh, g_wu[e])
+            else:
+                _mm_out(gh.t(), x_e, g_wu[e])
+        if need_bup:
+            torch.sum(gh, dim=0, out=g_bu[e])
+        if need_x:
+            _mm_out(gh, w_up[e].t() if up_transposed else w_up[e], gx_sorted[s0:s1])
 
-    _run_parallel(work, segs)
+    _run_parallel(work, _largest_first(segs))
     grad_weights = grad_x = None
     if need_w:
         grad_weights = gw_sorted.index_select(0, inv_perm_S).view(n, k).to(weights_NK.dtype)
     if need_x:
-        grad_x = torch.zeros(n, hidden, dtype=gx_sorted.dtype, device=x_NH.device).index_add_(
-            0, tok_S, gx_sorted).to(x_NH.dtype)
+        grad_x = _combine(gx_sorted, inv_perm_S, n, k).to(x_NH.dtype)
     return grad_x, grad_weights, g_wu, g_wd, g_bu, g_bd

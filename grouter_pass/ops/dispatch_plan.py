@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from grouter_pass.ops import reference
+from grouter_pass.ops.cpu_experts import single_threaded_aten
 from grouter_pass.ops.kernel_select import kernels_available_for
 
 
@@ -28,6 +29,12 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int
         from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
 
         return dispatch_plan_triton(ids, num_experts)[:4]
+    if ids.device.type == "cpu":
+        # A stable sort of S = N*K ids: ATen's parallel radix sort synchronises its threads once
+        # per digit, which on a busy machine costs far more than the ~1 ms the sort takes on
+        # one thread (docs/performance.md).
+        with single_threaded_aten():
+            return reference.dispatch_plan_reference(ids, num_experts)
     return reference.dispatch_plan_reference(ids, num_experts)
 
 
