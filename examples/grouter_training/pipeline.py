@@ -1,0 +1,490 @@
+"""The phases of the training evidence, each written to disk and skipped when already done.
+
+::
+
+    data     stdlib corpus -> out/data/{source,target,validation}       (byte tokens, memory-mapped)
+    source   train a Qwen3-MoE with its learned router + aux loss      -> out/source/model
+    distill  Grouter <- the source's first MoE router (detection pass)  -> out/distill
+    tune     the Grouter's score layer for balance on target tokens     -> out/tune
+    targets  a fresh Qwen3-MoE twice, interleaved, same tokens and init -> out/targets/result.json
+               baseline: learned router + aux loss, torch.compile
+               grouter:  apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter)))
+    report   curves, heatmaps, ratios                                   -> CSV, PNG, summary.json/.md
+
+A phase is done when its ``result.json`` exists; it records the settings that produced it, and a
+result made with other settings is refused rather than mixed in (``--no-resume`` recomputes).
+Training phases also checkpoint every ``save_every`` steps and resume from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grouter_pass.router import (
+    ByteTokenizer,
+    Grouter,
+    PackedBatches,
+    RouterTeacher,
+    TokenizedCorpus,
+    distill,
+    load_corpus,
+    load_grouter,
+    load_source_model,
+    tune,
+)
+
+from . import metrics, plots
+from .lm import (
+    GrouterHookedLM,
+    LMRun,
+    build_moe_lm,
+    grouter_load,
+    grouter_reference_model,
+    learned_router_load,
+    train_interleaved,
+    validation_batches,
+)
+from .scales import Scale
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+GROUTER_IMPLS = ("pass", "hooks")
+
+
+class GrouterModeUnavailable(RuntimeError):
+    """This checkout's grouter_pass has no Grouter mode (``GrouterRouting``) yet."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """How to run (not what: that is the :class:`Scale`).
+
+    Attributes:
+        out_dir: where every phase writes. resume: reuse finished phases and checkpoints.
+        progress: progress bars on stderr. device: ``cpu`` or ``cuda``.
+        grouter_impl: ``"pass"`` (the graph rewrite, what the evidence is about) or ``"hooks"``
+            (a hand-written eager Grouter mode, a fallback; not a throughput measurement).
+    """
+
+    out_dir: Path
+    resume: bool = True
+    progress: bool = True
+    device: torch.device = torch.device("cpu")
+    grouter_impl: str = "pass"
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: o.tolist() if isinstance(o, torch.Tensor) else str(o)))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_jsonable(obj), indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+def compile_grouter_arm(model: torch.nn.Module, grouter: Grouter, compiler: str) -> tuple[Any, Any]:
+    """The Grouter arm through the graph pass: ``(compiled, params_fn)``.
+
+    ``params_fn`` is :func:`grouter_pass.trainable_parameters`, asked after the first forward:
+    the rewrite has then removed every router linear, and the router weights are left out of
+    the optimizer (they would get ``None`` gradients anyway).
+    """
+    try:
+        from grouter_pass import GrouterConfig, GrouterRouting, apply_grouter, trainable_parameters
+    except ImportError as exc:
+        raise GrouterModeUnavailable(f"this grouter_pass has no Grouter mode yet ({exc}); run with --grouter-impl "
+                                     "hooks for the eager reference, or update the checkout") from None
+    compiled = apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter=grouter), compiler=compiler))
+    return compiled, lambda c, _m: trainable_parameters(c)
+
+
+def hooked_grouter_arm(model: torch.nn.Module, grouter: Grouter, backend: str) -> tuple[Any, Any]:
+    """The Grouter arm as :class:`~.lm.GrouterHookedLM` (no graph pass): ``(callable, params_fn)``."""
+    wrapper = GrouterHookedLM(model, grouter)
+    routers = wrapper.router_parameters()
+    compiled = _compile(wrapper, backend)
+    return compiled, lambda _c, m: [p for p in m.parameters() if p not in routers]
+
+
+class Pipeline:
+    """Runs the phases of the module docstring for one :class:`Scale`."""
+
+    def __init__(self, scale: Scale, options: RunOptions) -> None:
+        if options.grouter_impl not in GROUTER_IMPLS:
+            raise ValueError(f"grouter_impl={options.grouter_impl!r}; choose one of {GROUTER_IMPLS}")
+        self.scale, self.opts = scale, options
+        self.out = Path(options.out_dir)
+        self.device = options.device
+        self.vocab_size = ByteTokenizer.vocab_size
+        s = dataclasses.asdict(scale)
+        data = {k: s[k] for k in ("train_tokens", "validation_tokens")}
+        source = {**data, "model": s["model"], "source_train": s["source_train"], "source_seed": s["source_seed"],
+                  "backend": s["baseline_backend"]}
+        dist = {**source, "grouter": s["grouter"], "distill": s["distill"]}
+        tun = {**dist, "tune": s["tune"]}
+        targets = {**tun, "target_train": s["target_train"], "target_seed": s["target_seed"],
+                   "grouter_compiler": s["grouter_compiler"], "grouter_impl": options.grouter_impl}
+        self.settings = {"data": data, "source": source, "distill": dist, "tune": tun, "targets": targets}
+        self.timings: dict[str, float] = {}
+
+    # -------------------------------------------------------------------------------- helpers
+
+    def _done(self, phase: str) -> dict[str, Any] | None:
+        path = self.out / phase / RESULT
+        if not (self.opts.resume and path.is_file()):
+            return None
+        result = json.loads(path.read_text())
+        diff = _settings_diff(result.get("settings", {}), _jsonable(self.settings[phase]))
+        if diff:
+            raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}); use another --out directory "
+                             "or --no-resume")
+        log.info("phase %s: done earlier, reusing %s", phase, path)
+        return result
+
+    def _finish(self, phase: str, result: dict[str, Any], t0: float) -> dict[str, Any]:
+        result = {**result, "settings": self.settings[phase], "seconds": time.perf_counter() - t0}
+        _write_json(self.out / phase / RESULT, result)
+        return _jsonable(result)
+
+    def corpus(self, name: str) -> TokenizedCorpus:
+        return TokenizedCorpus.load(self.out / "data" / name)
+
+    def _val_batches(self, batch_size: int, seq_len: int, count: int) -> list[torch.Tensor]:
+        return validation_batches(PackedBatches(self.corpus("validation"), seq_len, batch_size, shuffle=False),
+                                  count, self.device)
+
+    # --------------------------------------------------------------------------------- phases
+
+    def data(self) -> dict[str, Any]:
+        """Tokenize the stdlib corpus; cut the train split in two at a document boundary."""
+        if (done := self._done("data")) is not None:
+            return done
+        t0 = time.perf_counter()
+        train = load_corpus("stdlib", "train", max_tokens=self.scale.train_tokens)
+        val = load_corpus("stdlib", "validation", max_tokens=self.scale.validation_tokens)
+        cut = int(np.searchsorted(train.doc_offsets, train.num_tokens // 2))
+        a = int(train.doc_offsets[cut])
+        halves = {"source": TokenizedCorpus(train.tokens[:a], train.doc_offsets[:cut + 1], train.vocab_size,
+                                            train.tokenizer, "stdlib train, first half"),
+                  "target": TokenizedCorpus(train.tokens[a:], train.doc_offsets[cut:] - a, train.vocab_size,
+                                            train.tokenizer, "stdlib train, second half")}
+        for name, corpus in (*halves.items(), ("validation", val)):
+            corpus.save(self.out / "data" / name)
+        result = {name: {"tokens": c.num_tokens, "documents": c.num_documents}
+                  for name, c in (*halves.items(), ("validation", val))}
+        log.info("data: %s", result)
+        return self._finish("data", result, t0)
+
+    def source(self) -> dict[str, Any]:
+        """Pre-train the source MoE: learned router + aux balance loss."""
+        if (done := self._done("source")) is not None:
+            return done
+        t0 = time.perf_counter()
+        sc, cfg = self.scale, self.scale.source_train
+        torch._dynamo.reset()
+        model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=sc.source_seed,
+                             aux_loss_coef=cfg.aux_loss_coef, learned_router=True).to(self.device)
+        compiled = _compile(model, sc.baseline_backend)
+        run = LMRun("source", model, compiled, cfg, self.out / "source", self.settings["source"],
+                    params_fn=lambda _c, m: m.parameters(),
+                    load_fn=lambda _ids, out: learned_router_load(out, sc.model.top_k, sc.model.num_experts),
+                    aux_loss_coef=cfg.aux_loss_coef, device=self.device)
+        if self.opts.resume:
+            run.try_resume()
+        batches = PackedBatches(self.corpus("source"), cfg.seq_len, cfg.batch_size, seed=cfg.data_seed)
+        train_interleaved([run], batches, self._val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches),
+                          progress=self.opts.progress, desc="source")
+        model.save_pretrained(self.out / "source" / "model")
+        result = {"final_val_loss": run.curve[-1]["val_loss"], "curve": run.curve,
+                  "maxvio_run": metrics.load_summary(run.run_load),
+                  "parameters": sum(p.numel() for p in model.parameters())}
+        return self._finish("source", result, t0)
+
+    def distill(self) -> dict[str, Any]:
+        """Distill a Grouter from the source's first MoE router (found by the detection pass)."""
+        if (done := self._done("distill")) is not None:
+            return done
+        t0 = time.perf_counter()
+        torch._dynamo.reset()
+        source = load_source_model(self.out / "source" / "model").to(self.device)
+        teacher = RouterTeacher(source)
+        grouter, ev = distill(teacher, self.scale.grouter, self.corpus("source"), self.corpus("validation"),
+                              _on_device(self.scale.distill, self.device), out_dir=self.out / "distill",
+                              resume=self.opts.resume, progress=self.opts.progress)
+        result = {"teacher_module": teacher.module_path, "teacher_family": teacher.family,
+                  "grouter_parameters": sum(p.numel() for p in grouter.parameters()),
+                  "eval": dataclasses.asdict(ev) if ev is not None else None}
+        log.info("distill: teacher %s; %s", teacher.module_path, ev)
+        return self._finish("distill", result, t0)
+
+    def tune(self) -> dict[str, Any]:
+        """Tune the Grouter's score layer for balance on the target half of the corpus."""
+        if (done := self._done("tune")) is not None:
+            return done
+        t0 = time.perf_counter()
+        grouter = load_grouter(self.out / "distill")
+        grouter, res = tune(grouter, self.corpus("target"), self.corpus("validation"),
+                            _on_device(self.scale.tune, self.device), out_dir=self.out / "tune",
+                            resume=self.opts.resume, progress=self.opts.progress)
+        result = {"maxvio_raw": res.max_vio_before if res else None, "maxvio_tuned": res.max_vio_after if res else None}
+        log.info("tune: %s", res)
+        return self._finish("tune", result, t0)
+
+    def targets(self) -> dict[str, Any]:
+        """Train the target twice, interleaved: learned router + aux loss, and the Grouter."""
+        if (done := self._done("targets")) is not None:
+            return done
+        t0 = time.perf_counter()
+        sc, cfg = self.scale, self.scale.target_train
+        torch._dynamo.reset()
+        e, k, n_layers = sc.model.num_experts, sc.model.top_k, sc.model.num_layers
+        grouter = load_grouter(self.out / "tune").to(self.device).eval()
+        for p in grouter.parameters():
+            p.requires_grad_(False)
+
+        base_model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=sc.target_seed,
+                                  aux_loss_coef=cfg.aux_loss_coef, learned_router=True).to(self.device)
+        g_model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=sc.target_seed,
+                               aux_loss_coef=0.0, learned_router=False).to(self.device)
+        _check_same_init(base_model, g_model)
+
+        base_compiled = _compile(base_model, sc.baseline_backend)
+        if self.opts.grouter_impl == "pass":
+            g_compiled, g_params = compile_grouter_arm(g_model, grouter, sc.grouter_compiler)
+        else:
+            g_compiled, g_params = hooked_grouter_arm(g_model, grouter, sc.baseline_backend)
+        settings = self.settings["targets"]
+        base = LMRun("baseline", base_model, base_compiled, cfg, self.out / "targets" / "baseline", settings,
+                     params_fn=lambda _c, m: m.parameters(),
+                     load_fn=lambda _ids, out: learned_router_load(out, k, e), aux_loss_coef=cfg.aux_loss_coef,
+                     device=self.device)
+        grt = LMRun("grouter", g_model, g_compiled, cfg, self.out / "targets" / "grouter", settings,
+                    params_fn=g_params, load_fn=lambda ids, _out: grouter_load(grouter, ids, n_layers),
+                    device=self.device)
+        if self.opts.resume:
+            base.try_resume()
+            grt.try_resume()
+        batches = PackedBatches(self.corpus("target"), cfg.seq_len, cfg.batch_size, seed=cfg.data_seed)
+        val = self._val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        train_interleaved([base, grt], batches, val, progress=self.opts.progress, desc="targets")
+
+        # final expert load on the validation tokens, per layer
+        with torch.no_grad():
+            base_model.eval()
+            val_load_base = sum(learned_router_load(base_model(input_ids=ids), k, e) for ids in val)
+            val_load_grt = sum(grouter_load(grouter, ids, n_layers) for ids in val)
+        parity = self._parity(grt, g_model, grouter, val[0])
+        # both optimizers exist now (a run resumed at its last step had not built one yet; the
+        # Grouter arm's parameters are only known after a forward, which _parity made)
+        base._ensure_optimizer()
+        grt._ensure_optimizer()
+        router_params = sum(p.numel() for n, p in g_model.named_parameters() if n.endswith("mlp.gate.weight"))
+        result = {
+            "runs": {run.name: {"curve": run.curve, "train_log": run.train_log, "step_times": run.step_times,
+                                "run_load": run.run_load, "trainable_parameters": run.num_trainable}
+                     for run in (base, grt)},
+            "val_load": {"baseline": val_load_base, "grouter": val_load_grt},
+            "parity": parity, "router_parameters": router_params,
+            "model_parameters": sum(p.numel() for p in base_model.parameters()),
+            "grouter_impl": self.opts.grouter_impl,
+        }
+        return self._finish("targets", result, t0)
+
+    def _parity(self, run: LMRun, model: torch.nn.Module, grouter: Grouter, ids: torch.Tensor) -> dict[str, float]:
+        """Validation loss of the trained Grouter arm through its compiled callable vs the
+        hand-written eager reference with the same weights: the rewrite must compute Grouter
+        mode, not something close to it."""
+        compiled_loss = run.evaluate([ids])
+        from .lm import causal_lm_loss
+
+        ref_loss = float(causal_lm_loss(grouter_reference_model(model, grouter)(ids), ids))
+        # the same weights routed by the module's own (never trained) router: if the rewrite had
+        # silently not happened, the compiled loss would be this one
+        with torch.no_grad():
+            own_loss = float(causal_lm_loss(model(input_ids=ids).logits, ids))
+        log.info("parity: compiled Grouter arm %.6f vs eager reference %.6f (own router: %.6f)", compiled_loss,
+                 ref_loss, own_loss)
+        return {"compiled": compiled_loss, "reference": ref_loss, "abs_diff": abs(compiled_loss - ref_loss),
+                "own_router": own_loss}
+
+    # --------------------------------------------------------------------------------- report
+
+    def report(self, command: str) -> dict[str, Any]:
+        """Compute the ratios and write CSV, PNG, ``summary.json`` and ``summary.md``."""
+        res = json.loads((self.out / "targets" / RESULT).read_text())
+        prior = {p: json.loads((self.out / p / RESULT).read_text()) for p in ("data", "source", "distill", "tune")}
+        runs = res["runs"]
+        curves = {name: r["curve"] for name, r in runs.items()}
+        util = metrics.data_utilisation(curves["baseline"], curves["grouter"])
+        med = {name: metrics.median_step_seconds(r["step_times"]) for name, r in runs.items()}
+        throughput = med["baseline"] / med["grouter"] if med["baseline"] and med["grouter"] else None
+        val_load = {n: torch.tensor(v) for n, v in res["val_load"].items()}
+        run_load = {n: torch.tensor(r["run_load"]) for n, r in runs.items() if r["run_load"] is not None}
+        final = {n: max(c, key=lambda x: x["tokens"])["val_loss"] for n, c in curves.items()}
+        title = f"{self.scale.name} scale: Qwen3-MoE {self.scale.model.num_layers}L E={self.scale.model.num_experts} " \
+                f"k={self.scale.model.top_k}, stdlib bytes"
+        files = {
+            "curves_csv": plots.write_curves_csv(self.out / "val_loss.csv", curves),
+            "curves_png": plots.plot_curves(self.out / "val_loss.png", curves, target_loss=util.target_loss,
+                                            reach_tokens=util.tokens_needed, title=title),
+            "train_log_csv": plots.write_train_log_csv(self.out / "train_log.csv",
+                                                       {n: r["train_log"] for n, r in runs.items()},
+                                                       {n: r["step_times"] for n, r in runs.items()}),
+            "expert_load_csv": plots.write_load_csv(self.out / "expert_load.csv", val_load),
+            "expert_load_png": plots.plot_heatmaps(self.out / "expert_load.png", val_load,
+                                                   title="expert load on validation tokens, final models"),
+        }
+        summary = {
+            "scale": self.scale.name, "command": command, "device": str(self.device),
+            "machine": machine_info(self.device), "grouter_impl": res["grouter_impl"],
+            "final_val_loss": final, "equal_data_gap": final["baseline"] - final["grouter"],
+            "data_utilisation": {"target_loss": util.target_loss, "baseline_tokens": util.baseline_tokens,
+                                 "grouter_tokens_needed": util.tokens_needed, "ratio": util.ratio,
+                                 "speedup": util.speedup},
+            "median_step_seconds": med, "throughput_ratio": throughput,
+            "timed_steps": {n: sum(1 for t in r["step_times"] if t["counted"]) for n, r in runs.items()},
+            "maxvio_validation": {n: metrics.load_summary(v) for n, v in val_load.items()},
+            "maxvio_run": {n: metrics.load_summary(v) for n, v in run_load.items()},
+            "trainable_parameters": {n: r["trainable_parameters"] for n, r in runs.items()},
+            "model_parameters": res["model_parameters"], "router_parameters": res["router_parameters"],
+            "parity": res["parity"],
+            "source": {"final_val_loss": prior["source"]["final_val_loss"], "parameters": prior["source"]["parameters"],
+                       "maxvio_run": prior["source"]["maxvio_run"]},
+            "distill": {"teacher_module": prior["distill"]["teacher_module"], "eval": prior["distill"]["eval"],
+                        "grouter_parameters": prior["distill"]["grouter_parameters"]},
+            "tune": {"maxvio_raw": prior["tune"]["maxvio_raw"], "maxvio_tuned": prior["tune"]["maxvio_tuned"]},
+            "data": prior["data"],
+            "phase_seconds": {p: prior[p]["seconds"] for p in prior} | {"targets": res["seconds"]},
+            "files": {k: str(v) for k, v in files.items()},
+            "settings": _jsonable(self.scale.to_dict()),
+        }
+        _write_json(self.out / "summary.json", summary)
+        md = summary_markdown(summary)
+        (self.out / "summary.md").write_text(md)
+        return summary
+
+    def run_all(self, command: str) -> dict[str, Any]:
+        for phase in ("data", "source", "distill", "tune", "targets"):
+            t = time.perf_counter()
+            getattr(self, phase)()
+            self.timings[phase] = time.perf_counter() - t
+        return self.report(command)
+
+
+def _on_device(config: Any, device: torch.device) -> Any:
+    """``config`` with ``device`` set, for router configs that have the field."""
+    if any(f.name == "device" for f in dataclasses.fields(config)):
+        return dataclasses.replace(config, device=device.type)
+    return config
+
+
+def _settings_diff(saved: Any, now: Any, path: str = "") -> list[str]:
+    """Settings that differ between a saved result and this run, as ``"path: saved -> now"``.
+
+    A key present on one side only is not a difference: it is a setting that a newer (or older)
+    grouter_pass added with its default, and refusing every old result for it would force
+    recomputing phases that nothing changed. Where the settings run (``device``) is ignored.
+    """
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out: list[str] = []
+        for k in sorted(set(saved) & set(now)):
+            if k != "device":
+                out += _settings_diff(saved[k], now[k], f"{path}.{k}" if path else k)
+        return out
+    return [] if saved == now else [f"{path}: {saved!r} -> {now!r}"]
+
+
+def _compile(model: torch.nn.Module, backend: str) -> Any:
+    """``torch.compile(model, backend=backend)``, or the eager module for ``backend="none"``."""
+    return model if backend == "none" else torch.compile(model, backend=backend)
+
+
+def _check_same_init(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Both target arms must start from the same weights (same seed, same architecture)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys() or any(not torch.equal(sa[n], sb[n]) for n in sa):
+        raise RuntimeError("the two target arms do not start from the same initialisation")
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                            "python": platform.python_version()}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in out.splitlines() if ln.startswith("Model name")),
+                           platform.processor())
+    except (OSError, subprocess.SubprocessError):
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _fmt(value: float | None, spec: str = ".4f", none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    """The end-of-run summary (also the table pasted into docs/results.md)."""
+    u = s["data_utilisation"]
+    if u["ratio"] is None:
+        util = (f"not reached: the Grouter run never got to the baseline's final validation loss "
+                f"{u['target_loss']:.4f} within {u['baseline_tokens']:,} tokens")
+    else:
+        util = (f"{u['ratio']:.1%} of the baseline's tokens ({u['grouter_tokens_needed']:,.0f} of "
+                f"{u['baseline_tokens']:,}), i.e. {u['speedup']:.2f}x")
+    med = s["median_step_seconds"]
+    mv, mr = s["maxvio_validation"], s["maxvio_run"]
+    par = s["parity"]
+    rows = [
+        ("final validation loss (nats/byte)", _fmt(s["final_val_loss"]["baseline"]),
+         _fmt(s["final_val_loss"]["grouter"])),
+        ("median step time (s)", _fmt(med["baseline"], ".3f"), _fmt(med["grouter"], ".3f")),
+        ("timed steps", str(s["timed_steps"]["baseline"]), str(s["timed_steps"]["grouter"])),
+        ("MaxVio, validation, mean over layers", _fmt((mv["baseline"] or {}).get("mean"), ".3f"),
+         _fmt((mv["grouter"] or {}).get("mean"), ".3f")),
+        ("MaxVio, validation, worst layer", _fmt((mv["baseline"] or {}).get("max"), ".3f"),
+         _fmt((mv["grouter"] or {}).get("max"), ".3f")),
+        ("MaxVio_global over the run (layers pooled)", _fmt((mr.get("baseline") or {}).get("global"), ".3f"),
+         _fmt((mr.get("grouter") or {}).get("global"), ".3f")),
+        ("trainable parameters", f"{s['trainable_parameters']['baseline']:,}",
+         f"{s['trainable_parameters']['grouter']:,}"),
+    ]
+    lines = [
+        f"## Grouter training evidence: `{s['scale']}` scale",
+        "",
+        f"Command: `{s['command']}`  ",
+        f"Machine: {s['machine'].get('cpu')}, {s['machine']['threads']} threads, torch {s['machine']['torch']}, "
+        f"device {s['device']}; Grouter arm: {s['grouter_impl']}",
+        "",
+        "| | baseline (learned router + aux loss) | Grouter (frozen, all layers) |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        f"- **Data utilisation**: {util} (paper: 23.3%, 4.28x).",
+        f"- **Equal-data loss gap** (baseline - Grouter, final): {s['equal_data_gap']:+.4f}.",
+        f"- **Training-step throughput ratio** (median step baseline / Grouter): "
+        f"{_fmt(s['throughput_ratio'], '.3f')}.",
+        f"- Source model: final validation loss {_fmt(s['source']['final_val_loss'])}; distilled from "
+        f"`{s['distill']['teacher_module']}`: {_fmt((s['distill']['eval'] or {}).get('kl'))} KL, top-k overlap "
+        f"{_fmt((s['distill']['eval'] or {}).get('topk_overlap'), '.1%')}; tuning MaxVio "
+        f"{_fmt(s['tune']['maxvio_raw'], '.3f')} (raw) -> {_fmt(s['tune']['maxvio_tuned'], '.3f')} (tuned).",
+        f"- Parity of the compiled Grouter arm with a hand-written eager reference (validation loss): "
+        f"|diff| = {par['abs_diff']:.2e}.",
+        "",
+    ]
+    return "\n".join(lines)
