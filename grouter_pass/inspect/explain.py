@@ -57,6 +57,8 @@ def explain(model: torch.nn.Module, *args: Any, config: GrouterConfig | None = N
         tolerance: the max relative error a parity row may show to count as equal.
     """
     config = dataclasses.replace(config or GrouterConfig(compiler="eager"), verify=False)
+    if not config.exact:
+        return _explain_grouter_mode(model, args, kwargs, config, tolerance)
     candidate = copy.deepcopy(model)
     prepared = prepare_model(candidate) if config.rewrite_modules else PrepareReport()
     before = _graph_counts(model, args, kwargs)
@@ -77,6 +79,10 @@ def explain(model: torch.nn.Module, *args: Any, config: GrouterConfig | None = N
     for name in parity.missing_grads:
         rows.append(ParityRow(f"grad[{name}]", [], float("nan"), float("nan"), False))
 
+    return _assemble(model, "exact", backend, prepared, before, after, rows, tolerance)
+
+
+def _assemble(model, mode, backend, prepared, before, after, rows, tolerance, **extra) -> ExplainReport:
     diffs, sites = [], []
     for i, (gm_before, gm_after, report) in enumerate(backend.graphs):
         tags_before, tags_after = rewrite_tags(report)
@@ -86,6 +92,33 @@ def explain(model: torch.nn.Module, *args: Any, config: GrouterConfig | None = N
     prepared_lines = [f"{p}: experts_implementation -> 'grouter'" for p in prepared.experts_switched] + [
         b.summary() for b in prepared.loop_blocks]
     return ExplainReport(
-        model=type(model).__name__, mode="exact", sites=sites, diffs=diffs,
+        model=type(model).__name__, mode=mode, sites=sites, diffs=diffs,
         op_counts=changed_op_counts([g[0] for g in backend.graphs], [g[1] for g in backend.graphs]),
-        graphs_before=before, graphs_after=after, parity=rows, tolerance=tolerance, prepared=prepared_lines)
+        graphs_before=before, graphs_after=after, parity=rows, tolerance=tolerance, prepared=prepared_lines,
+        **extra)
+
+
+def _explain_grouter_mode(model, args, kwargs, config, tolerance) -> ExplainReport:
+    """Grouter, precomputed or hash routing: the rewrite, the routing agreement with the model's
+    own router, and what changed (unused router parameters, removed auxiliary losses)."""
+    from grouter_pass.inspect.routing_agreement import routing_agreement
+
+    candidate = copy.deepcopy(model)
+    before = _graph_counts(model, args, kwargs)
+    backend = GrouterBackend(config, keep_graphs=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(candidate, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
+    compiled(*args, **kwargs)
+    agreement = routing_agreement(model, config, lambda m: m(*args, **kwargs))
+    changes = []
+    param_names = {id(p): n for n, p in candidate.named_parameters()}
+    for report in backend.reports:
+        if report.shared is None:
+            continue
+        changes += [f"router parameter unused (no gradient): {param_names.get(id(p), '?')}"
+                    for p in report.unused_parameters]
+        changes += [f"auxiliary loss removed: {line}" for line in report.shared.get("aux_losses", [])]
+        changes += [f"returned router logits are zeros: {line}" for line in report.shared.get("zeroed_logits", [])]
+        changes += [f"router output kept: {line}" for line in report.shared.get("kept", [])]
+    return _assemble(model, config.routing.kind, backend, PrepareReport(), before, before, [], tolerance,
+                     agreement=agreement, changes=changes)

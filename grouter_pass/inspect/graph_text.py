@@ -79,6 +79,11 @@ def graph_lines(gm: fx.GraphModule, tags: dict[str, str] | None = None, *, place
 def rewrite_tags(report: Any) -> tuple[dict[str, str], dict[str, str]]:
     """(tags for the graph before: removed nodes -> their site, tags after: new nodes -> their role)."""
     before, after = {}, {}
+    shared = getattr(report, "shared", None) or {}
+    for name, role in shared.get("nodes", {}).items():
+        after[name] = f"{ROLE_LABELS.get(role, role)}: shared by every layer"
+    for name in shared.get("removed", []):
+        before[name] = "removed: router"
     for site in report.sites:
         for name in site.removed_nodes:
             before[name] = f"removed: {site.module_path}"

@@ -90,6 +90,12 @@ def render_html(report: ExplainReport) -> str:
     parts.append(_table(("module", "family", "E", "k", "gating", "experts", "routing", "became"),
                         [r for r in report.site_rows()], cls="sites"))
 
+    if report.mode != "exact":
+        parts.append(f'<h2 id="agreement">Routing agreement: {escape(report.mode)} routing vs the model\'s own '
+                     "router</h2>")
+        parts.append(_table(report.agreement_header(), report.agreement_rows(), cls="agreement", numeric={1, 2}))
+        parts.append('<h2 id="changes">What else changed</h2><ul>'
+                     + "".join(f"<li>{escape(c)}</li>" for c in report.changes) + "</ul>")
     parts.append('<h2 id="parity">Parity: rewritten vs original, forward and backward</h2>')
     parts.append(_table(report.parity_header(), [r[:-1] + ("ok" if r[-1] else "FAIL",) for r in report.parity_rows()],
                         cls="parity", row_classes=["" if r[-1] else "failrow" for r in report.parity_rows()],

@@ -60,6 +60,10 @@ class ExplainReport:
     parity: list[ParityRow]
     tolerance: float
     prepared: list[str] = field(default_factory=list)   # pre-Dynamo module rewrites, one line each
+    #: Grouter modes: per-site agreement of the routing source with the model's own router, and
+    #: what the rewrite changed besides the routing (unused router parameters, removed losses)
+    agreement: list[Any] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
 
     # ---- summaries -------------------------------------------------------------------------
     @property
@@ -78,6 +82,7 @@ class ExplainReport:
             "graphs": {"before": vars(self.graphs_before), "after": vars(self.graphs_after)},
             "op_counts": [{"op": o, "before": b, "after": a} for o, b, a in self.op_counts],
             "parity": [vars(r) for r in self.parity],
+            "agreement": [vars(a) for a in self.agreement], "changes": list(self.changes),
             "diffs": [{"graph": d.index, "unified": d.unified} for d in self.diffs],
         }
 
@@ -96,6 +101,13 @@ class ExplainReport:
                          str(g.top_k) if g else "-", g.describe() if g else "-",
                          s.experts.describe() if s.experts else "-", routing, became))
         return rows
+
+    @staticmethod
+    def agreement_header() -> tuple[str, ...]:
+        return ("site", "mean top-k overlap", "same top-k set")
+
+    def agreement_rows(self) -> list[tuple[str, ...]]:
+        return [(a.site, f"{a.overlap:.1%}", f"{a.exact:.1%}") for a in self.agreement]
 
     @staticmethod
     def parity_header() -> tuple[str, ...]:
@@ -125,6 +137,18 @@ class ExplainReport:
         out.append(c.bold("Op counts (changed ops)"))
         out += _table([("op", "before", "after")] + [(o, str(b), str(a)) for o, b, a in self.op_counts])
         out.append("")
+        if self.mode != "exact":
+            out.append(c.bold(f"Routing agreement: {self.mode} routing vs the model's own router (top-k sets)"))
+            out += _table([self.agreement_header(), *self.agreement_rows()])
+            out.append("")
+            out.append(c.bold("What else changed"))
+            out += [f"  {line}" for line in self.changes] or ["  (nothing)"]
+            if diff:
+                for d in self.diffs:
+                    out.append("")
+                    out.append(c.bold(f"Diff of graph {d.index}" + ("" if d.changed else " (unchanged)")))
+                    out += [c.diff_line(line) for line in d.unified.splitlines()]
+            return "\n".join(out)
         verdict = c.green("PASS") if self.parity_ok else c.red("FAIL")
         out.append(c.bold(f"Parity, rewritten vs original, forward and backward: {verdict} "
                           f"(max rel err <= {self.tolerance:g})"))

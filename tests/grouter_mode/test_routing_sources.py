@@ -290,3 +290,25 @@ def test_an_aux_loss_inside_the_graph_is_replaced_by_zero_with_a_log_line(caplog
 def test_verify_is_refused_outside_exact_mode():
     with pytest.raises(ValueError, match="verify=True compares against the original model"):
         GrouterConfig(routing=HashRouting.random(VOCAB, E, K), verify=True)
+
+
+def test_explain_in_grouter_mode_reports_routing_agreement_and_what_changed():
+    """Precomputed routing equal to the model's own top-k agrees 100%; a shifted one does not."""
+    torch.manual_seed(0)
+    model = TinyMoELM(BatchedGatherMoE, layers=1)
+    ids = tiny_token_ids(2, 5)
+    with torch.no_grad():
+        x = model.norms[0](model.embed(ids)).reshape(-1, 64)
+        weights, own = torch.topk(torch.softmax(x @ model.blocks[0].router, dim=-1), K, dim=-1)
+    config = GrouterConfig(routing=PrecomputedRouting(), compiler="eager")
+    with grouter_pass.routing(weights, own):
+        same = grouter_pass.explain(model, ids, config=config)
+    with grouter_pass.routing(weights, (own + 1) % E):
+        other = grouter_pass.explain(model, ids, config=config)
+    assert [(a.site, a.overlap, a.exact) for a in same.agreement] == [("blocks.0", 1.0, 1.0)]
+    assert other.agreement[0].exact < 1.0 and other.agreement[0].overlap < 1.0
+    assert same.changes == ["router parameter unused (no gradient): blocks.0.router"]
+    text = same.render_text(diff=True)
+    assert "Routing agreement: precomputed routing vs the model's own router" in text
+    assert "# router: shared by every layer" in text and "# removed: router" in text
+    assert 'id="agreement"' in same.to_html()
