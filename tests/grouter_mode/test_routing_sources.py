@@ -312,3 +312,12 @@ def test_explain_in_grouter_mode_reports_routing_agreement_and_what_changed():
     assert "Routing agreement: precomputed routing vs the model's own router" in text
     assert "# router: shared by every layer" in text and "# removed: router" in text
     assert 'id="agreement"' in same.to_html()
+
+
+def test_external_routing_op_passes_opcheck():
+    source = HashRouting.random(VOCAB, E, K, seed=3)
+    ids = tiny_token_ids(3, 7)
+    torch.library.opcheck(torch.ops.grouter.external_routing.default, (ids, source.key, 2, K))
+    weights, expert_ids = torch.ops.grouter.external_routing(ids, source.key, 2, K)
+    assert expert_ids.shape == (21, K) and torch.equal(expert_ids, source.table[ids.reshape(-1)])
+    torch.testing.assert_close(weights, torch.full((21, K), 1 / K))
