@@ -165,8 +165,16 @@ def _vocab_size_of(model: torch.nn.Module) -> int | None:
     return None
 
 
-def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """A transformers causal LM from a local checkpoint directory (no download)."""
+def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                      num_layers: int | None = None) -> torch.nn.Module:
+    """A transformers causal LM from a local checkpoint directory (no download).
+
+    Args:
+        num_layers: load only the first ``num_layers`` decoder layers (as the reference's
+            ``--grouter-allow-partial-load``): distillation reads the first MoE layer's router
+            only, so a large source fits in far less memory. The weights of the dropped layers
+            are not read.
+    """
     p = Path(path)
     if not p.is_dir() or not (p / "config.json").is_file():
         raise FileNotFoundError(f"source model not found: {p} is not a transformers checkpoint directory "
@@ -175,8 +183,24 @@ def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
+    kwargs = {}
+    if num_layers is not None:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(p), local_files_only=True)
+        total = getattr(config, "num_hidden_layers", None)
+        if not isinstance(total, int):
+            raise ValueError(f"{p}: the config has no num_hidden_layers, so --source-layers cannot truncate it")
+        if not 1 <= num_layers <= total:
+            raise ValueError(f"source layers {num_layers} is out of range: the model has num_hidden_layers={total}")
+        config.num_hidden_layers = num_layers
+        for name in ("layer_types", "mlp_only_layers"):   # per-layer lists some configs carry
+            value = getattr(config, name, None)
+            if isinstance(value, list) and len(value) == total:
+                setattr(config, name, value[:num_layers])
+        kwargs["config"] = config
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ValueError(f"cannot load the source model from {p}: {exc}") from None
     return model.eval()

@@ -102,7 +102,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from grouter_pass.router.distillation import DistillConfig, distill
 
     source = Path(args.source)
-    model = load_source_model(source).to(args.device)
+    model = load_source_model(source, num_layers=args.source_layers).to(args.device)
     has_tok = (source / "tokenizer.json").exists() or (source / "tokenizer_config.json").exists()
     tokenizer = _tokenizer(args, str(source) if has_tok else "byte")
     teacher = RouterTeacher(model)
@@ -261,6 +261,8 @@ def register(subparsers: Any) -> None:
                                           "checkpoint directory (found by the grouter detection pass).")
     p.add_argument("--source", required=True, help="source MoE: a local transformers checkpoint directory")
     p.add_argument("--out", required=True, help="run/output directory (checkpoints, final Grouter)")
+    p.add_argument("--source-layers", type=int, default=None,
+                   help="load only the first N decoder layers of the source (enough to reach its first MoE layer)")
     _add_data_args(p, max_tokens=5_000_000, val=True)
     _grouter_size_args(p)
     _add_train_args(p, steps=1000, lr=3e-4, warmup=100, seq_len=512, batch_size=8)

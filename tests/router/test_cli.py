@@ -62,10 +62,16 @@ def test_expand(tmp_path, ckpt, text, capsys):
 
 
 def test_distill_from_a_transformers_directory(tmp_path, text, capsys):
+    from grouter_pass.router import load_source_model
     from grouter_pass.testing.models import tiny_hf_moe
 
-    tiny_hf_moe("mixtral", vocab_size=257, num_hidden_layers=1).save_pretrained(tmp_path / "src")
-    args = ["distill", "--source", tmp_path / "src", "--out", tmp_path / "d", "--data", text, "--hidden-size", 16,
+    tiny_hf_moe("mixtral", vocab_size=257).save_pretrained(tmp_path / "src")
+    assert load_source_model(tmp_path / "src", num_layers=1).config.num_hidden_layers == 1
+    with pytest.raises(ValueError, match="source layers 3 is out of range: the model has num_hidden_layers=2"):
+        load_source_model(tmp_path / "src", num_layers=3)
+    # the first MoE layer is all distillation reads: load one of the two layers
+    args = ["distill", "--source", tmp_path / "src", "--source-layers", 1, "--out", tmp_path / "d", "--data", text,
+            "--hidden-size", 16,
             "--num-heads", 2, "--num-layers", 1, "--intermediate-size", 16, "--steps", 3, "--batch-size", 2,
             "--seq-len", 16, "--warmup", 1, "--save-every", 2, "--eval-tokens", 64, "--no-progress"]
     rc, out, err = run(capsys, *args)

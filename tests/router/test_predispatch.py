@@ -115,3 +115,18 @@ def test_vocab_mismatch_and_empty_dataset(tmp_path):
     TokenizedCorpus(np.zeros(0, np.uint16), np.zeros(1, np.int64), 32).save(tmp_path / "empty")
     with pytest.raises(ValueError, match="empty dataset"):
         predispatch(tiny_grouter(), tmp_path / "empty", progress=False)
+
+
+def test_document_and_packed_routing_differ_across_a_boundary(tmp_path):
+    """The encoder is bidirectional: next to a document boundary, packed routing sees the
+    neighbouring document and document routing does not (why granularity is an option)."""
+    g = tiny_grouter()
+    d = corpus_dir(tmp_path, doc_lengths=(16, 16))
+    predispatch(g, d, granularity="document", seq_len=32, weights_dtype="fp32", name="doc", progress=False)
+    predispatch(g, d, granularity="packed", seq_len=32, weights_dtype="fp32", name="packed", progress=False)
+    doc = PreDispatchedDataset(d, name="doc", seq_len=32)[0][1]
+    packed = PreDispatchedDataset(d, name="packed", seq_len=32)[0][1]
+    assert not torch.allclose(doc.weights, packed.weights)
+    tokens = PreDispatchedDataset(d, name="doc", seq_len=32)[0][0]
+    torch.testing.assert_close(doc.weights[:16], g.route(tokens[None, :16])[0][0])
+    torch.testing.assert_close(packed.weights, g.route(tokens[None])[0][0])
