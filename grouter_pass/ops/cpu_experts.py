@@ -8,9 +8,10 @@ waits for a descheduled thread; measured on the 2-core benchmark machine under l
 per-expert GEMMs took 5-7x longer with 2 threads than with 1 (docs/performance.md). Here the
 experts are split between ``torch.get_num_threads()`` Python threads (ATen releases the GIL),
 each running its experts single-threaded from gather to weighted output while the rows are in
-cache: ``x[tokens] -> h = x W_up^T -> act -> y = a W_down^T -> y *= w``. One parallel region per
-call, no ``[S, H]`` gathered copy of ``x``, and the per-element arithmetic is the reference's,
-so results equal the reference's up to the GEMM library's blocking.
+cache: ``x[tokens] -> h = x W_up^T -> act -> y = a W_down^T -> y *= w``. The threads meet once
+per call (plus once for the combine), no ``[S, H]`` gathered copy of ``x`` exists, and the
+per-element arithmetic is the reference's, so results equal the reference's up to the GEMM
+library's blocking.
 
 Only the common configuration is handled (see :func:`supported`): one dtype for activations
 and weights, weight on the output. Everything else runs :mod:`grouter_pass.ops.reference`.
@@ -33,21 +34,25 @@ from grouter_pass.ops import reference as R
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_queue_threads = 0  # threads of the expert/token queue, while a whole call runs single-threaded
+_DONE = object()
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_size = 0
+# threads of the expert/token queue while a whole call runs with ATen single-threaded
+_call_state = threading.local()
+
+
+def _queue_threads() -> int:
+    return getattr(_call_state, "threads", 0) or torch.get_num_threads()
 
 
 @contextlib.contextmanager
 def _threads_for_queue(threads: int) -> Iterator[None]:
-    global _queue_threads
-    before = _queue_threads
-    _queue_threads = threads
+    before = getattr(_call_state, "threads", 0)
+    _call_state.threads = threads
     try:
         yield
     finally:
-        _queue_threads = before
-_DONE = object()
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
-_pool_size = 0
+        _call_state.threads = before
 
 
 def supported(x: torch.Tensor, weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
@@ -87,7 +92,7 @@ def _run_parallel(work: Callable[[T], None], items: Sequence[T]) -> None:
     """``work(item)`` for every item, pulled from a shared queue by this thread and
     ``torch.get_num_threads() - 1`` pool threads (a descheduled thread delays only its current
     item, not a fixed share); every thread runs ATen single-threaded, without autograd recording."""
-    threads = max(_queue_threads or torch.get_num_threads(), 1)
+    threads = max(_queue_threads(), 1)
     queue = iter(items)
     lock = threading.Lock()
 
@@ -148,7 +153,7 @@ def _combine(rows_S: torch.Tensor, inv_perm_S: torch.Tensor, n: int, k: int) -> 
         for j in range(1, k):
             acc += gathered[:, j]
 
-    _run_parallel(work, _token_chunks(n, max(_queue_threads, 1)))
+    _run_parallel(work, _token_chunks(n, _queue_threads()))
     return out
 
 
