@@ -95,9 +95,15 @@ def _run_parallel(work: Callable[[T], None], items: Sequence[T]) -> None:
     threads = max(_queue_threads(), 1)
     queue = iter(items)
     lock = threading.Lock()
+    # thread-local modes of the calling thread that change what the ops do (inference tensors
+    # may only be written in inference mode; autocast picks the GEMMs' dtype)
+    inference = torch.is_inference_mode_enabled()
+    autocast = torch.is_autocast_enabled("cpu")
+    autocast_dtype = torch.get_autocast_dtype("cpu")
 
     def drain() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), torch.inference_mode(inference), torch.autocast(
+                "cpu", dtype=autocast_dtype, enabled=autocast):
             torch.set_num_threads(1)  # ATen's thread count is per thread (OpenMP ICV, MKL local)
             while True:
                 with lock:
@@ -244,7 +250,8 @@ def moe_experts_backward_cpu(
         g_e = g_src.index_select(0, tok_e)
         h_e = h[s0:s1]
         a, act_gate = R.activation_forward_saving(h_e, **act_kw)
-        ga = torch.mm(g_e, w_down[e].t() if down_transposed else w_down[e])
+        ga = g_e.new_empty(s1 - s0, a.shape[1])  # out= form, as the reference (autocast skips it)
+        _mm_out(g_e, w_down[e].t() if down_transposed else w_down[e], ga)
         if need_w:
             gw = (ga * a).sum(dim=-1)
             if b_down is not None:

@@ -83,3 +83,23 @@ def test_errors_in_worker_threads_propagate(threads):
     with pytest.raises(RuntimeError):
         C.moe_experts_cpu(*bad, **kw)
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "autocast_bf16"])
+def test_calling_threads_modes_reach_the_workers(mode, threads):
+    """Inference tensors are written by the worker threads, and autocast applies there as on the
+    calling thread (the bias term of the routing-weight gradient is an autocast GEMM in the
+    reference): forward and backward equal the reference run under the same mode."""
+    args, kw = _inputs("gpt_oss")
+    ctx = (torch.inference_mode if mode == "inference_mode"
+           else lambda: torch.autocast("cpu", dtype=torch.bfloat16))
+    with ctx():
+        out, h = C.moe_experts_cpu(*args, **kw)
+        want_out, want_h = R.moe_experts_reference(*args, **kw)
+        grad = torch.ones_like(out)
+        got = C.moe_experts_backward_cpu(grad, *args, want_h, **kw)
+        want = R.moe_experts_backward_reference(grad, *args, want_h, **kw)
+    torch.testing.assert_close(h, want_h, rtol=0, atol=0)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-7)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
