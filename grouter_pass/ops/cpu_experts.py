@@ -102,8 +102,9 @@ def _run_parallel(work: Callable[[T], None], items: Sequence[T]) -> None:
     autocast_dtype = torch.get_autocast_dtype("cpu")
 
     def drain() -> None:
-        with torch.no_grad(), torch.inference_mode(inference), torch.autocast(
-                "cpu", dtype=autocast_dtype, enabled=autocast):
+        # inference_mode(False) would turn grad mode back on, so it is entered only when set
+        mode = torch.inference_mode() if inference else contextlib.nullcontext()
+        with mode, torch.no_grad(), torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast):
             torch.set_num_threads(1)  # ATen's thread count is per thread (OpenMP ICV, MKL local)
             while True:
                 with lock:

@@ -103,3 +103,13 @@ def test_calling_threads_modes_reach_the_workers(mode, threads):
     torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-7)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_inputs_that_require_grad_outside_no_grad(threads):
+    """The op's implementation can be entered with grad mode on and inputs requiring grad
+    (autograd is below the custom op): the worker threads must still not record."""
+    args, kw = _inputs("swiglu")
+    args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    out, h = C.moe_experts_cpu(*args, **kw)
+    grads = C.moe_experts_backward_cpu(torch.ones_like(out), *args, h.detach(), **kw)
+    assert not out.requires_grad and all(g is None or not g.requires_grad for g in grads)
