@@ -19,9 +19,14 @@ Usage::
 
 Every phase writes its result under ``--out`` (default ``out/train_grouter/<scale>``) and is
 skipped when run again; training phases checkpoint and resume. ``--until tune`` stops before the
-target runs. The process pins glibc's allocator thresholds (re-executing itself if needed): on
-CPU, unpinned large frees page-fault back in every step and make step times uneven
-(docs/performance.md).
+target runs.
+
+The process re-executes itself once with two environment settings, both needed on a shared CPU:
+glibc's allocator thresholds pinned (unpinned large frees page-fault back in every step and make
+step times uneven, docs/performance.md), and ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads that
+spin at barriers while other processes hold the cores turn a step of the cpu-scale model from
+~0.4 s into ~15 s (measured on the 2-core machine under load; passive waiting costs nothing
+measurable when the machine is idle). An explicit ``OMP_WAIT_POLICY`` in the environment wins.
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from __future__ import annotations
 import os
 import sys
 
-PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
+PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296",
+          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in PINNED.items()):
     os.execvpe(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED})
 
@@ -64,6 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grouter-impl", choices=GROUTER_IMPLS, default="pass",
                    help="pass: the graph rewrite (default); hooks: a hand-written eager reference, for when this "
                         "checkout has no Grouter mode (its step times say nothing about the pass)")
+    p.add_argument("--grouter-attention", choices=("causal", "bidirectional"), default=None,
+                   help="ablation: the Grouter's attention (default: the scale's, causal; bidirectional is the "
+                        "reference code's and lets a token's routing see the next token)")
+    p.add_argument("--gate-scale", type=float, default=None,
+                   help="ablation: the Grouter gates' scaling factor in the target run (default: the Grouter's, 2.5)")
+    p.add_argument("--target-seed", type=int, default=None,
+                   help="initialisation seed of both target arms (default: the scale's); a repeat with another "
+                        "seed measures the run-to-run spread")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -75,6 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     scale = get_scale(args.scale)
     if args.target_steps is not None:
         scale = scale.replace(target_train=dataclasses.replace(scale.target_train, steps=args.target_steps))
+    if args.grouter_attention is not None:
+        scale = scale.replace(grouter=scale.grouter.replace(causal=args.grouter_attention == "causal"))
+    if args.target_seed is not None:
+        scale = scale.replace(target_seed=args.target_seed)
+    if args.gate_scale is not None:
+        scale = scale.replace(target_gate_scale=args.gate_scale)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     if device.type == "cpu":
@@ -84,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     out = args.out or Path("out") / "train_grouter" / args.scale
-    opts = RunOptions(out_dir=out, resume=not args.no_resume, progress=not args.no_progress, device=device,
-                      grouter_impl=args.grouter_impl)
-    pipe = Pipeline(scale, opts)
     command = "python examples/train_grouter.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    opts = RunOptions(out_dir=out, resume=not args.no_resume, progress=not args.no_progress, device=device,
+                      grouter_impl=args.grouter_impl, command=command)
+    pipe = Pipeline(scale, opts)
     log.info("scale %s on %s, %d threads, output %s", scale.name, device, torch.get_num_threads(), out)
     for phase in PHASES[:-1]:
         getattr(pipe, phase)()

@@ -60,6 +60,27 @@ def data_utilisation(baseline_curve: Sequence[dict[str, float]], grouter_curve: 
                                                                                          final["val_loss"]))
 
 
+def utilisation_vs_best(baseline_curve: Sequence[dict[str, float]], grouter_curve: Sequence[dict[str, float]]
+                        ) -> dict[str, float | None]:
+    """A less noise-sensitive variant: the baseline's *best* validation loss, the tokens at which
+    the baseline first got there, and the tokens the Grouter run needed for it (the final point of
+    a short run can sit on an upward blip of its curve)."""
+    best = min(baseline_curve, key=lambda c: (c["val_loss"], c["tokens"]))
+    need = tokens_to_reach(grouter_curve, best["val_loss"])
+    return {"target_loss": float(best["val_loss"]), "baseline_tokens": float(best["tokens"]),
+            "grouter_tokens_needed": need, "ratio": None if need is None or not best["tokens"] else
+            need / float(best["tokens"])}
+
+
+def mean_gap(baseline_curve: Sequence[dict[str, float]], grouter_curve: Sequence[dict[str, float]], *,
+             from_tokens: float) -> float | None:
+    """Mean of ``baseline - grouter`` validation loss over the evaluations both runs made at or
+    after ``from_tokens`` (equal data; positive: the Grouter run is ahead)."""
+    g = {c["tokens"]: c["val_loss"] for c in grouter_curve}
+    gaps = [c["val_loss"] - g[c["tokens"]] for c in baseline_curve if c["tokens"] >= from_tokens and c["tokens"] in g]
+    return sum(gaps) / len(gaps) if gaps else None
+
+
 def median_step_seconds(step_times: Sequence[dict[str, float]]) -> float | None:
     """Median of the counted steps (see the module docstring); None if none was counted."""
     counted = [t["seconds"] for t in step_times if t["counted"]]

@@ -83,6 +83,7 @@ class RunOptions:
     progress: bool = True
     device: torch.device = torch.device("cpu")
     grouter_impl: str = "pass"
+    command: str = ""
 
 
 def _jsonable(obj: Any) -> Any:
@@ -138,6 +139,8 @@ class Pipeline:
         tun = {**dist, "tune": s["tune"]}
         targets = {**tun, "target_train": s["target_train"], "target_seed": s["target_seed"],
                    "grouter_compiler": s["grouter_compiler"], "grouter_impl": options.grouter_impl}
+        if scale.target_gate_scale is not None:   # only when set: older results stay valid
+            targets["target_gate_scale"] = scale.target_gate_scale
         self.settings = {"data": data, "source": source, "distill": dist, "tune": tun, "targets": targets}
         self.timings: dict[str, float] = {}
 
@@ -250,9 +253,13 @@ class Pipeline:
             return done
         t0 = time.perf_counter()
         sc, cfg = self.scale, self.scale.target_train
+        self.code_version = code_version()   # at the start: the checkout may change during the run
         torch._dynamo.reset()
         e, k, n_layers = sc.model.num_experts, sc.model.top_k, sc.model.num_layers
         grouter = load_grouter(self.out / "tune").to(self.device).eval()
+        if sc.target_gate_scale is not None:
+            grouter.config = grouter.config.replace(scaling_factor=sc.target_gate_scale)
+        self.grouter_gate = {"causal": grouter.config.causal, "scaling_factor": grouter.config.scaling_factor}
         for p in grouter.parameters():
             p.requires_grad_(False)
 
@@ -300,7 +307,8 @@ class Pipeline:
             "val_load": {"baseline": val_load_base, "grouter": val_load_grt},
             "parity": parity, "router_parameters": router_params,
             "model_parameters": sum(p.numel() for p in base_model.parameters()),
-            "grouter_impl": self.opts.grouter_impl,
+            "grouter_impl": self.opts.grouter_impl, "grouter_gate": self.grouter_gate,
+            "code_version": self.code_version, "command": self.opts.command,
         }
         return self._finish("targets", result, t0)
 
@@ -332,6 +340,8 @@ class Pipeline:
         util = metrics.data_utilisation(curves["baseline"], curves["grouter"])
         med = {name: metrics.median_step_seconds(r["step_times"]) for name, r in runs.items()}
         throughput = med["baseline"] / med["grouter"] if med["baseline"] and med["grouter"] else None
+        best = metrics.utilisation_vs_best(curves["baseline"], curves["grouter"])
+        half = max(c["tokens"] for c in curves["baseline"]) / 2
         val_load = {n: torch.tensor(v) for n, v in res["val_load"].items()}
         run_load = {n: torch.tensor(r["run_load"]) for n, r in runs.items() if r["run_load"] is not None}
         final = {n: max(c, key=lambda x: x["tokens"])["val_loss"] for n, c in curves.items()}
@@ -349,13 +359,17 @@ class Pipeline:
                                                    title="expert load on validation tokens, final models"),
         }
         summary = {
-            "scale": self.scale.name, "command": command, "device": str(self.device),
+            "scale": self.scale.name, "command": res.get("command") or command, "device": str(self.device),
             "machine": machine_info(self.device), "grouter_impl": res["grouter_impl"],
+            "grouter_gate": res.get("grouter_gate"), "code_version": res.get("code_version"),
             "final_val_loss": final, "equal_data_gap": final["baseline"] - final["grouter"],
             "data_utilisation": {"target_loss": util.target_loss, "baseline_tokens": util.baseline_tokens,
                                  "grouter_tokens_needed": util.tokens_needed, "ratio": util.ratio,
                                  "speedup": util.speedup},
+            "data_utilisation_vs_best": best,
+            "mean_gap_second_half": metrics.mean_gap(curves["baseline"], curves["grouter"], from_tokens=half),
             "median_step_seconds": med, "throughput_ratio": throughput,
+            "grouter_route_ms": self._time_grouter_route(),
             "timed_steps": {n: sum(1 for t in r["step_times"] if t["counted"]) for n, r in runs.items()},
             "maxvio_validation": {n: metrics.load_summary(v) for n, v in val_load.items()},
             "maxvio_run": {n: metrics.load_summary(v) for n, v in run_load.items()},
@@ -376,6 +390,26 @@ class Pipeline:
         md = summary_markdown(summary)
         (self.out / "summary.md").write_text(md)
         return summary
+
+    def _time_grouter_route(self, calls: int = 10) -> float:
+        """Median ms of one Grouter forward + gate on a training-shaped batch (no grad): what the
+        Grouter arm pays per step on top of the model, outside the interleaved timing."""
+        import statistics
+
+        grouter = load_grouter(self.out / "tune").to(self.device).eval()
+        cfg = self.scale.target_train
+        ids = PackedBatches(self.corpus("validation"), cfg.seq_len, cfg.batch_size, shuffle=False).batch(0)
+        ids = ids.to(self.device)
+        times = []
+        with torch.no_grad():
+            for i in range(calls + 2):
+                t = time.perf_counter()
+                grouter.route(ids)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                if i >= 2:
+                    times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
 
     def run_all(self, command: str) -> dict[str, Any]:
         for phase in ("data", "source", "distill", "tune", "targets"):
@@ -420,6 +454,25 @@ def _check_same_init(a: torch.nn.Module, b: torch.nn.Module) -> None:
         raise RuntimeError("the two target arms do not start from the same initialisation")
 
 
+def code_version() -> str | None:
+    """``git`` HEAD of the grouter_pass that is imported, ``+dirty`` when its grouter_pass/ or
+    passes/ have uncommitted changes (the measured speed and numerics are those of that code). An
+    exported tree outside a checkout can name its commit in a ``GIT_COMMIT`` file."""
+    import grouter_pass
+
+    root = Path(grouter_pass.__file__).resolve().parents[1]
+    if (root / "GIT_COMMIT").is_file():
+        return f"{(root / 'GIT_COMMIT').read_text().strip()} (exported to {root})"
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=root,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "grouter_pass", "passes"], capture_output=True,
+                               text=True, cwd=root, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) if head else None
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                             "python": platform.python_version()}
@@ -440,7 +493,7 @@ def _fmt(value: float | None, spec: str = ".4f", none: str = "n/a") -> str:
 
 def summary_markdown(s: dict[str, Any]) -> str:
     """The end-of-run summary (also the table pasted into docs/results.md)."""
-    u = s["data_utilisation"]
+    u, b = s["data_utilisation"], s["data_utilisation_vs_best"]
     if u["ratio"] is None:
         util = (f"not reached: the Grouter run never got to the baseline's final validation loss "
                 f"{u['target_loss']:.4f} within {u['baseline_tokens']:,} tokens")
@@ -459,8 +512,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
          _fmt((mv["grouter"] or {}).get("mean"), ".3f")),
         ("MaxVio, validation, worst layer", _fmt((mv["baseline"] or {}).get("max"), ".3f"),
          _fmt((mv["grouter"] or {}).get("max"), ".3f")),
-        ("MaxVio_global over the run (layers pooled)", _fmt((mr.get("baseline") or {}).get("global"), ".3f"),
-         _fmt((mr.get("grouter") or {}).get("global"), ".3f")),
+        ("MaxVio over the whole run, mean over layers", _fmt((mr.get("baseline") or {}).get("mean"), ".3f"),
+         _fmt((mr.get("grouter") or {}).get("mean"), ".3f")),
         ("trainable parameters", f"{s['trainable_parameters']['baseline']:,}",
          f"{s['trainable_parameters']['grouter']:,}"),
     ]
@@ -468,17 +521,26 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"## Grouter training evidence: `{s['scale']}` scale",
         "",
         f"Command: `{s['command']}`  ",
+        f"Code: grouter-pass {s.get('code_version') or 'unknown'} (at the start of the target runs)  ",
         f"Machine: {s['machine'].get('cpu')}, {s['machine']['threads']} threads, torch {s['machine']['torch']}, "
-        f"device {s['device']}; Grouter arm: {s['grouter_impl']}",
+        f"device {s['device']}; Grouter arm: {s['grouter_impl']}"
+        + (f", {'causal' if s['grouter_gate']['causal'] else 'bidirectional'} Grouter, gates sum to "
+           f"{s['grouter_gate']['scaling_factor']:g}" if s.get("grouter_gate") else ""),
         "",
         "| | baseline (learned router + aux loss) | Grouter (frozen, all layers) |",
         "|---|---|---|",
         *[f"| {a} | {b} | {c} |" for a, b, c in rows],
         "",
         f"- **Data utilisation**: {util} (paper: 23.3%, 4.28x).",
-        f"- **Equal-data loss gap** (baseline - Grouter, final): {s['equal_data_gap']:+.4f}.",
+        f"- **Equal-data loss gap** (baseline - Grouter): {s['equal_data_gap']:+.4f} at the end, "
+        f"{_fmt(s['mean_gap_second_half'], '+.4f')} on average over the second half's evaluations.",
+        f"- Against the baseline's *best* validation loss {b['target_loss']:.4f} (reached after "
+        f"{b['baseline_tokens']:,.0f} tokens), the Grouter run needed "
+        + (f"{b['grouter_tokens_needed']:,.0f} tokens ({b['ratio']:.1%})." if b["ratio"] is not None else
+           "more tokens than it had (not reached)."),
         f"- **Training-step throughput ratio** (median step baseline / Grouter): "
-        f"{_fmt(s['throughput_ratio'], '.3f')}.",
+        f"{_fmt(s['throughput_ratio'], '.3f')}; one Grouter forward on a training batch alone takes "
+        f"{s['grouter_route_ms']:.1f} ms.",
         f"- Source model: final validation loss {_fmt(s['source']['final_val_loss'])}; distilled from "
         f"`{s['distill']['teacher_module']}`: {_fmt((s['distill']['eval'] or {}).get('kl'))} KL, top-k overlap "
         f"{_fmt((s['distill']['eval'] or {}).get('topk_overlap'), '.1%')}; tuning MaxVio "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -100,14 +101,21 @@ def test_smoke_curves_start_untrained_and_improve(smoke_run) -> None:
         assert curve[-1][1] < curve[0][1], f"{run} did not learn: {curve}"
 
 
-def test_smoke_rerun_skips_finished_phases(smoke_run) -> None:
+def test_smoke_rerun_skips_finished_phases_and_refuses_other_settings(smoke_run, caplog) -> None:
+    """Resuming is per phase: a finished phase is reused (in-process here: no second interpreter
+    start), and a result made with other settings is refused, naming the setting."""
+    from grouter_training.pipeline import Pipeline, RunOptions
+    from grouter_training.scales import get_scale
+
     out, _ = smoke_run
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--scale", "smoke", "--out", str(out), "--no-progress",
-                           "--device", "cpu", "--until", "targets"], capture_output=True, text=True, timeout=120,
-                          cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    caplog.set_level(logging.INFO, logger="grouter_training")
+    pipe = Pipeline(get_scale("smoke"), RunOptions(out_dir=out, progress=False))
     for phase in ("data", "source", "distill", "tune", "targets"):
-        assert f"phase {phase}: done earlier" in proc.stderr, phase
+        assert getattr(pipe, phase)()["settings"], phase
+        assert f"phase {phase}: done earlier" in caplog.text, phase
+    other = Pipeline(get_scale("smoke").replace(target_seed=99), RunOptions(out_dir=out, progress=False))
+    with pytest.raises(ValueError, match="target_seed: 2 -> 99"):
+        other.targets()
 
 
 # ------------------------------------------------------------------------------------ metrics
