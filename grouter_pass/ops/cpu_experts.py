@@ -229,8 +229,12 @@ def moe_experts_backward_cpu(
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
     g_src = grad_out_NH.to(w_up.dtype)
-    gw_sorted = x_NH.new_zeros(s, dtype=w_up.dtype) if need_w else None
-    gx_sorted = x_NH.new_zeros(s, hidden, dtype=w_up.dtype) if need_x else None
+    covered = segs[-1][2] if segs else 0
+    gw_sorted = x_NH.new_empty(s, dtype=w_up.dtype) if need_w else None
+    gx_sorted = x_NH.new_empty(s, hidden, dtype=w_up.dtype) if need_x else None
+    for buf in (gw_sorted, gx_sorted):  # the workers write every row of an expert; zero the rest
+        if buf is not None and covered < s:
+            buf[covered:].zero_()
     hit = {e for e, _, _ in segs}
 
     def grad_buffer(need: bool, like: torch.Tensor | None) -> torch.Tensor | None:
