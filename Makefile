@@ -33,9 +33,11 @@ browser:
 
 # Two pytest workers on the 2-core CI; idle OpenMP threads sleep instead of spinning, since the two
 # workers' thread teams share the cores (a spinning team slows the other worker many times over).
+# --dist loadfile keeps each test file on one worker, in order (test_gating_specs reads what the
+# support-matrix cases before it recorded).
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check grouter_pass passes tests examples
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_moe_block.py
