@@ -121,11 +121,13 @@ class DenseBmmMoE(nn.Module):
 
 class BatchedGatherMoE(nn.Module):
     """Per-slot weights gathered by expert id and ``bmm`` (transformers' batched_mm, written by
-    hand), with a router that is a bare ``[H, E]`` parameter used with ``torch.matmul``."""
+    hand), with a router that is a bare ``[H, E]`` parameter used with ``torch.matmul``;
+    ``return_logits=True`` also returns the router logits."""
 
-    def __init__(self, hidden: int = 64, ffn: int = 48, experts: int = 8, top_k: int = 2) -> None:
+    def __init__(self, hidden: int = 64, ffn: int = 48, experts: int = 8, top_k: int = 2,
+                 return_logits: bool = False) -> None:
         super().__init__()
-        self.top_k = top_k
+        self.top_k, self.return_logits = top_k, return_logits
         self.router = nn.Parameter(torch.randn(hidden, experts) * 0.3)
         self.up = _init(experts, 2 * ffn, hidden)
         self.down = _init(experts, hidden, ffn)
@@ -141,8 +143,9 @@ class BatchedGatherMoE(nn.Module):
         h = torch.bmm(self.up[flat], xs.unsqueeze(-1)).squeeze(-1)
         gate, up = h.chunk(2, dim=-1)
         y = torch.bmm(self.down[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-        out = (y * w.reshape(-1, 1)).view(-1, self.top_k, dim).sum(dim=1)
-        return out.reshape(bs, slen, dim)
+        out = (y * w.reshape(-1, 1)).view(-1, self.top_k, dim).sum(dim=1).reshape(bs, slen, dim)
+        # return_logits: also the router logits, as transformers blocks do for an auxiliary loss
+        return (out, logits) if self.return_logits else out
 
 
 class ExpertMLP(nn.Module):

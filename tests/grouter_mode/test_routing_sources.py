@@ -7,6 +7,7 @@ transformers. Graphs are inspected for one ``dispatch_plan`` node feeding every 
 router linear left.
 """
 
+import functools
 import logging
 
 import pytest
@@ -245,25 +246,10 @@ def test_an_aux_loss_inside_the_graph_is_replaced_by_zero_with_a_log_line(caplog
     """A balance loss computed in the same graph from the router logits disappears from the loss."""
     caplog.set_level(logging.INFO, logger="grouter_pass")
 
-    class BlockWithLogits(BatchedGatherMoE):
-        def forward(self, x):   # BatchedGatherMoE.forward, also returning the router logits
-            bs, slen, dim = x.shape
-            x = x.reshape(-1, dim)
-            logits = torch.matmul(x, self.router)
-            w, ids = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
-            w = w / w.sum(-1, keepdim=True)
-            flat = ids.reshape(-1)
-            xs = x.repeat_interleave(self.top_k, dim=0)
-            h = torch.bmm(self.up[flat], xs.unsqueeze(-1)).squeeze(-1)
-            gate, up = h.chunk(2, dim=-1)
-            y = torch.bmm(self.down[flat], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)
-            out = (y * w.reshape(-1, 1)).view(-1, self.top_k, dim).sum(dim=1)
-            return out.reshape(bs, slen, dim), logits
-
     class AuxLM(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.lm = TinyMoELM(BlockWithLogits, layers=1)
+            self.lm = TinyMoELM(functools.partial(BatchedGatherMoE, return_logits=True), layers=1)
 
         def forward(self, ids):
             h = self.lm.embed(ids)
