@@ -27,7 +27,7 @@ from grouter_pass.config import GrouterConfig
 from grouter_pass.passes.canonicalize import canonicalize_gating_pass
 from grouter_pass.passes.detect import find_gating_sites
 from grouter_pass.passes.graph_utils import copy_graph_module
-from grouter_pass.passes.rewrite import rewrite_exact_pass
+from grouter_pass.passes.rewrite import rewrite_exact_pass, rewrite_shared_pass
 from grouter_pass.spec import PassReport
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,13 @@ def cleanup_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Grou
 
 
 def build_pass_pipeline(config: GrouterConfig) -> list[tuple[str, GraphPass]]:
-    """The ordered exact-mode pipeline, with per-pass settings bound."""
+    """The ordered pipeline for ``config`` (exact or shared-routing rewrite), per-pass settings bound."""
     pipeline: list[tuple[str, GraphPass]] = [
         ("canonicalize_gating", canonicalize_gating_pass),
         ("detect_gating_sites", detect_gating_sites_pass),
         ("translate_to_original", translate_to_original_pass),
-        ("rewrite_exact", rewrite_exact_pass),
+        # exact mode: each site routes with its own router; Grouter modes: one shared routing
+        ("rewrite_exact", rewrite_exact_pass) if config.exact else ("rewrite_shared", rewrite_shared_pass),
         ("cleanup", cleanup_pass),
     ]
     known = {name for name, _ in pipeline}
@@ -123,4 +124,5 @@ def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
 
 
 __all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass",
-           "detect_gating_sites_pass", "rewrite_exact_pass", "run_grouter_passes", "translate_to_original_pass"]
+           "detect_gating_sites_pass", "rewrite_exact_pass", "rewrite_shared_pass", "run_grouter_passes",
+           "translate_to_original_pass"]

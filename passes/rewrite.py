@@ -132,8 +132,6 @@ def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None) -> list[str]:
 
 def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
     """Rewrite every site the detection pass recorded in ``gm.meta["grouter_sites"]``."""
-    if config is not None and not config.exact:
-        return rewrite_shared_pass(gm, example_inputs, config=config)
     for site, report in gm.meta.pop("grouter_sites", []):
         before = set(gm.graph.nodes)
         report.removed_nodes = rewrite_site(gm.graph, site)
