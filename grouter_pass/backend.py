@@ -34,6 +34,8 @@ def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], conf
         reports.append(report)
     if graphs is not None:
         graphs.append((gm, new_gm, report))
+    if report.expert_parallel is not None:
+        _allow_split_size_outputs(example_inputs)
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
@@ -49,7 +51,27 @@ def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], conf
         compiled = new_gm.forward
     if config.verify and report.changed:
         compiled = VerifyFirstCall(compiled, gm, report, config)
+    if report.ep_step is not None:
+        from grouter_pass.distributed.runtime import wrap_for_expert_parallel
+
+        compiled = wrap_for_expert_parallel(compiled, report.ep_step)
     return compiled
+
+
+def _allow_split_size_outputs(example_inputs: Sequence[Any]) -> None:
+    """Let AOT autograd trace ``grouter.split_size`` / ``grouter.step_split_size``, whose fake
+    implementations return fresh unbacked sizes (the all-to-all split sizes of expert
+    parallelism). Dynamo allows such ops only under ``fullgraph=True``
+    (``ShapeEnv(allow_dynamic_output_shape_ops=one_graph)``); the rewrite inserted them, so the
+    frame's shape environment is told so, for this graph's compilation and the ones after it."""
+    import dataclasses
+
+    from torch._guards import detect_fake_mode
+
+    mode = detect_fake_mode(list(example_inputs))
+    env = getattr(mode, "shape_env", None)
+    if env is not None and not env.settings.allow_dynamic_output_shape_ops:
+        env.settings = dataclasses.replace(env.settings, allow_dynamic_output_shape_ops=True)
 
 
 def grouter_backend(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict | None = None,

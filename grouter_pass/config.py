@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,15 @@ class GrouterConfig:
         inductor_options: Inductor config patches for ``compile_fx`` (as ``torch.compile``'s
             ``options``).
         dynamic, fullgraph: passed to ``torch.compile`` by :func:`~grouter_pass.apply_grouter`.
+        expert_parallel: run every rewritten MoE site expert-parallel over this group: a 1-D
+            ``DeviceMesh``, a mesh with an ``"ep"`` dimension (or that dimension), or a
+            ``ProcessGroup``. Rank ``r`` computes the experts ``[r*E/R, (r+1)*E/R)`` (or its
+            placement's) for the tokens of every rank, moved with the functional
+            ``all_to_all_single``. Split sizes: per layer in exact mode; once per step, before the
+            compiled graph, in Grouter / precomputed / hash modes (see ``docs/distributed.md``).
+        expert_placement: a :class:`~grouter_pass.distributed.placement_file.Placement` (or the
+            path of a placement file from ``grouter placement``): which logical experts each rank
+            owns. Refused when made for another E or EP size.
     """
 
     routing: RoutingSource = field(default_factory=LearnedRouter)
@@ -74,6 +84,8 @@ class GrouterConfig:
     inductor_options: dict[str, Any] = field(default_factory=dict)
     dynamic: bool | None = None
     fullgraph: bool = False
+    expert_parallel: Any = None
+    expert_placement: Any = None
 
     def __post_init__(self) -> None:
         if self.compiler not in COMPILERS:
@@ -86,6 +98,16 @@ class GrouterConfig:
         if isinstance(self.disable_passes, str) or not isinstance(self.disable_passes, (tuple, list)):
             raise ValueError(f"disable_passes must be a tuple of pass names, got {self.disable_passes!r}")
         object.__setattr__(self, "disable_passes", tuple(self.disable_passes))
+        if self.expert_placement is not None and self.expert_parallel is None:
+            raise ValueError("expert_placement is set but expert_parallel is None: a placement says which rank "
+                             "owns each expert, so it needs the expert-parallel group")
+        if self.expert_parallel is not None and self.verify:
+            raise ValueError("verify=True runs the original graph on this rank's tokens alone; under "
+                             "expert_parallel its experts need every rank, so verify is not available")
+        if isinstance(self.expert_placement, (str, os.PathLike)):
+            from grouter_pass.distributed.placement_file import load_placement
+
+            object.__setattr__(self, "expert_placement", load_placement(self.expert_placement))
         for name in ("verify_rtol", "verify_atol"):
             v = getattr(self, name)
             if v is not None and not v >= 0:
@@ -116,6 +138,9 @@ class GrouterConfig:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["routing"] = {"kind": self.routing.kind, "key": getattr(self.routing, "key", None)}
         d["disable_passes"] = list(self.disable_passes)
+        d["expert_parallel"] = None if self.expert_parallel is None else repr(self.expert_parallel)
+        d["expert_placement"] = (None if self.expert_placement is None
+                                 else [int(e) for e in self.expert_placement.expert_perm])
         return d
 
     def fingerprint(self) -> str:

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
+from grouter_pass._slots import KeyedSlots
+
 _SOURCES: dict[int, Any] = {}
 _NEXT_KEY = itertools.count(1)
 
@@ -120,8 +122,33 @@ class GrouterRouting:
 _CURRENT = threading.local()
 
 
+def current_routing() -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(weights, ids)`` delivered by the innermost :func:`routing` block, if any."""
+    return getattr(_CURRENT, "value", None)
+
+
+def current_ep_splits() -> Any:
+    """The ``ep_splits`` delivered by the innermost :func:`routing` block, if any."""
+    return getattr(_CURRENT, "ep_splits", None)
+
+
+_STEP_ROUTING = KeyedSlots()
+
+
+def step_routing(key: int, weights: torch.Tensor, ids: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+    """Routing of source ``key`` already computed for this call (by the expert-parallel step
+    runner, which needs it before the graph): ``grouter.external_routing`` returns it instead of
+    running the source again."""
+    return _STEP_ROUTING.holding(key, (weights, ids))
+
+
+def computed_step_routing(key: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    return _STEP_ROUTING.get(key)
+
+
 @contextlib.contextmanager
-def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None) -> Iterator[None]:
+def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None, *, ep_splits: Any = None
+            ) -> Iterator[None]:
     """Deliver precomputed routing for the calls inside the block.
 
     ``with grouter_pass.routing(weights, ids): loss = model(input_ids)`` — ``weights`` and
@@ -129,6 +156,11 @@ def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None) -> Ite
     :class:`grouter_pass.router.PreDispatchedDataset` yields them; a ``Routing`` pair
     (``(ids, weights)`` named tuple of the pre-dispatch files) is accepted as the one argument.
     The backward of the step needs no routing (the dispatch plan is saved by autograd).
+
+    ``ep_splits`` (expert parallelism only): this rank's
+    :class:`~grouter_pass.distributed.EPSplits` for the step, when the caller knows every rank's
+    routing (:func:`~grouter_pass.distributed.splits_from_step_routing`); without it the step
+    runner all-gathers the ``[E]`` counts once per step.
     """
     if ids is None:
         r = weights
@@ -136,12 +168,12 @@ def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None) -> Ite
             raise TypeError("routing(r) takes an object with .ids and .weights (a pre-dispatch Routing), "
                             "or routing(weights, ids)")
         weights, ids = r.weights, r.ids
-    prev = getattr(_CURRENT, "value", None)
-    _CURRENT.value = (weights, ids)
+    prev = getattr(_CURRENT, "value", None), getattr(_CURRENT, "ep_splits", None)
+    _CURRENT.value, _CURRENT.ep_splits = (weights, ids), ep_splits
     try:
         yield
     finally:
-        _CURRENT.value = prev
+        _CURRENT.value, _CURRENT.ep_splits = prev
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -247,5 +279,5 @@ class HashRouting:
         return f"HashRouting(vocab={self.vocab_size}, k={self.top_k}, key={self.key})"
 
 
-__all__ = ["GrouterRouting", "HashRouting", "PrecomputedRouting", "RouterNetwork", "register_source", "routing",
-           "source_of"]
+__all__ = ["GrouterRouting", "HashRouting", "PrecomputedRouting", "RouterNetwork", "computed_step_routing",
+           "current_ep_splits", "current_routing", "register_source", "routing", "source_of", "step_routing"]

@@ -297,6 +297,10 @@ class PassReport:
     #: graph inputs (and the parameters behind them) no longer read after the rewrite
     unused_inputs: list[str] = field(default_factory=list)
     unused_parameters: list[Any] = field(default_factory=list, repr=False)
+    #: ``GrouterConfig(expert_parallel=...)``: EP size, this rank, its experts, how splits are known
+    expert_parallel: dict[str, Any] | None = None
+    #: Grouter modes under EP: what the step runner needs (routing source, E, k, layout, token input)
+    ep_step: dict[str, Any] | None = field(default=None, repr=False)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -311,4 +315,6 @@ class PassReport:
         if self.shared is not None:
             d["shared"] = dict(self.shared)
             d["unused_inputs"] = list(self.unused_inputs)
+        if self.expert_parallel is not None:
+            d["expert_parallel"] = dict(self.expert_parallel)
         return d

@@ -33,6 +33,7 @@ from torch._dynamo.utils import counters
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
 from grouter_pass.passes.detect import Site, route_insertion_point
+from grouter_pass.passes.expert_parallel import EPLayout, emit_ep_experts, insert_physical_ids
 from grouter_pass.passes.graph_utils import fake_mode_of, meta_val
 
 log = logging.getLogger(__name__)
@@ -85,24 +86,31 @@ def _node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.N
     return node
 
 
-def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None) -> list[str]:
+def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None, ep: Any = None, step_key: int | None = None,
+                 site_index: int = 0) -> list[str]:
     """Rewrite one site in place; returns the (caller-graph) names of the nodes it removed.
 
     ``shared`` (a :class:`~grouter_pass.passes.shared_routing.SharedRouting`): route with the
-    step's one routing and dispatch plan instead of the site's own router (Grouter modes)."""
+    step's one routing and dispatch plan instead of the site's own router (Grouter modes).
+    ``ep`` (an :class:`~grouter_pass.passes.expert_parallel.EPLayout`): run the experts
+    expert-parallel; ``step_key`` names the routing source whose per-step split sizes it reads
+    (``None``: exchange counts in the layer)."""
     g, e = site.gating, site.experts
     region = set(g.region) | set(e.region)
     if shared is not None:
         weights, ids, perm, inv_perm, offsets = shared.weights, shared.ids, shared.perm, shared.inv_perm, shared.offsets
+        counts = shared.counts
     else:
         # after the last of route's inputs (a runtime scale may be computed late), outside no_grad
         with graph.inserting_before(route_insertion_point(graph, g.parse).next):
             route_kwargs = {**g.spec.route_kwargs(), **g.parse.runtime_scalars}
             weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
                                  like=g.weights, role="router", names=("routing_weights", "expert_ids"))
-            perm, inv_perm, _counts, offsets = _call(
+            perm, inv_perm, counts, offsets = _call(
                 graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
                 role="dispatch_plan", names=("perm", "inv_perm", "expert_counts", "expert_offsets"))
+        if ep is not None and ep.logical_to_physical is not None:
+            insert_physical_ids(graph, ids, perm.args[0], ep)
     with graph.inserting_before(e.output):
         w_up, b_up = e.w_up, e.b_up
         if e.w_gate is not None:  # gate and up were two GEMMs: the op takes [gate; up]
@@ -110,10 +118,16 @@ def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None) -> list[str]:
                          like=e.output, role="experts")
             if e.b_gate is not None:
                 b_up = _node(graph, torch.cat, ([e.b_gate, e.b_up],), {"dim": 1}, like=e.output, role="experts")
-        out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
-                        (e.x, weights, perm, inv_perm, offsets, w_up, e.w_down, b_up, e.b_down),
-                        {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts",
-                        names=("moe_out", "moe_hidden"))
+        if ep is not None:
+            out = emit_ep_experts(graph, x=e.x, weights=weights, perm=perm, counts=counts, w_up=w_up, w_down=e.w_down,
+                                  b_up=b_up, b_down=e.b_down, num_experts=g.spec.num_experts, top_k=g.spec.top_k,
+                                  op_kwargs={**e.spec.op_kwargs(), **e.runtime_scalars}, layout=ep,
+                                  step_key=step_key, site_index=site_index, like=e.output)
+        else:
+            out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
+                            (e.x, weights, perm, inv_perm, offsets, w_up, e.w_down, b_up, e.b_down),
+                            {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts",
+                            names=("moe_out", "moe_hidden"))
         if e.combine_base is not None:  # the experts were added into e.g. a shared expert's output
             out = _node(graph, torch.add, (e.combine_base, out), {}, like=e.output, role="combine")
     e.output.replace_all_uses_with(out)
@@ -130,14 +144,29 @@ def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None) -> list[str]:
     return removed[::-1]
 
 
+def _expert_parallel_layout(gm: fx.GraphModule, sites: list[Site], config: Any, *, per_step: bool
+                            ) -> EPLayout | None:
+    """The EP layout when ``config.expert_parallel`` is set, every site checked against it."""
+    if config is None or getattr(config, "expert_parallel", None) is None or not sites:
+        return None
+    layout = EPLayout.from_config(config)
+    for site in sites:
+        layout.check_site(site.gating.spec.num_experts, site.module_path, config.expert_placement)
+    gm.meta["grouter_report"].expert_parallel = layout.describe(per_step)
+    return layout
+
+
 def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
     """Rewrite every site the detection pass recorded in ``gm.meta["grouter_sites"]``."""
-    for site, report in gm.meta.pop("grouter_sites", []):
+    pairs = gm.meta.pop("grouter_sites", [])
+    ep = _expert_parallel_layout(gm, [site for site, _ in pairs], config, per_step=False)
+    for index, (site, report) in enumerate(pairs):
         before = set(gm.graph.nodes)
-        report.removed_nodes = rewrite_site(gm.graph, site)
+        report.removed_nodes = rewrite_site(gm.graph, site, ep=ep, site_index=index)
         report.added_nodes = {n.name: n.meta["grouter_role"] for n in gm.graph.nodes
                               if n not in before and "grouter_role" in n.meta}
-        report.new_ops = ["grouter.route", "grouter.dispatch_plan", "grouter.moe_experts"]
+        report.new_ops = ["grouter.route", "grouter.dispatch_plan",
+                          "ep_experts_in_graph (all_to_all_single)" if ep else "grouter.moe_experts"]
         report.rewritten = True
         counters["grouter"]["sites_rewritten"] += 1
     return gm
@@ -153,15 +182,25 @@ def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, confi
         return gm
     sites = [site for site, _ in pairs]
     used_before = {n for n in gm.graph.nodes if n.op == "placeholder" and n.users}
+    ep = _expert_parallel_layout(gm, sites, config, per_step=True)
     shared = insert_shared_routing(gm, sites, config.routing, _call)
     report_all = gm.meta["grouter_report"]
+    if ep is not None:
+        if ep.logical_to_physical is not None:
+            insert_physical_ids(gm.graph, shared.ids, shared.perm.args[0], ep)
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        tokens = shared.weights.args[0].args[0]  # external_routing(tokens, ...)
+        report_all.ep_step = {"routing": config.routing, "num_experts": sites[0].gating.spec.num_experts,
+                              "top_k": sites[0].gating.spec.top_k, "layout": ep,
+                              "token_input": placeholders.index(tokens) if tokens in placeholders else None}
     kind = config.routing.kind
-    for site, report in pairs:
+    for index, (site, report) in enumerate(pairs):
         before = set(gm.graph.nodes)
-        report.removed_nodes = rewrite_site(gm.graph, site, shared)
+        report.removed_nodes = rewrite_site(gm.graph, site, shared, ep=ep, step_key=config.routing.key if ep else None,
+                                            site_index=index)
         report.added_nodes = {n.name: n.meta["grouter_role"] for n in gm.graph.nodes
                               if n not in before and "grouter_role" in n.meta}
-        report.new_ops = ["grouter.moe_experts"]
+        report.new_ops = ["ep_experts_in_graph (all_to_all_single)" if ep else "grouter.moe_experts"]
         report.routing = kind
         report.rewritten = True
         counters["grouter"]["sites_rewritten"] += 1

@@ -31,6 +31,7 @@ import logging
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter.*)
 from grouter_pass.distributed.group import EPGroup, resolve_ep_group
@@ -121,15 +122,28 @@ def ep_moe_experts(
     if w_up.shape[0] != local or w_down.shape[0] != local:
         raise ValueError(f"expert shards hold {w_up.shape[0]} / {w_down.shape[0]} experts, expected "
                          f"{local} = {num_experts} experts / ep size {epg.size}")
-    n, hidden = x.shape
-    k = ids.shape[1]
-    compute_dtype = w_up.dtype
     if plan is None:
         plan = torch.ops.grouter.dispatch_plan(ids, num_experts)
     perm_S, _, counts_E, _ = plan
     if splits is None:
         splits = exchange_layer_splits(counts_E, epg)
+    return _dispatch_compute_combine(
+        x, weights, perm_S, splits, w_up, w_down, b_up, b_down, epg, top_k=ids.shape[1], activation=activation,
+        gated=gated, interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
+        down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)
 
+
+def _dispatch_compute_combine(x: torch.Tensor, weights: torch.Tensor, perm_S: torch.Tensor, splits: EPSplits,
+                              w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
+                              b_down: torch.Tensor | None, epg: EPGroup, *, top_k: int, activation: str,
+                              gated: bool, interleaved: bool, alpha: float, limit: float, up_transposed: bool,
+                              down_transposed: bool, weight_on_input: bool, out_dtype: torch.dtype | None
+                              ) -> torch.Tensor:
+    """The data path shared by the model-level and the graph-level entry: gather slots in expert
+    order, all-to-all out, local experts, all-to-all back, weight and combine by token."""
+    n, hidden = x.shape
+    k, local = top_k, w_up.shape[0]
+    compute_dtype = w_up.dtype
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
     x_S = x.index_select(0, tok_S)
@@ -157,3 +171,79 @@ def ep_moe_experts(
         yw_S = y_S.to(acc_dtype) * w_sorted_S1
     out = torch.zeros(n, hidden, dtype=acc_dtype, device=x.device).index_add(0, tok_S, yw_S)
     return out.to(x.dtype if out_dtype is None else out_dtype)
+
+
+def _local_rows(t: torch.Tensor | None, rank: int, local: int, local_experts: tuple[int, ...] | None
+                ) -> torch.Tensor | None:
+    """This rank's experts of a full ``[E, ...]`` parameter: a slice, or the placement's rows."""
+    if t is None:
+        return None
+    if local_experts is None:
+        return t.narrow(0, rank * local, local)
+    return t.index_select(0, torch.tensor(local_experts, dtype=torch.int64, device=t.device))
+
+
+def ep_experts_in_graph(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    perm: torch.Tensor,
+    counts: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    *,
+    group_name: str,
+    num_experts: int,
+    top_k: int,
+    local_experts: tuple[int, ...] | None = None,
+    step_key: int | None = None,
+    site: int = 0,
+    activation: str = "silu",
+    gated: bool = True,
+    interleaved: bool = False,
+    alpha: float = 1.0,
+    limit: float = 0.0,
+    up_transposed: bool = False,
+    down_transposed: bool = False,
+    weight_on_input: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """What the rewrite calls for one MoE site under ``GrouterConfig(expert_parallel=...)``.
+
+    A plain function on purpose: it is the target of one FX node, and AOT autograd traces
+    through it, so the forward and backward graphs contain the functional all-to-alls themselves
+    (Inductor can schedule around them) rather than an opaque op.
+
+    Args:
+        x, weights: ``[N, H]`` tokens and ``[N, K]`` routing weights of this rank.
+        perm, counts: the site's (or the step's shared) ``grouter.dispatch_plan`` over
+            *physical* expert ids: slot order and ``[E]`` counts.
+        w_up, w_down, b_up, b_down: the model's full ``[E, ...]`` expert parameters; only this
+            rank's rows are read (``local_experts``, or ``[r*L, (r+1)*L)``), so only they get a
+            gradient here.
+        group_name: the expert-parallel process group (its registered name: FX arguments must
+            be plain values).
+        step_key: ``None`` in exact mode: the layer exchanges its ``[E]`` counts with an
+            all-to-all and reads the split sizes on the host (one D2H copy). Otherwise the
+            routing source's key: the split sizes were computed before the step and are read
+            with ``grouter.step_split_size`` (no collective, no device read).
+        site: the MoE layer's index in the graph (keeps each layer's size reads distinct).
+    """
+    group = _resolve_process_group(group_name)
+    epg = EPGroup(group=group, size=dist.get_world_size(group), rank=dist.get_rank(group))
+    local = num_experts // epg.size
+    shards = [_local_rows(t, epg.rank, local, local_experts) for t in (w_up, w_down, b_up, b_down)]
+    if step_key is None:
+        recv = funcol.all_to_all_single(counts.to(torch.int64), [local] * epg.size, [local] * epg.size, group)
+        recv_RL = funcol.wait_tensor(recv).view(epg.size, local)
+        totals = torch.cat([counts.to(torch.int64).view(epg.size, local).sum(1), recv_RL.sum(1)]).cpu()
+        sizes = [torch.ops.grouter.split_size(totals, i) for i in range(2 * epg.size)]
+    else:
+        recv_RL = torch.ops.grouter.step_recv_counts(counts, step_key, epg.size, local, site)
+        sizes = [torch.ops.grouter.step_split_size(counts, step_key, i, site) for i in range(2 * epg.size)]
+    splits = EPSplits(input_splits=sizes[:epg.size], output_splits=sizes[epg.size:], recv_counts_RL=recv_RL)
+    return _dispatch_compute_combine(
+        x, weights, perm, splits, *shards, epg, top_k=top_k, activation=activation, gated=gated,
+        interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
+        down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)

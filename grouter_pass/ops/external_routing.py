@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from grouter_pass.routing import source_of
+from grouter_pass.routing import computed_step_routing, source_of
 
 
 @torch.library.custom_op("grouter::external_routing", mutates_args=())
@@ -26,7 +26,10 @@ def external_routing(tokens: torch.Tensor, source: int, token_dims: int, top_k: 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     src = source_of(source)
     n_tokens = math.prod(tokens.shape[:token_dims])
-    if src.needs_token_ids:
+    ready = computed_step_routing(source)  # the expert-parallel step runner computed it already
+    if ready is not None:
+        weights, ids = ready
+    elif src.needs_token_ids:
         weights, ids = src.compute(tokens)
     else:
         weights, ids = src.compute(tokens, n_tokens, top_k)
