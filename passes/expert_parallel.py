@@ -16,8 +16,11 @@ their reverses in backward) instead of an opaque op. What changes per routing mo
 With a placement (``expert_placement``), the routing ids are mapped to *physical* slots once
 (``to_physical_ids``) before the dispatch plan: rank ``r`` owns slots ``[r*L, (r+1)*L)``.
 
-Expert parameters: the graph receives the model's full ``[E, ...]`` parameters (they are the
-traced code's inputs) and reads only this rank's rows; see ``docs/distributed.md`` for memory.
+Expert parameters: either the model's full ``[E, ...]`` parameters (the graph reads only this
+rank's rows), or, after ``shard_expert_parameters(keep_shape=True)``, the ``[E/R, ...]`` shards
+behind ``grouter.experts_from_shard``: the rewrite reads the shard and removes that op, so the
+full tensor is never built. A sharded parameter read by anything the rewrite did not replace is
+refused (:func:`refuse_unreplaced_shards`).
 """
 
 from __future__ import annotations
@@ -70,10 +73,63 @@ class EPLayout:
         if placement is not None:
             placement.check_matches(num_experts=num_experts, source="the expert placement")
 
+    def local_rows(self, num_experts: int) -> tuple[int, ...]:
+        per = num_experts // self.size
+        return self.local_experts if self.local_experts is not None else tuple(
+            range(self.rank * per, (self.rank + 1) * per))
+
+    def local_shards(self, weights: dict[str, fx.Node | None], num_experts: int, where: str
+                     ) -> dict[str, fx.Node | None] | None:
+        """The shards behind ``weights`` when every one is a ``grouter.experts_from_shard`` of this
+        rank's rows; ``None`` when none is; an error when only some are or the rows differ."""
+        present = {k: v for k, v in weights.items() if v is not None}
+        sources = {k: _shard_args(v) for k, v in present.items()}
+        if not any(sources.values()):
+            return None
+        if not all(sources.values()):
+            raise ValueError(f"site {where}: expert parameters {sorted(k for k, v in sources.items() if v)} are "
+                             f"sharded for expert parallelism but {sorted(k for k, v in sources.items() if not v)} "
+                             "are not; shard all of them (shard_expert_parameters(keep_shape=True))")
+        want = self.local_rows(num_experts)
+        for k, (_, e, rows) in sources.items():
+            if e != num_experts or tuple(rows) != want:
+                raise ValueError(f"site {where}: {k} was sharded for E={e} with rows {list(rows)} on this rank, but "
+                                 f"the expert-parallel layout gives E={num_experts} rows {list(want)} (shard with "
+                                 "the same mesh and placement as the GrouterConfig)")
+        return {k: (sources[k][0] if v is not None else None) for k, v in weights.items()}
+
     def describe(self, per_step: bool) -> dict[str, Any]:
         return {"ep_size": self.size, "rank": self.rank, "group": self.group_name,
                 "local_experts": list(self.local_experts) if self.local_experts is not None else "contiguous",
                 "split_sizes": "once per step, before the graph" if per_step else "per layer (count all-to-all)"}
+
+
+def _is_shard_view(node: Any) -> bool:
+    return (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in (torch.ops.grouter.experts_from_shard.default, torch.ops.grouter.experts_from_shard))
+
+
+def _shard_args(node: fx.Node) -> tuple[fx.Node, int, tuple[int, ...]] | None:
+    if not _is_shard_view(node):
+        return None
+    shard, num_experts, rows = (list(node.args) + [node.kwargs.get("num_experts"), node.kwargs.get("rows")])[:3]
+    return shard, int(num_experts), tuple(int(r) for r in rows)
+
+
+def refuse_unreplaced_shards(gm: fx.GraphModule, expert_parallel: bool) -> None:
+    """Remove the ``grouter.experts_from_shard`` nodes the rewrite left without users; refuse the
+    graph when one is still read: that code would see the other ranks' experts as zeros."""
+    for node in list(gm.graph.nodes):
+        if _is_shard_view(node) and not node.users:
+            gm.graph.erase_node(node)
+    readers = [(n, sorted(u.name for u in n.users)) for n in gm.graph.nodes if _is_shard_view(n)]
+    if readers:
+        what = "; ".join(f"{n.name} read by {users}" for n, users in readers)
+        hint = ("a MoE site the rewrite did not replace reads them (see the site report for why)" if expert_parallel
+                else "compile it with GrouterConfig(expert_parallel=...) using the same mesh")
+        raise ValueError(f"this model's expert parameters are sharded for expert parallelism "
+                         f"(shard_expert_parameters(keep_shape=True)) and only the expert-parallel rewrite can run "
+                         f"them: {what}; {hint}")
 
 
 def _fake_like(node: fx.Node, shape: Any, dtype: torch.dtype) -> Any:
@@ -99,12 +155,13 @@ def insert_physical_ids(graph: fx.Graph, ids: fx.Node, plan_node: fx.Node, layou
 def emit_ep_experts(graph: fx.Graph, *, x: fx.Node, weights: fx.Node, perm: fx.Node, counts: fx.Node,
                     w_up: fx.Node, w_down: fx.Node, b_up: fx.Node | None, b_down: fx.Node | None,
                     num_experts: int, top_k: int, op_kwargs: dict[str, Any], layout: EPLayout,
-                    step_key: int | None, site_index: int, like: fx.Node) -> fx.Node:
+                    step_key: int | None, site_index: int, weights_local: bool, like: fx.Node) -> fx.Node:
     """One ``ep_experts_in_graph`` node in place of ``grouter.moe_experts``; returns its output."""
     from grouter_pass.distributed.experts import ep_experts_in_graph
 
     kwargs = {"group_name": layout.group_name, "num_experts": num_experts, "top_k": top_k,
-              "local_experts": layout.local_experts, "step_key": step_key, "site": site_index, **op_kwargs}
+              "local_experts": layout.local_experts, "step_key": step_key, "site": site_index,
+              "weights_local": weights_local, **op_kwargs}
     node = graph.call_function(ep_experts_in_graph, (x, weights, perm, counts, w_up, w_down, b_up, b_down), kwargs)
     node._rename("ep_moe_out")
     for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "seq_nr"):
@@ -116,4 +173,4 @@ def emit_ep_experts(graph: fx.Graph, *, x: fx.Node, weights: fx.Node, perm: fx.N
     return node
 
 
-__all__ = ["EPLayout", "emit_ep_experts", "insert_physical_ids", "to_physical_ids"]
+__all__ = ["EPLayout", "emit_ep_experts", "insert_physical_ids", "refuse_unreplaced_shards", "to_physical_ids"]

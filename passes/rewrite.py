@@ -33,7 +33,12 @@ from torch._dynamo.utils import counters
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
 from grouter_pass.passes.detect import Site, route_insertion_point
-from grouter_pass.passes.expert_parallel import EPLayout, emit_ep_experts, insert_physical_ids
+from grouter_pass.passes.expert_parallel import (
+    EPLayout,
+    emit_ep_experts,
+    insert_physical_ids,
+    refuse_unreplaced_shards,
+)
 from grouter_pass.passes.graph_utils import fake_mode_of, meta_val
 
 log = logging.getLogger(__name__)
@@ -111,18 +116,23 @@ def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None, ep: Any = None
                 role="dispatch_plan", names=("perm", "inv_perm", "expert_counts", "expert_offsets"))
         if ep is not None and ep.logical_to_physical is not None:
             insert_physical_ids(graph, ids, perm.args[0], ep)
+    w = {"w_gate": e.w_gate, "w_up": e.w_up, "b_gate": e.b_gate, "b_up": e.b_up, "w_down": e.w_down, "b_down": e.b_down}
+    shards = ep.local_shards(w, g.spec.num_experts, site.module_path) if ep is not None else None
+    w = shards or w
     with graph.inserting_before(e.output):
-        w_up, b_up = e.w_up, e.b_up
-        if e.w_gate is not None:  # gate and up were two GEMMs: the op takes [gate; up]
-            w_up = _node(graph, torch.cat, ([e.w_gate, e.w_up],), {"dim": 2 if e.spec.up_transposed else 1},
+        w_up, b_up = w["w_up"], w["b_up"]
+        if w["w_gate"] is not None:  # gate and up were two GEMMs: the op takes [gate; up]
+            w_up = _node(graph, torch.cat, ([w["w_gate"], w["w_up"]],), {"dim": 2 if e.spec.up_transposed else 1},
                          like=e.output, role="experts")
-            if e.b_gate is not None:
-                b_up = _node(graph, torch.cat, ([e.b_gate, e.b_up],), {"dim": 1}, like=e.output, role="experts")
+            if w["b_gate"] is not None:
+                b_up = _node(graph, torch.cat, ([w["b_gate"], w["b_up"]],), {"dim": 1}, like=e.output, role="experts")
         if ep is not None:
-            out = emit_ep_experts(graph, x=e.x, weights=weights, perm=perm, counts=counts, w_up=w_up, w_down=e.w_down,
-                                  b_up=b_up, b_down=e.b_down, num_experts=g.spec.num_experts, top_k=g.spec.top_k,
+            out = emit_ep_experts(graph, x=e.x, weights=weights, perm=perm, counts=counts, w_up=w_up,
+                                  w_down=w["w_down"], b_up=b_up, b_down=w["b_down"], num_experts=g.spec.num_experts,
+                                  top_k=g.spec.top_k,
                                   op_kwargs={**e.spec.op_kwargs(), **e.runtime_scalars}, layout=ep,
-                                  step_key=step_key, site_index=site_index, like=e.output)
+                                  step_key=step_key, site_index=site_index, weights_local=shards is not None,
+                                  like=e.output)
         else:
             out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
                             (e.x, weights, perm, inv_perm, offsets, w_up, e.w_down, b_up, e.b_down),
@@ -169,6 +179,7 @@ def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config
                           "ep_experts_in_graph (all_to_all_single)" if ep else "grouter.moe_experts"]
         report.rewritten = True
         counters["grouter"]["sites_rewritten"] += 1
+    refuse_unreplaced_shards(gm, ep is not None)
     return gm
 
 
@@ -179,6 +190,7 @@ def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, confi
 
     pairs = gm.meta.pop("grouter_sites", [])
     if not pairs:
+        refuse_unreplaced_shards(gm, config.expert_parallel is not None)
         return gm
     sites = [site for site, _ in pairs]
     used_before = {n for n in gm.graph.nodes if n.op == "placeholder" and n.users}
@@ -226,4 +238,5 @@ def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, confi
                     "output_router_logits=False to drop it altogether", line, kind)
     for line in remnants.kept:
         log.warning("grouter: router logits still used: %s; that router linear is kept", line)
+    refuse_unreplaced_shards(gm, ep is not None)
     return gm

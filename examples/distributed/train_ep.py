@@ -6,8 +6,9 @@
 
 The model (``TinyMoELM`` of ``BatchedGatherMoE`` blocks) is plain PyTorch: a router, top-k,
 per-slot expert weights. ``apply_grouter(model, GrouterConfig(expert_parallel=mesh, ...))`` finds
-its MoE layers in the graph and runs them expert-parallel: rank r computes its experts for the
-tokens of every rank, moved with the functional ``all_to_all_single``.
+its MoE layers in the graph and runs them expert-parallel: rank r stores and computes only its
+experts (``shard_expert_parameters(keep_shape=True)``), for the tokens of every rank, moved with
+the functional ``all_to_all_single``.
 
 ``--mode learned`` (exact mode): the model's routers route; each MoE layer exchanges its token
 counts before its token all-to-all. ``--mode precomputed``: the routing of every sample is read
@@ -35,7 +36,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import grouter_pass
 from grouter_pass import GrouterConfig, HashRouting, PrecomputedRouting, apply_grouter
-from grouter_pass.distributed import fully_shard_non_experts, splits_from_step_routing
+from grouter_pass.distributed import fully_shard_non_experts, shard_expert_parameters, splits_from_step_routing
 from grouter_pass.distributed.placement_file import Placement, load_placement
 from grouter_pass.distributed.routing_data import load_routing
 from grouter_pass.distributed.sampler import PlacementSampler
@@ -43,7 +44,6 @@ from grouter_pass.testing.handwritten import BatchedGatherMoE, TinyMoELM
 
 log = logging.getLogger("train_ep")
 VOCAB = 61
-EXPERT_PARAMETERS = ("up", "down")   # BatchedGatherMoE's [E, ...] weights (for FSDP's ignore list)
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,9 +92,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = TinyMoELM(lambda: BatchedGatherMoE(hidden=16, ffn=12, experts=num_experts, top_k=top_k), hidden=16,
                       vocab=VOCAB)
+    # store only this rank's experts ([E/R, ...]); the model still reads [E, ...] parameters, which the
+    # rewrite replaces by the shards. Expert parameters are found by shape and dataflow (one forward).
+    shards = shard_expert_parameters(model, mesh, num_experts=num_experts, example_inputs=(tokens[:1, :-1],),
+                                     expert_perm=placement.expert_perm, keep_shape=True)
     if args.fsdp:
-        experts = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in EXPERT_PARAMETERS]
-        fully_shard_non_experts(model, mesh, experts)
+        fully_shard_non_experts(model, mesh, shards.names)
     source = {"learned": grouter_pass.LearnedRouter(), "precomputed": PrecomputedRouting(top_k=top_k),
               "hash": HashRouting.random(VOCAB, num_experts, top_k)}[args.mode]
     fast = apply_grouter(model, GrouterConfig(routing=source, expert_parallel=mesh, expert_placement=placement,

@@ -199,6 +199,7 @@ def ep_experts_in_graph(
     local_experts: tuple[int, ...] | None = None,
     step_key: int | None = None,
     site: int = 0,
+    weights_local: bool = False,
     activation: str = "silu",
     gated: bool = True,
     interleaved: bool = False,
@@ -229,11 +230,16 @@ def ep_experts_in_graph(
             routing source's key: the split sizes were computed before the step and are read
             with ``grouter.step_split_size`` (no collective, no device read).
         site: the MoE layer's index in the graph (keeps each layer's size reads distinct).
+        weights_local: the expert arguments already are this rank's ``[E/R, ...]`` shards
+            (``shard_expert_parameters(keep_shape=True)``), not full parameters to slice.
     """
     group = _resolve_process_group(group_name)
     epg = EPGroup(group=group, size=dist.get_world_size(group), rank=dist.get_rank(group))
     local = num_experts // epg.size
-    shards = [_local_rows(t, epg.rank, local, local_experts) for t in (w_up, w_down, b_up, b_down)]
+    if weights_local:
+        shards = [w_up, w_down, b_up, b_down]
+    else:
+        shards = [_local_rows(t, epg.rank, local, local_experts) for t in (w_up, w_down, b_up, b_down)]
     if step_key is None:
         recv = funcol.all_to_all_single(counts.to(torch.int64), [local] * epg.size, [local] * epg.size, group)
         recv_RL = funcol.wait_tensor(recv).view(epg.size, local)

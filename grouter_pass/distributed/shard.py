@@ -25,8 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
+import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter.experts_from_shard)
 from grouter_pass.distributed.group import EPGroup, check_divides, resolve_ep_group
 
 log = logging.getLogger(__name__)
@@ -116,9 +118,17 @@ def shard_expert_parameters(
     example_inputs: Sequence[Any] | None = None,
     expert_perm: Sequence[int] | torch.Tensor | None = None,
     filter_fn: Callable[[str, nn.Parameter], bool] | None = None,
+    keep_shape: bool = False,
 ) -> ExpertShardReport:
     """Replace every expert parameter ``[E, ...]`` of ``model`` by this rank's ``[E/ep, ...]`` rows,
     in place.
+
+    Two forms. ``keep_shape=False`` (model-level EP): the attribute *becomes* the ``[E/ep, ...]``
+    shard; the model's code must be written for it (``ep_moe_experts``). ``keep_shape=True``
+    (for ``GrouterConfig(expert_parallel=...)`` on an unmodified model): the shard is stored as
+    the parametrization's ``original`` and the attribute still reads ``[E, ...]`` through
+    ``grouter.experts_from_shard``, which the expert-parallel rewrite removes: only the shard
+    exists in memory and in the optimizer.
 
     Args:
         model: the model, with the same full weights on every rank (e.g. built from one seed).
@@ -129,6 +139,8 @@ def shard_expert_parameters(
         example_inputs: inputs for that search (see there).
         expert_perm: physical -> logical expert order from a placement (identity when ``None``).
         filter_fn: ``(name, param) -> bool`` to keep a found parameter out of the sharding.
+        keep_shape: see above. ``report.names`` are the names of the stored shards either way
+            (``...parametrizations.<attr>.original`` with ``keep_shape``), as FSDP and optimizers see them.
 
     Raises:
         ValueError: when the EP size does not divide E, or the permutation is not one of E experts.
@@ -152,12 +164,33 @@ def shard_expert_parameters(
         if filter_fn is not None and not filter_fn(name, p):
             continue
         owner, attr = _owner(model, name)
+        if keep_shape:
+            parametrize.register_parametrization(owner, attr, ExpertsFromShard(num_experts, rows.tolist()),
+                                                 unsafe=True)
+            prefix = name.rpartition(".")[0]
+            report.names.append(f"{prefix}{'.' if prefix else ''}parametrizations.{attr}.original")
+            continue
         shard = nn.Parameter(p.detach().index_select(0, rows.to(p.device)).clone(), requires_grad=p.requires_grad)
         setattr(owner, attr, shard)
         report.names.append(name)
     log.info("rank %d/%d: sharded %d expert parameters along E=%d (local experts %s)", epg.rank, epg.size,
              len(report.names), num_experts, report.local_experts)
     return report
+
+
+class ExpertsFromShard(nn.Module):
+    """Parametrization: the stored ``[E/ep, ...]`` shard reads as the ``[E, ...]`` parameter
+    through ``grouter.experts_from_shard`` (see :func:`shard_expert_parameters`)."""
+
+    def __init__(self, num_experts: int, rows: list[int]) -> None:
+        super().__init__()
+        self.num_experts, self.rows = num_experts, list(rows)
+
+    def forward(self, shard: torch.Tensor) -> torch.Tensor:
+        return torch.ops.grouter.experts_from_shard(shard, self.num_experts, self.rows)
+
+    def right_inverse(self, full: torch.Tensor) -> torch.Tensor:
+        return full.detach().index_select(0, torch.tensor(self.rows, device=full.device)).clone()
 
 
 def fully_shard_non_experts(model: nn.Module, mesh: DeviceMesh, expert_names: Iterable[str],

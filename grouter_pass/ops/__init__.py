@@ -7,7 +7,14 @@ forms that let Inductor see the kernels (:mod:`grouter_pass.ops.triton_ops`).
 
 import torch
 
-from grouter_pass.ops import dispatch_plan, external_routing, moe_experts, route, split_sizes  # noqa: F401  (registers the ops)
+from grouter_pass.ops import (  # noqa: F401  (registers the ops)
+    dispatch_plan,
+    expert_shard,
+    external_routing,
+    moe_experts,
+    route,
+    split_sizes,
+)
 from grouter_pass.ops.dispatch_plan import dispatch_plan as dispatch_plan_op
 from grouter_pass.ops.moe_experts import moe_experts as moe_experts_op
 from grouter_pass.ops.route import route as route_op

@@ -26,7 +26,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import grouter_pass
 from grouter_pass import GrouterConfig, apply_grouter
-from grouter_pass.distributed import fully_shard_non_experts, splits_from_step_routing
+from grouter_pass.distributed import fully_shard_non_experts, shard_expert_parameters, splits_from_step_routing
 from grouter_pass.distributed.placement_file import Placement
 from grouter_pass.routing import HashRouting, PrecomputedRouting
 from grouter_pass.testing.handwritten import BatchedGatherMoE, TinyMoELM
@@ -125,14 +125,21 @@ def local_experts(rank: int, world: int, placement: Placement | None) -> list[in
 
 
 def compare_grads(model, ref, rank: int, world: int, placement: Placement | None) -> dict[str, float]:
+    """Expert parameters: full ``[E, ...]`` (rows of other ranks must get exactly 0) or stored
+    ``[E/R, ...]`` shards (``...parametrizations.<name>.original``); the rest summed over ranks."""
     errs = {}
     mine = local_experts(rank, world, placement)
     others = [e for e in range(E) if e not in mine]
-    for (name, p), (_, r) in zip(model.named_parameters(), ref.named_parameters()):
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        r = ref_params[name.replace("parametrizations.", "").replace(".original", "")]
         if r.grad is None:   # routers in Grouter modes: no gradient in either
             assert p.grad is None, f"{name} has a gradient but the reference has none"
             continue
-        if name.rsplit(".", 1)[-1] in EXPERT_PARAMS:
+        if name.endswith(".original"):   # a stored shard: this rank's experts, in local order
+            assert p.shape[0] == E // world, f"{name} stores {p.shape[0]} experts, expected {E // world}"
+            errs[name] = rel(p.grad, r.grad[mine])
+        elif name.rsplit(".", 1)[-1] in EXPERT_PARAMS:
             errs[name] = rel(p.grad[mine], r.grad[mine])
             assert float(p.grad[others].abs().max()) == 0.0, f"{name}: rows of other ranks' experts got a gradient"
         else:
@@ -143,7 +150,7 @@ def compare_grads(model, ref, rank: int, world: int, placement: Placement | None
 
 
 def check_rewrite_parity(rank: int, world: int, mode: str, *, perm: list[int] | None = None, steps: int = 3,
-                         given_splits: bool = False, compiler: str = "aot_eager") -> dict:
+                         given_splits: bool = False, compiler: str = "aot_eager", keep_shape: bool = False) -> dict:
     """``steps`` steps (a new batch and routing each, one skewed): loss and every gradient against
     the reference; the AOT graphs' collectives (aot_eager); one compilation for all steps."""
     torch._dynamo.reset()   # each check compiles the same code objects afresh (recompile limit)
@@ -156,6 +163,10 @@ def check_rewrite_parity(rank: int, world: int, mode: str, *, perm: list[int] | 
                                                                          fullgraph=True))
     cfg = GrouterConfig(routing=routing_source, expert_parallel=mesh, expert_placement=placement,
                         compiler=compiler, fullgraph=True)
+    if keep_shape:   # store only this rank's experts; the model still reads [E, ...] parameters
+        names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in EXPERT_PARAMS]
+        shard_expert_parameters(model, mesh, num_experts=E, names=names, keep_shape=True,
+                                expert_perm=placement.expert_perm if placement is not None else None)
     fast = apply_grouter(model, cfg)
     graphs: dict[str, list] = {"fw": [], "bw": []}
     from torch._dynamo.backends import debugging
@@ -204,17 +215,22 @@ def check_rewrite_parity(rank: int, world: int, mode: str, *, perm: list[int] | 
     if compiler == "aot_eager":
         assert len(graphs["fw"]) == 1 and len(graphs["bw"]) == 1, f"{len(graphs['fw'])} forward graphs"
         out.update(fw=collectives(graphs["fw"][0]), bw=collectives(graphs["bw"][0]))
+        built = [n.name for gm in graphs["fw"] + graphs["bw"] for n in gm.graph.nodes
+                 if "experts_from_shard" in str(n.target)]
+        assert not built, f"the full expert tensors are still built in the compiled graphs: {built}"
     return out
 
 
 def check_fsdp_with_ep_rewrite(rank: int, world: int, steps: int = 3) -> dict:
-    """FSDP2 (non-expert parameters, summed gradients) + EP by the rewrite, exact mode, SGD for a
-    few steps: every step's loss matches single-process training on the same global batches."""
+    """FSDP2 (non-expert parameters, summed gradients) + EP by the rewrite over stored expert shards,
+    exact mode, SGD for a few steps: every step's loss matches single-process training on the same
+    global batches."""
     torch._dynamo.reset()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     ref, model = make_model(), make_model()
     names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in EXPERT_PARAMS]
-    fully_shard_non_experts(model, mesh, names)
+    report = shard_expert_parameters(model, mesh, num_experts=E, names=names, keep_shape=True)
+    fully_shard_non_experts(model, mesh, report.names)   # experts: [E/R] shards, FSDP2: the rest
     fast = apply_grouter(model, GrouterConfig(expert_parallel=mesh, compiler="aot_eager"))
     opt_ref = torch.optim.SGD(ref.parameters(), lr=0.5)
     opt = torch.optim.SGD(model.parameters(), lr=0.5, foreach=False)
@@ -260,6 +276,11 @@ def check_refusals(rank: int, world: int) -> dict:
                                                          num_experts=E, ep_size=2 * world)),
                          (f"ep_size={2 * world}", f"ep_size={world}")),
     }
+    sharded = make_model()
+    shard_expert_parameters(sharded, mesh, num_experts=E, keep_shape=True,
+                            names=[n for n, _ in sharded.named_parameters() if n.rsplit(".", 1)[-1] in EXPERT_PARAMS])
+    cases["sharded_without_ep"] = (sharded, GrouterConfig(fullgraph=True, compiler="eager"),
+                                   ("sharded for expert parallelism", "GrouterConfig(expert_parallel=...)"))
     for name, (model, cfg, needles) in cases.items():
         try:
             apply_grouter(model, cfg)(tokens)
@@ -281,6 +302,9 @@ def worker_rewrite_ep2(rec: Recorder, rank: int, world: int) -> None:
     rec.check("precomputed_given_splits", lambda: check_rewrite_parity(rank, world, "precomputed", steps=2,
                                                                        given_splits=True))
     rec.check("hash", lambda: check_rewrite_parity(rank, world, "hash", steps=2))
+    rec.check("exact_sharded", lambda: check_rewrite_parity(rank, world, "learned", steps=2, keep_shape=True))
+    rec.check("precomputed_sharded_placed", lambda: check_rewrite_parity(
+        rank, world, "precomputed", steps=2, perm=[3, 0, 6, 1, 7, 2, 5, 4], keep_shape=True))
     rec.check("grouter", lambda: check_rewrite_parity(rank, world, "grouter", steps=2))
     rec.check("precomputed_inductor", lambda: check_rewrite_parity(rank, world, "precomputed", steps=2,
                                                                    perm=[3, 0, 6, 1, 7, 2, 5, 4], compiler="inductor"))
@@ -291,6 +315,7 @@ def worker_rewrite_ep2(rec: Recorder, rank: int, world: int) -> None:
 
 def worker_rewrite_ep4(rec: Recorder, rank: int, world: int) -> None:
     rec.check("exact", lambda: check_rewrite_parity(rank, world, "learned", steps=2))
+    rec.check("exact_sharded", lambda: check_rewrite_parity(rank, world, "learned", steps=2, keep_shape=True))
     rec.check("precomputed_placed", lambda: check_rewrite_parity(rank, world, "precomputed",
                                                                  perm=[6, 1, 4, 3, 0, 7, 2, 5], steps=2))
     rec.check("refusals", lambda: check_refusals(rank, world))

@@ -28,9 +28,12 @@ def _results(world, ep2, ep4):
     return {2: ep2, 4: ep4}[world]
 
 
-@pytest.mark.parametrize("world,check", [(2, "exact"), (2, "exact_placed"), (4, "exact")])
+@pytest.mark.parametrize("world,check", [(2, "exact"), (2, "exact_placed"), (4, "exact"), (2, "exact_sharded"),
+                                         (4, "exact_sharded")])
 def test_exact_mode_ep_matches_single_process(ep2, ep4, world, check):
-    """Learned routers: loss and every gradient (experts: this rank's rows; routers, norms,
+    """Learned routers: loss and every gradient (experts: this rank's rows, or the stored
+    ``[E/R, ...]`` shards after ``shard_expert_parameters(keep_shape=True)``, in which case the full
+    expert tensors must not be built in the compiled graphs; routers, norms,
     embedding, head: summed over ranks) within 1e-5 of the eager model on the global batch, over
     steps with different (one skewed) routing, one compilation. Forward graph: per layer one
     int64 count all-to-all + two float token all-to-alls and the host read of the split sizes
@@ -44,7 +47,7 @@ def test_exact_mode_ep_matches_single_process(ep2, ep4, world, check):
 
 
 @pytest.mark.parametrize("world,check", [(2, "precomputed_placed"), (2, "precomputed_given_splits"), (2, "hash"),
-                                         (2, "grouter"), (4, "precomputed_placed")])
+                                         (2, "grouter"), (4, "precomputed_placed"), (2, "precomputed_sharded_placed")])
 def test_grouter_modes_ep_match_single_process_without_count_exchange(ep2, ep4, world, check):
     """Precomputed (with a placement; with splits given by the caller), hash and Grouter routing:
     parity with the single-process rewrite, and the compiled graphs hold only the float token
@@ -73,4 +76,4 @@ def test_fsdp2_with_ep_rewrite_trains_like_single_process(ep2):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ep_rewrite_refuses_mismatched_sizes(ep2, ep4, world):
     for rec in assert_check(_results(world, ep2, ep4), "refusals"):
-        assert set(rec["messages"]) == {"ep_size", "placement_E", "placement_ep"}
+        assert set(rec["messages"]) == {"ep_size", "placement_E", "placement_ep", "sharded_without_ep"}
