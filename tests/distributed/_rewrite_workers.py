@@ -221,6 +221,41 @@ def check_rewrite_parity(rank: int, world: int, mode: str, *, perm: list[int] | 
     return out
 
 
+def check_2d_mesh(rank: int, world: int) -> dict:
+    """A ``(dp=2, ep=2)`` mesh over 4 processes, exact mode, stored expert shards: each ``ep`` group
+    runs EP on its own quarter-pair of the batch; after summing the expert gradients over ``dp``
+    and the other gradients over the world, loss and every gradient match the single process."""
+    torch._dynamo.reset()
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "ep"))
+    ep_world, ep_rank = mesh["ep"].size(), mesh["ep"].get_local_rank()
+    ref, model = make_model(), make_model()
+    names = [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in EXPERT_PARAMS]
+    report = shard_expert_parameters(model, mesh, num_experts=E, names=names, keep_shape=True)
+    fast = apply_grouter(model, GrouterConfig(expert_parallel=mesh, compiler="aot_eager", fullgraph=True))
+    b = batch(300)
+    ref_loss = loss_of(ref, b["tokens"], b["labels"])
+    ref_loss.backward()
+    s = rows(world, rank)
+    loss = loss_of(fast, b["tokens"][s], b["labels"][s])
+    loss.backward()
+    total = loss.detach().clone()
+    dist.all_reduce(total)
+    errs = {"loss": rel(total, ref_loss)}
+    ref_params = dict(ref.named_parameters())
+    mine = local_experts(ep_rank, ep_world, None)
+    for name, p in model.named_parameters():
+        g = p.grad.clone()
+        if name in report.names:    # complete within the ep group: sum the dp replicas
+            dist.all_reduce(g, group=mesh["dp"].get_group())
+            errs[name] = rel(g, ref_params[name.replace("parametrizations.", "").replace(".original", "")].grad[mine])
+        else:
+            dist.all_reduce(g)
+            errs[name] = rel(g, ref_params[name].grad)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= RTOL, f"{worst}: relative error {errs[worst]:.3g} ({errs})"
+    return {"max_rel_err": errs[worst], "expert_parallel": grouter_pass.grouter_reports(fast)[0].expert_parallel}
+
+
 def check_fsdp_with_ep_rewrite(rank: int, world: int, steps: int = 3) -> dict:
     """FSDP2 (non-expert parameters, summed gradients) + EP by the rewrite over stored expert shards,
     exact mode, SGD for a few steps: every step's loss matches single-process training on the same
@@ -318,4 +353,5 @@ def worker_rewrite_ep4(rec: Recorder, rank: int, world: int) -> None:
     rec.check("exact_sharded", lambda: check_rewrite_parity(rank, world, "learned", steps=2, keep_shape=True))
     rec.check("precomputed_placed", lambda: check_rewrite_parity(rank, world, "precomputed",
                                                                  perm=[6, 1, 4, 3, 0, 7, 2, 5], steps=2))
+    rec.check("mesh_2d", lambda: check_2d_mesh(rank, world))
     rec.check("refusals", lambda: check_refusals(rank, world))

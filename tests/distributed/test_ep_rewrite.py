@@ -68,6 +68,12 @@ def test_ep_rewrite_compiles_with_inductor(ep2, check):
         assert rec["max_rel_err"] <= 1e-5
 
 
+def test_ep_rewrite_on_a_2d_mesh(ep4):
+    """(dp=2, ep=2): EP inside each ep group, expert gradients summed over dp by the caller."""
+    for rec in assert_check(ep4, "mesh_2d"):
+        assert rec["max_rel_err"] <= 1e-5 and rec["expert_parallel"]["ep_size"] == 2
+
+
 def test_fsdp2_with_ep_rewrite_trains_like_single_process(ep2):
     for rec in assert_check(ep2, "fsdp_ep"):
         assert len(rec["loss_rel_errs"]) == 3 and max(rec["loss_rel_errs"]) <= 1e-5
