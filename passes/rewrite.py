@@ -201,7 +201,7 @@ def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, confi
         if ep.logical_to_physical is not None:
             insert_physical_ids(gm.graph, shared.ids, shared.perm.args[0], ep)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        tokens = shared.weights.args[0].args[0]  # external_routing(tokens, ...)
+        tokens = shared.tokens
         report_all.ep_step = {"routing": config.routing, "num_experts": sites[0].gating.spec.num_experts,
                               "top_k": sites[0].gating.spec.top_k, "layout": ep,
                               "token_input": placeholders.index(tokens) if tokens in placeholders else None}

@@ -108,6 +108,7 @@ def check_sites(sites: list[Any], routing: Any, vocab_rows: int | None) -> None:
 
 @dataclass
 class SharedRouting:
+    tokens: fx.Node          # what the routing reads: the token-id input, or the first site's hidden states
     weights: fx.Node
     ids: fx.Node
     perm: fx.Node
@@ -157,7 +158,8 @@ def insert_shared_routing(gm: fx.GraphModule, sites: list[Any], routing: Any, ca
     for n in graph.nodes:   # the shared nodes belong to no layer
         if n not in before:
             n.meta.pop("nn_module_stack", None)
-    return SharedRouting(weights, ids, perm, inv_perm, counts, offsets, [n for n in graph.nodes if n not in before])
+    return SharedRouting(tokens, weights, ids, perm, inv_perm, counts, offsets,
+                         [n for n in graph.nodes if n not in before])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -45,13 +45,17 @@ DispatchPlan = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 def exchange_layer_splits(counts_E: torch.Tensor, epg: EPGroup) -> EPSplits:
     """Exact mode: one all-to-all of this rank's ``[E]`` counts, then a host read of the splits.
 
-    This is the per-layer, host-synchronising step that precomputed routing removes.
+    This is the per-layer, host-synchronising step that precomputed routing removes. The read is
+    one D2H copy of ``2R`` totals, then ``grouter.split_size`` per entry: traceable as unbacked
+    sizes (the rewrite's graphs; ``fullgraph=True`` at model level), a graph break otherwise.
     """
     local = counts_E.shape[0] // epg.size
-    recv = funcol.all_to_all_single(counts_E.to(torch.int64), [local] * epg.size, [local] * epg.size, epg.group)
+    counts = counts_E.to(torch.int64)
+    recv = funcol.all_to_all_single(counts, [local] * epg.size, [local] * epg.size, epg.group)
     recv_RL = funcol.wait_tensor(recv).view(epg.size, local)
-    input_splits = counts_E.view(epg.size, local).sum(1).tolist()
-    return EPSplits(input_splits=input_splits, output_splits=recv_RL.sum(1).tolist(), recv_counts_RL=recv_RL)
+    totals = torch.cat([counts.view(epg.size, local).sum(1), recv_RL.sum(1)]).cpu()
+    sizes = [torch.ops.grouter.split_size(totals, i) for i in range(2 * epg.size)]
+    return EPSplits(input_splits=sizes[:epg.size], output_splits=sizes[epg.size:], recv_counts_RL=recv_RL)
 
 
 def _local_expert_ids(recv_counts_RL: torch.Tensor, num_received: int) -> torch.Tensor:
@@ -241,14 +245,11 @@ def ep_experts_in_graph(
     else:
         shards = [_local_rows(t, epg.rank, local, local_experts) for t in (w_up, w_down, b_up, b_down)]
     if step_key is None:
-        recv = funcol.all_to_all_single(counts.to(torch.int64), [local] * epg.size, [local] * epg.size, group)
-        recv_RL = funcol.wait_tensor(recv).view(epg.size, local)
-        totals = torch.cat([counts.to(torch.int64).view(epg.size, local).sum(1), recv_RL.sum(1)]).cpu()
-        sizes = [torch.ops.grouter.split_size(totals, i) for i in range(2 * epg.size)]
+        splits = exchange_layer_splits(counts, epg)
     else:
         recv_RL = torch.ops.grouter.step_recv_counts(counts, step_key, epg.size, local, site)
         sizes = [torch.ops.grouter.step_split_size(counts, step_key, i, site) for i in range(2 * epg.size)]
-    splits = EPSplits(input_splits=sizes[:epg.size], output_splits=sizes[epg.size:], recv_counts_RL=recv_RL)
+        splits = EPSplits(input_splits=sizes[:epg.size], output_splits=sizes[epg.size:], recv_counts_RL=recv_RL)
     return _dispatch_compute_combine(
         x, weights, perm, splits, *shards, epg, top_k=top_k, activation=activation, gated=gated,
         interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,

@@ -21,6 +21,7 @@ by autograd as integers).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -48,8 +49,6 @@ class EPStepRunner:
         self.ep = EPGroup(group=group, size=dist.get_world_size(group), rank=dist.get_rank(group))
         self.logical_to_physical = (torch.tensor(layout.logical_to_physical, dtype=torch.int64)
                                     if layout.logical_to_physical is not None else None)
-        #: the splits of the last step (for logging and tests)
-        self.last_splits: EPSplits | None = None
 
     def step_routing(self, args: tuple[Any, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(weights [N, k], logical ids [N, k])`` of this call's tokens."""
@@ -76,19 +75,10 @@ class EPStepRunner:
     def __call__(self, *args: Any) -> Any:
         weights, ids = self.step_routing(args)  # Dynamo calls with the flat graph inputs
         splits = self.splits_for(ids)
-        self.last_splits = splits
         key = self.source.key
-        reuse = step_routing(key, weights, ids) if self.source.needs_token_ids else _nullcontext()
+        reuse = step_routing(key, weights, ids) if self.source.needs_token_ids else contextlib.nullcontext()
         with active_step_splits(key, splits), reuse:
             return self.compiled(*args)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def wrap_for_expert_parallel(compiled: Callable, ep_step: dict[str, Any] | None) -> Callable:

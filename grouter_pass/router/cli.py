@@ -68,6 +68,16 @@ def _check_vocab(grouter, tokenizer) -> None:
     check_compatible(grouter.config, vocab_size=tokenizer.vocab_size, what=f"tokenizer ({tokenizer.name})")
 
 
+def _grouter_and_tokenizer(args: argparse.Namespace):
+    """The checkpoint's Grouter and the tokenizer, refused when the vocabularies do not fit."""
+    from grouter_pass.router.checkpoint import load_grouter
+
+    grouter = load_grouter(args.checkpoint)
+    tokenizer = _tokenizer(args)
+    _check_vocab(grouter, tokenizer)
+    return grouter, tokenizer
+
+
 def _train_val(args: argparse.Namespace, tokenizer):
     train = _corpus(args, args.data, "train", tokenizer)
     val_source = args.val_data or args.data
@@ -133,12 +143,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from grouter_pass.router.checkpoint import load_grouter, save_grouter
+    from grouter_pass.router.checkpoint import save_grouter
     from grouter_pass.router.fold import fold_grouter, greedy_groups, grouter_affinity
 
-    grouter = load_grouter(args.checkpoint)
-    tokenizer = _tokenizer(args)
-    _check_vocab(grouter, tokenizer)
+    grouter, tokenizer = _grouter_and_tokenizer(args)
     corpus = _corpus(args, args.data, "train", tokenizer)
     affinity = grouter_affinity(grouter, _eval_batches(args, corpus))
     groups = greedy_groups(affinity, args.experts)
@@ -150,12 +158,10 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from grouter_pass.router.checkpoint import load_grouter, save_grouter
+    from grouter_pass.router.checkpoint import save_grouter
     from grouter_pass.router.expand import expand_grouter
 
-    grouter = load_grouter(args.checkpoint)
-    tokenizer = _tokenizer(args)
-    _check_vocab(grouter, tokenizer)
+    grouter, tokenizer = _grouter_and_tokenizer(args)
     corpus = _corpus(args, args.data, "train", tokenizer)
     expanded = expand_grouter(grouter, args.experts, _eval_batches(args, corpus), top_k=args.top_k,
                               quantile=args.quantile, seed=args.seed)
@@ -166,12 +172,9 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from grouter_pass.router.checkpoint import load_grouter
     from grouter_pass.router.tuning import TuneConfig, tune
 
-    grouter = load_grouter(args.checkpoint)
-    tokenizer = _tokenizer(args)
-    _check_vocab(grouter, tokenizer)
+    grouter, tokenizer = _grouter_and_tokenizer(args)
     train, val = _train_val(args, tokenizer)
     cfg = TuneConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
