@@ -20,6 +20,8 @@ from typing import Any, Literal
 import torch
 
 ScoreFunc = Literal["softmax", "sigmoid", "none", "sparsemixer"]
+#: families whose gating the rewrite keeps as the model wrote it (no ``grouter.route``)
+KEPT_FAMILIES = ("hash", "kept")
 Order = Literal["score_then_topk", "topk_then_score"]
 BiasMode = Literal["none", "selection", "score"]
 GroupScore = Literal["top2_sum", "max"]
@@ -86,6 +88,9 @@ class GatingSpec:
     #: PhiMoE's sparsemixer (``score_func="sparsemixer"``, top-2, evaluation mode): experts whose
     #: score is further than this relative distance from the best one are masked out of the softmax
     sparsemixer_threshold: float = 0.0
+    #: ops the model applies between its router logits and the tensor ``route`` starts from
+    #: (an unusual score function, a temperature, noise): they stay in the graph as written
+    prelude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.top_k > self.num_experts:
@@ -98,6 +103,12 @@ class GatingSpec:
     @property
     def group_limited(self) -> bool:
         return self.n_group > 1 and self.topk_group < self.n_group
+
+    @property
+    def uses_route_op(self) -> bool:
+        """False when the gating is kept as the model wrote it (hash routing, or a gating no spec
+        reproduces): only the experts are rewritten."""
+        return self.family not in KEPT_FAMILIES
 
     def route_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``torch.ops.grouter.route`` for this spec."""
@@ -124,10 +135,21 @@ class GatingSpec:
         d = dataclasses.asdict(self)
         d["score_dtype"] = _dtype_name(self.score_dtype)
         d["weights_dtype"] = _dtype_name(self.weights_dtype)
+        d["prelude"] = list(self.prelude)
         return d
 
     def describe(self) -> str:
         """One short human line: ``softmax -> top-2, renorm sum``."""
+        if self.family == "hash":
+            return f"top-{self.top_k} from a token-id table, weights as written"
+        if self.family == "kept":
+            return f"top-{self.top_k}, gating kept as written"
+        text = self._describe_rule()
+        if self.prelude:
+            text = f"[{' -> '.join(self.prelude)}] -> {text}"
+        return text
+
+    def _describe_rule(self) -> str:
         if self.score_func == "sparsemixer":
             return f"sparsemixer top-{self.top_k} (threshold {self.sparsemixer_threshold:g})"
         if self.order == "score_then_topk":
@@ -205,6 +227,16 @@ class ExpertsSpec:
     weight_on_input: bool = False
     compute_dtype: torch.dtype = torch.float32
     out_dtype: torch.dtype = torch.float32
+    #: capacity-based dispatch: at most this many slots per expert, the rest dropped (their
+    #: routing weight counts as zero), kept in ``capacity_priority`` order: "token" (token order,
+    #: a token's choices in turn), "choice" (every first choice before any second choice,
+    #: GShard) or "score" (highest routing weight first)
+    capacity: int | None = None
+    capacity_priority: Literal["token", "choice", "score"] = "token"
+    #: the router's E when it is larger than the FFN experts' (zero-computation experts): ids at
+    #: or above ``num_experts`` return the token times its weight ("identity") or nothing ("zero")
+    routed_experts: int | None = None
+    extra_experts: Literal["none", "identity", "zero"] = "none"
 
     def op_kwargs(self) -> dict[str, Any]:
         return dict(up_transposed=self.up_transposed, down_transposed=self.down_transposed,
@@ -216,8 +248,16 @@ class ExpertsSpec:
         d["out_dtype"] = _dtype_name(self.out_dtype)
         return d
 
+    @property
+    def has_extra_experts(self) -> bool:
+        return self.extra_experts != "none" and (self.routed_experts or 0) > self.num_experts
+
     def describe(self) -> str:
         extra = (", bias" if self.has_bias else "") + (", weight on input" if self.weight_on_input else "")
+        if self.capacity is not None:
+            extra += f", capacity {self.capacity} ({self.capacity_priority} priority)"
+        if self.has_extra_experts:
+            extra += f", {self.routed_experts - self.num_experts} {self.extra_experts} experts"
         return (f"{self.style} E={self.num_experts} H={self.hidden_size} F={self.ffn_size} "
                 f"{self.activation.describe()}{extra}")
 
@@ -232,10 +272,25 @@ class NoMatch:
     #: True when the candidate looked like a MoE gating site (an E-way router feeding a top-k):
     #: such rejections are logged at INFO, plain non-sites only at DEBUG.
     partial: bool = False
+    #: the detection step that failed ("router", "routing", "gating", "combine", "experts",
+    #: "capacity", "probe", ...) and the graph node it failed on (its name)
+    step: str = ""
+    node: Any = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.node, str):  # a graph node: keep its name only (this module knows no fx)
+            object.__setattr__(self, "node", getattr(self.node, "name", str(self.node)))
 
     @property
     def detail(self) -> str:
         return self.reason % self.args if self.args else self.reason
+
+    @property
+    def where(self) -> str:
+        """``step at node``, for log lines."""
+        if self.step and self.node:
+            return f"{self.step} at node {self.node}"
+        return self.step or (f"node {self.node}" if self.node else "")
 
     def __str__(self) -> str:
         return self.detail
@@ -259,6 +314,9 @@ class SiteReport:
     added_nodes: dict[str, str] = field(default_factory=dict)
     #: where the rewritten site's routing comes from: "learned" (exact), "grouter", "precomputed", "hash"
     routing: str = "learned"
+    #: for a site not rewritten: the detection step that failed and the node it failed on
+    step: str = ""
+    node: str = ""
 
     @property
     def family(self) -> str:
@@ -271,19 +329,21 @@ class SiteReport:
             "gating": self.gating.to_dict() if self.gating is not None else None,
             "experts": self.experts.to_dict() if self.experts is not None else None,
             "new_ops": list(self.new_ops), "removed_nodes": list(self.removed_nodes),
-            "added_nodes": dict(self.added_nodes), "routing": self.routing,
+            "added_nodes": dict(self.added_nodes), "routing": self.routing, "step": self.step, "node": self.node,
         }
 
     def summary(self) -> str:
+        where = f" [{self.step} at node {self.node}]" if self.step and self.node else (
+            f" [{self.step}]" if self.step else "")
         if self.gating is None:
-            return f"{self.module_path}: not rewritten: {self.reason}"
+            return f"{self.module_path}: not rewritten{where}: {self.reason}"
         head = (f"{self.module_path}: {self.family} E={self.gating.num_experts} k={self.gating.top_k} "
                 f"[{self.gating.describe()}]")
         if self.experts is not None:
             head += f" experts={self.experts.style} act={self.experts.activation.describe()}"
         if self.rewritten:
             return head + (" -> rewritten" if self.routing == "learned" else f" -> rewritten, {self.routing} routing")
-        return head + f" -> left unchanged: {self.reason}"
+        return head + f" -> left unchanged{where}: {self.reason}"
 
 
 @dataclass

@@ -7,6 +7,7 @@ combination; instead this pass rewrites each spelling into one vocabulary first:
 
     F.softmax / torch.softmax / Tensor.softmax            -> torch.softmax(x, dim[, dtype=])
     torch.topk / Tensor.topk                              -> torch.topk(x, k, dim=, largest=, sorted=)
+    torch.sort / argsort / Tensor.sort / argsort          -> torch.sort / torch.argsort(x, dim=, descending=)
     truediv / itruediv / torch.div / Tensor.div(_)        -> torch.div(a, b)
     mul / imul / Tensor.mul(_)  (add, sub likewise)       -> torch.mul(a, b)
     .float() / .to(f32) / .type(f32) / .type_as(t)       -> Tensor.to(x, dtype)
@@ -111,6 +112,17 @@ def normalize_topk(node: fx.Node) -> Canonical | None:
         return None
     return torch.topk, (a["input"], a["k"]), {"dim": _neg_dim(a["input"], a["dim"]), "largest": a["largest"],
                                               "sorted": a["sorted"]}, False
+
+
+def normalize_sort(node: fx.Node) -> Canonical | None:
+    a = _bind(node, ("input", "dim", "descending"), {"dim": -1, "descending": False, "stable": None})
+    if a is None:
+        return None
+    kwargs = {"dim": _neg_dim(a["input"], a["dim"]), "descending": bool(a["descending"])}
+    if a.get("stable"):
+        kwargs["stable"] = True
+    target = torch.argsort if node.target in ("argsort", torch.argsort) else torch.sort
+    return target, (a["input"],), kwargs, False
 
 
 def normalize_max(node: fx.Node) -> Canonical | None:
@@ -290,6 +302,19 @@ def normalize_activation(node: fx.Node) -> Canonical | None:
     return None
 
 
+#: in-place methods whose functional method takes the same arguments (``x.index_add_(0, i, y)``
+#: -> ``x.index_add(0, i, y)``): expert loops accumulate with them
+_FUNCTIONAL_TWINS = ("index_add", "index_copy", "index_put", "index_fill", "scatter_add", "scatter_reduce",
+                     "masked_scatter", "put", "index_reduce")
+
+
+def normalize_inplace_twin(node: fx.Node) -> Canonical | None:
+    name = str(node.target)[:-1]
+    if not node.args or not _is_tensor(node.args[0]):
+        return None
+    return name, tuple(node.args), dict(node.kwargs), True
+
+
 _INPLACE_OPERATORS = {operator.itruediv, operator.imul, operator.iadd, operator.isub}
 _OPERATOR_SPELLINGS = {operator.truediv, operator.mul, operator.add, operator.sub} | _INPLACE_OPERATORS
 
@@ -308,6 +333,10 @@ SPELLINGS: dict[tuple[str, Any], Normalizer] = {
     ("call_method", "sigmoid_"): normalize_sigmoid,
     ("call_function", torch.topk): normalize_topk,
     ("call_method", "topk"): normalize_topk,
+    ("call_function", torch.sort): normalize_sort,
+    ("call_method", "sort"): normalize_sort,
+    ("call_function", torch.argsort): normalize_sort,
+    ("call_method", "argsort"): normalize_sort,
     ("call_function", torch.max): normalize_max,
     ("call_method", "max"): normalize_max,
     ("call_function", torch.argmax): normalize_argmax,
@@ -345,6 +374,7 @@ SPELLINGS: dict[tuple[str, Any], Normalizer] = {
     ("call_function", operator.setitem): normalize_setitem,
     ("call_function", operator.matmul): normalize_matmul,
     ("call_method", "matmul"): normalize_matmul,
+    **{("call_method", f"{t}_"): normalize_inplace_twin for t in _FUNCTIONAL_TWINS},
     **{("call_function", t): normalize_activation for t in (F.silu, F.relu, torch.relu, F.gelu)},
     **{("call_method", t): normalize_activation for t in ("silu", "relu", "gelu")},
 }

@@ -32,6 +32,7 @@ import torch.utils._pytree as pytree
 from torch._dynamo.utils import counters
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
+from grouter_pass.passes.dataflow import is_fresh
 from grouter_pass.passes.detect import Site, route_insertion_point
 from grouter_pass.passes.expert_parallel import (
     EPLayout,
@@ -39,7 +40,14 @@ from grouter_pass.passes.expert_parallel import (
     insert_physical_ids,
     refuse_unreplaced_shards,
 )
-from grouter_pass.passes.graph_utils import fake_mode_of, meta_val
+from grouter_pass.passes.graph_utils import (
+    dtype_of,
+    fake_mode_of,
+    meta_val,
+    mutated_arg,
+    same_shape,
+    shape_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +99,52 @@ def _node(graph: fx.Graph, target: Any, args: tuple, kwargs: dict, *, like: fx.N
     return node
 
 
+def _reshape(graph: fx.Graph, node: fx.Node, shape: tuple, like: fx.Node, role: str) -> fx.Node:
+    return _node(graph, torch.reshape, (node, shape), {}, like=like, role=role)
+
+
+def _assemble(graph: fx.Graph, parts: list, cat_dim: int, like: fx.Node) -> fx.Node | None:
+    """One ``[E, ., .]`` tensor from a site's weight parts: per-expert weights stacked, gate and up
+    concatenated (two GEMMs in the model, one in the op)."""
+    if not parts:
+        return None
+    tensors = []
+    for ref in parts:
+        if ref.stacked:
+            tensors.append(_node(graph, torch.stack, (list(ref.nodes),), {}, like=like, role="experts"))
+        else:
+            tensors.append(ref.nodes[0])
+    if len(tensors) == 1:
+        return tensors[0]
+    return _node(graph, torch.cat, (tensors,), {"dim": cat_dim}, like=like, role="experts")
+
+
+def _rewire(graph: fx.Graph, site: Site, weights: fx.Node, ids: fx.Node, region: set[fx.Node], after: fx.Node
+            ) -> None:
+    """Readers of the old routing outside the site (an auxiliary loss, a returned tensor) read the
+    new routing when it holds exactly the same values (same dtype, same slot order); others keep
+    the nodes they read, which then stay in the graph."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    for old, rel in site.gating.boundary.items():
+        if rel.kind == "dense" or not rel.exact_order:
+            continue
+        src = ids if rel.kind == "ids" else weights
+        if dtype_of(old) != dtype_of(src):
+            continue
+        readers = [u for u in old.users if u not in region and position.get(u, -1) > position[after]]
+        if not readers:
+            continue
+        with graph.inserting_before(readers[0]):
+            new = src
+            if rel.column is not None:
+                new = _node(graph, operator.getitem, (src, (Ellipsis, rel.column)), {}, like=old, role="router")
+            new = _node(graph, torch.Tensor.reshape_as, (new, old), {}, like=old, role="router") \
+                if not same_shape(shape_of(new), shape_of(old)) else new
+        for u in readers:
+            if new is not old and old in u.all_input_nodes and u is not new:
+                u.replace_input_with(old, new)
+
+
 def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None, ep: Any = None, step_key: int | None = None,
                  site_index: int = 0) -> list[str]:
     """Rewrite one site in place; returns the (caller-graph) names of the nodes it removed.
@@ -101,57 +155,160 @@ def rewrite_site(graph: fx.Graph, site: Site, shared: Any = None, ep: Any = None
     expert-parallel; ``step_key`` names the routing source whose per-step split sizes it reads
     (``None``: exchange counts in the layer)."""
     g, e = site.gating, site.experts
+    spec, espec = g.spec, e.spec
+    k, e_route, e_ffn = spec.top_k, spec.num_experts, espec.num_experts
     region = set(g.region) | set(e.region)
+    if ep is not None and (e.per_expert or espec.capacity is not None or espec.has_extra_experts):
+        raise ValueError(f"site {site.module_path}: expert parallelism supports experts stored as [E, ...] "
+                         "tensors without capacity or zero-computation experts; this site has "
+                         f"{espec.describe()}")
     if shared is not None:
+        if espec.capacity is not None or espec.has_extra_experts:
+            raise ValueError(f"site {site.module_path}: shared routing cannot drive a site with capacity-based "
+                             f"dispatch or zero-computation experts ({espec.describe()})")
         weights, ids, perm, inv_perm, offsets = shared.weights, shared.ids, shared.perm, shared.inv_perm, shared.offsets
         counts = shared.counts
+        after = None
     else:
-        # after the last of route's inputs (a runtime scale may be computed late), outside no_grad
-        with graph.inserting_before(route_insertion_point(graph, g.parse).next):
-            route_kwargs = {**g.spec.route_kwargs(), **g.parse.runtime_scalars}
-            weights, ids = _call(graph, torch.ops.grouter.route.default, (g.logits, g.bias), route_kwargs,
-                                 like=g.weights, role="router", names=("routing_weights", "expert_ids"))
+        after = route_insertion_point(graph, g)
+        if isinstance(e.capacity, fx.Node):   # the capacity is a size computed in the graph
+            position = {n: i for i, n in enumerate(graph.nodes)}
+            if position[e.capacity] > position[after]:
+                after = e.capacity
+        with graph.inserting_before(after.next):
+            if spec.uses_route_op:
+                bias = g.bias
+                if bias is not None and len(shape_of(bias)) != 1:
+                    bias = _reshape(graph, bias, (-1,), g.bias, "router")
+                route_kwargs = {**spec.route_kwargs(), **g.runtime_scalars}
+                w_r, ids_r = _call(graph, torch.ops.grouter.route.default, (g.cut, bias), route_kwargs,
+                                   like=g.anchor, role="router", names=("routing_weights", "expert_ids"))
+                weights = _reshape(graph, w_r, (-1, k), g.anchor, "router") if len(shape_of(w_r)) != 2 else w_r
+                ids = _reshape(graph, ids_r, (-1, k), g.anchor, "router") if len(shape_of(ids_r)) != 2 else ids_r
+                rewire_from = (w_r, ids_r)
+            else:
+                weights = _reshape(graph, g.weights_node, (-1, k), g.weights_node, "router")
+                ids = _reshape(graph, g.ids_node, (-1, k), g.ids_node, "router")
+                rewire_from = None
+            ffn_w, ffn_ids = weights, ids
+            if espec.capacity is not None:
+                keep = _node(graph, torch.ops.grouter.capacity_keep.default,
+                             (ids, weights, e_route, e.capacity, espec.capacity_priority), {}, like=g.anchor,
+                             role="dispatch_plan")
+                keep_w = _node(graph, torch.Tensor.to, (keep, dtype_of(weights)), {}, like=g.anchor,
+                               role="dispatch_plan")
+                ffn_w = _node(graph, torch.mul, (weights, keep_w), {}, like=g.anchor, role="dispatch_plan")
+            if espec.has_extra_experts:
+                is_ffn = _node(graph, torch.lt, (ids, e_ffn), {}, like=g.anchor, role="dispatch_plan")
+                ffn_ids = _node(graph, torch.clamp, (ids,), {"max": e_ffn - 1}, like=g.anchor, role="dispatch_plan")
+                ffn_w = _node(graph, torch.mul, (ffn_w, _node(graph, torch.Tensor.to, (is_ffn, dtype_of(weights)), {},
+                                                                like=g.anchor, role="dispatch_plan")), {},
+                              like=g.anchor, role="dispatch_plan")
             perm, inv_perm, counts, offsets = _call(
-                graph, torch.ops.grouter.dispatch_plan.default, (ids, g.spec.num_experts), {}, like=g.ids,
+                graph, torch.ops.grouter.dispatch_plan.default, (ffn_ids, e_ffn), {}, like=g.anchor,
                 role="dispatch_plan", names=("perm", "inv_perm", "expert_counts", "expert_offsets"))
+            weights_for_experts = ffn_w
         if ep is not None and ep.logical_to_physical is not None:
-            insert_physical_ids(graph, ids, perm.args[0], ep)
+            insert_physical_ids(graph, ffn_ids, perm.args[0], ep)
+    if shared is not None:
+        weights_for_experts = weights
     w = {"w_gate": e.w_gate, "w_up": e.w_up, "b_gate": e.b_gate, "b_up": e.b_up, "w_down": e.w_down, "b_down": e.b_down}
-    shards = ep.local_shards(w, g.spec.num_experts, site.module_path) if ep is not None else None
-    w = shards or w
+    shards = ep.local_shards(w, e_ffn, site.module_path) if ep is not None else None
     with graph.inserting_before(e.output):
-        w_up, b_up = w["w_up"], w["b_up"]
-        if w["w_gate"] is not None:  # gate and up were two GEMMs: the op takes [gate; up]
-            w_up = _node(graph, torch.cat, ([w["w_gate"], w["w_up"]],), {"dim": 2 if e.spec.up_transposed else 1},
-                         like=e.output, role="experts")
-            if w["b_gate"] is not None:
-                b_up = _node(graph, torch.cat, ([w["b_gate"], w["b_up"]],), {"dim": 1}, like=e.output, role="experts")
+        if shards is not None:
+            w_up = shards["w_up"] if shards["w_gate"] is None else _node(
+                graph, torch.cat, ([shards["w_gate"], shards["w_up"]],), {"dim": 2 if espec.up_transposed else 1},
+                like=e.output, role="experts")
+            b_up = shards["b_up"] if shards["b_gate"] is None else _node(
+                graph, torch.cat, ([shards["b_gate"], shards["b_up"]],), {"dim": 1}, like=e.output, role="experts")
+            w_down, b_down = shards["w_down"], shards["b_down"]
+        else:
+            w_up = _assemble(graph, e.up, 2 if espec.up_transposed else 1, e.output)
+            w_down = _assemble(graph, [e.down], 1, e.output)
+            b_up = _assemble(graph, e.up_bias, 1, e.output)
+            b_down = _assemble(graph, [e.down_bias] if e.down_bias is not None else [], 1, e.output)
+        hidden = espec.hidden_size
+        x_flat = e.x if len(shape_of(e.x)) == 2 else _reshape(graph, e.x, (-1, hidden), e.output, "experts")
         if ep is not None:
-            out = emit_ep_experts(graph, x=e.x, weights=weights, perm=perm, counts=counts, w_up=w_up,
-                                  w_down=w["w_down"], b_up=b_up, b_down=w["b_down"], num_experts=g.spec.num_experts,
-                                  top_k=g.spec.top_k,
-                                  op_kwargs={**e.spec.op_kwargs(), **e.runtime_scalars}, layout=ep,
+            out = emit_ep_experts(graph, x=x_flat, weights=weights_for_experts, perm=perm, counts=counts, w_up=w_up,
+                                  w_down=w_down, b_up=b_up, b_down=b_down, num_experts=e_ffn, top_k=k,
+                                  op_kwargs={**espec.op_kwargs(), **e.runtime_scalars}, layout=ep,
                                   step_key=step_key, site_index=site_index, weights_local=shards is not None,
                                   like=e.output)
         else:
             out, _h = _call(graph, torch.ops.grouter.moe_experts.default,
-                            (e.x, weights, perm, inv_perm, offsets, w_up, e.w_down, b_up, e.b_down),
-                            {**e.spec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts",
+                            (x_flat, weights_for_experts, perm, inv_perm, offsets, w_up, w_down, b_up, b_down),
+                            {**espec.op_kwargs(), **e.runtime_scalars}, like=e.output, role="experts",
                             names=("moe_out", "moe_hidden"))
+        if espec.has_extra_experts and espec.extra_experts == "identity":
+            is_extra = _node(graph, torch.ge, (ids, e_ffn), {}, like=e.output, role="combine")
+            w_extra = _node(graph, torch.mul, (weights, _node(graph, torch.Tensor.to, (is_extra, dtype_of(weights)), {},
+                                                              like=e.output, role="combine")), {},
+                            like=e.output, role="combine")
+            w_sum = _node(graph, torch.sum, (w_extra, -1), {"keepdim": True}, like=e.output, role="combine")
+            ident = _node(graph, torch.mul, (w_sum, x_flat), {}, like=e.output, role="combine")
+            ident = _node(graph, torch.Tensor.to, (ident, dtype_of(out)), {}, like=e.output, role="combine")
+            out = _node(graph, torch.add, (out, ident), {}, like=e.output, role="combine")
         if e.combine_base is not None:  # the experts were added into e.g. a shared expert's output
-            out = _node(graph, torch.add, (e.combine_base, out), {}, like=e.output, role="combine")
-    e.output.replace_all_uses_with(out)
-    for old, new in ((g.weights, weights), (g.ids, ids)):
-        for user in list(old.users):
-            if user not in region:
-                user.replace_input_with(old, new)
+            base = e.combine_base if len(shape_of(e.combine_base)) == 2 else _reshape(
+                graph, e.combine_base, (-1, hidden), e.output, "combine")
+            out = _node(graph, torch.add, (base, out), {}, like=e.output, role="combine")
+        if not same_shape(shape_of(out), shape_of(e.output)):
+            if site.output_like is not None:
+                out = _node(graph, torch.Tensor.reshape_as, (out, site.output_like), {}, like=e.output, role="combine")
+            else:
+                target = tuple(d if isinstance(d, int) else -1 for d in shape_of(e.output))
+                out = _reshape(graph, out, target, e.output, "combine")
+        if dtype_of(out) != dtype_of(e.output):
+            out = _node(graph, torch.Tensor.to, (out, dtype_of(e.output)), {}, like=e.output, role="combine")
+    _replace_output(graph, e.output, out)
+    if shared is None and rewire_from is not None:
+        _rewire(graph, site, *rewire_from, region, after)
+    # accumulators the region filled in place (``out = zeros_like(x); out.index_add_(...)``) are
+    # the region's own once their readers read the new output
+    for node in list(graph.nodes):
+        if is_fresh(node) and node.users and all(u in region for u in node.users):
+            region.add(node)
+        # what reads only the region (Dynamo's checks on its data-dependent sizes: a getitem of
+        # nonzero's output, sym_size, >= 0, _assert_scalar) goes with it when nothing else reads it
+        elif node.op in ("call_function", "call_method") and node.all_input_nodes and all(
+                a in region for a in node.all_input_nodes):
+            region.add(node)
     removed = []
     for node in reversed([n for n in graph.nodes if n in region]):
-        if not node.users and node.op not in ("placeholder", "output"):
+        if not node.users and node.op not in ("placeholder", "output") and not _mutation_still_read(node, region):
             removed.append(node.meta.get("grouter_origin", node.name))
             graph.erase_node(node)
     counters["grouter"]["nodes_replaced"] += len(removed)
     return removed[::-1]
+
+
+def _replace_output(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    """Readers of the experts' output read the new one. When the output is an in-place update
+    (``out.index_add_(...)`` whose result the model never names), its readers are those of the
+    updated tensor after the update."""
+    old.replace_all_uses_with(new)
+    base = mutated_arg(old)
+    while base is not None:
+        position = {n: i for i, n in enumerate(graph.nodes)}
+        for user in list(base.users):
+            if user is not new and position[user] > position[old] and user.meta.get("grouter_role") is None:
+                user.replace_input_with(base, new)
+        base = mutated_arg(base) if base.op in ("call_method", "call_function") else None
+
+
+def _mutation_still_read(node: fx.Node, region: set[fx.Node]) -> bool:
+    """An in-place update that must stay: of a tensor outside the region (a buffer the model
+    updates, e.g. per-expert token counts for load balancing), or one something still reads
+    afterwards."""
+    base = mutated_arg(node)
+    if base is None:
+        return False
+    if base not in region:
+        return True
+    # erased in reverse graph order: the readers after it that are dead are gone by now
+    position = {n: i for i, n in enumerate(node.graph.nodes)}
+    return any(position[u] > position[node] for u in base.users)
 
 
 def _expert_parallel_layout(gm: fx.GraphModule, sites: list[Site], config: Any, *, per_step: bool
@@ -175,8 +332,9 @@ def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config
         report.removed_nodes = rewrite_site(gm.graph, site, ep=ep, site_index=index)
         report.added_nodes = {n.name: n.meta["grouter_role"] for n in gm.graph.nodes
                               if n not in before and "grouter_role" in n.meta}
-        report.new_ops = ["grouter.route", "grouter.dispatch_plan",
-                          "ep_experts_in_graph (all_to_all_single)" if ep else "grouter.moe_experts"]
+        report.new_ops = (["grouter.route"] if site.gating.spec.uses_route_op else []) + (
+            ["grouter.capacity_keep"] if site.experts.spec.capacity is not None else []) + [
+            "grouter.dispatch_plan", "ep_experts_in_graph (all_to_all_single)" if ep else "grouter.moe_experts"]
         report.rewritten = True
         counters["grouter"]["sites_rewritten"] += 1
     refuse_unreplaced_shards(gm, ep is not None)

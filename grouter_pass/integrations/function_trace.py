@@ -105,6 +105,9 @@ def record_forward(module: torch.nn.Module, *args: Any) -> tuple[fx.GraphModule,
     recorder = _Recorder()
     with torch.no_grad(), recorder:
         out = module(*args)
+    state = {id(t) for t in (*module.parameters(), *module.buffers())}
+    for node, t in recorder.inputs:  # detection tells model state from activations by this mark
+        node.meta["grouter_input_kind"] = "state" if id(t) in state else "input"
     leaves = [recorder.nodes.get(id(t)) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
     recorder.graph.output(tuple(n for n in leaves if n is not None))
     gm = fx.GraphModule(torch.nn.Module(), recorder.graph)

@@ -87,13 +87,31 @@ class _Experts:
     weights: list[tuple[str, Callable[[nn.Module], torch.Tensor], Callable[[nn.Module], torch.Tensor] | None]]
 
 
+@dataclass(frozen=True)
+class _Router:
+    """The router's weight ``[E, H]`` (and bias): an ``nn.Linear``'s, or a bare parameter
+    applied with ``F.linear`` (Megatron-LM's router)."""
+
+    owner: str                     # path of the module holding the parameters, relative to the block
+    weight: str
+    bias: str | None
+
+    def params(self, block: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        owner = block.get_submodule(self.owner)
+        return getattr(owner, self.weight), getattr(owner, self.bias) if self.bias else None
+
+
 @dataclass
 class _Candidate:
     path: str
     block: nn.Module
-    router: nn.Linear
+    router: _Router
     experts: _Experts
     original_forward: Callable = field(repr=False, default=None)
+
+    @property
+    def router_weight(self) -> torch.Tensor:
+        return self.router.params(self.block)[0]
 
 
 def _relative(block: nn.Module, target: nn.Module) -> str:
@@ -136,14 +154,28 @@ def _stacked_param_experts(block: nn.Module, num_experts: int, hidden: int) -> _
     return _Experts(num_experts, hidden, weights) if 2 <= len(weights) <= 3 else None
 
 
+def _routers(block: nn.Module) -> list[tuple[_Router, int, int]]:
+    """``(router, E, H)`` for every ``Linear(H -> E)`` with E < H and every bare 2-D parameter
+    ``[E, H]`` of a module that is not a Linear (by shapes only)."""
+    out = []
+    for mpath, m in block.named_modules():
+        if isinstance(m, nn.Linear):
+            if 2 <= m.out_features < m.in_features:
+                out.append((_Router(mpath, "weight", "bias" if m.bias is not None else None), m.out_features,
+                            m.in_features))
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            if p.dim() == 2 and 2 <= p.shape[0] < p.shape[1]:
+                out.append((_Router(mpath, pname, None), p.shape[0], p.shape[1]))
+    return out
+
+
 def find_loop_block_candidates(model: nn.Module) -> list[_Candidate]:
-    """The lowest modules holding exactly one router ``Linear(H -> E)`` and E experts."""
+    """The lowest modules holding a router (``[E, H]``) and E experts."""
     found: list[_Candidate] = []
     for path, block in model.named_modules():
-        routers = [m for m in block.modules() if isinstance(m, nn.Linear) and 2 <= m.out_features < m.in_features]
         experts = None
-        for router in routers:
-            e, h = router.out_features, router.in_features
+        for router, e, h in _routers(block):
             lists = [m for m in block.modules() if isinstance(m, nn.ModuleList) and len(m) == e]
             experts = _module_list_experts(block, lists[0], h) if len(lists) == 1 else \
                 _stacked_param_experts(block, e, h)
@@ -166,29 +198,44 @@ def _graph_breaks(block: nn.Module, x: torch.Tensor) -> int:
         return torch._dynamo.explain(block)(x).graph_break_count
 
 
-def _gating_spec(block: nn.Module, x: torch.Tensor, router: nn.Linear) -> GatingSpec | NoMatch:
-    """The gating of ``block``, read from a recorded run of its forward (see ``function_trace``):
-    the top-k whose logits come from ``router``'s weight, canonicalized, parsed and classified
-    like any Dynamo graph."""
+def _gating_spec(block: nn.Module, x: torch.Tensor, router_weight: torch.Tensor
+                 ) -> tuple[GatingSpec, str | None] | NoMatch:
+    """The gating of ``block``, read from a recorded run of its forward (see ``function_trace``)
+    by the graph pass's own routing synthesis: the selection whose router is ``router`` (by the
+    identity of its weight among the recorded inputs), read as a spec ``grouter.route`` computes
+    from that router's logits."""
     from grouter_pass.integrations.function_trace import record_forward
     from grouter_pass.passes.canonicalize import canonicalize_gating_pass
-    from grouter_pass.passes.detect.gating_chain import parse_gating, topk_anchors
-    from grouter_pass.passes.detect.registry import classify
+    from grouter_pass.passes.dataflow import GraphFacts, strip_pure_views
+    from grouter_pass.passes.detect.anchors import find_anchors
+    from grouter_pass.passes.detect.routing import analyse_routing
 
     gm, inputs, _ = record_forward(block, x)
     canonicalize_gating_pass(gm)
-    for anchor in topk_anchors(gm.graph):
-        if anchor.target is not torch.topk:
+    facts = GraphFacts(gm.graph)
+    reason: NoMatch = NoMatch("no top-k gating on the router's logits in a recorded run of the block")
+    for anchor in find_anchors(gm.graph, facts):
+        if anchor.kind == "lookup":
             continue
-        parse = parse_gating(anchor)
-        if isinstance(parse, NoMatch):
+        analysis = analyse_routing(gm.graph, facts, anchor)
+        if isinstance(analysis, NoMatch):
+            reason = analysis
             continue
-        weight = parse.logits.args[1]
-        while weight.op != "placeholder" and weight.args:
-            weight = weight.args[0]
-        if inputs.get(weight) is router.weight:
-            return classify(parse)
-    return NoMatch("no top-k gating on the router's logits in a recorded run of the block")
+        weights = [strip_pure_views(a) for a in analysis.router.all_input_nodes if a is not analysis.router_input]
+        if not any(inputs.get(w) is router_weight for w in weights):
+            continue
+        for cand in analysis.candidates:
+            if cand.cut is not analysis.router or not cand.spec.uses_route_op:
+                continue
+            if cand.bias is None:
+                return cand.spec, None
+            bias = inputs.get(strip_pure_views(cand.bias))
+            path = next((name for name, b in block.named_buffers() if b is bias), None) or next(
+                (name for name, b in block.named_parameters() if b is bias), None)
+            if path is not None:   # a selection bias the block owns
+                return cand.spec, path
+        reason = NoMatch("no gating spec computes the block's routing from its router's logits alone")
+    return reason
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,10 +245,18 @@ def _gating_spec(block: nn.Module, x: torch.Tensor, router: nn.Linear) -> Gating
 
 @dataclass(frozen=True)
 class _Roles:
-    gate: int | None       # index into _Experts.weights (None: non-gated)
+    gate: int | None       # index into _Experts.weights (a separate gate projection), else None
     up: int
     down: int
     activation: str
+    #: "separate" (gate and up are two weights), "concat" / "interleaved" (one [2F, H] weight),
+    #: "plain" (no gate)
+    layout: str = "separate"
+
+    @property
+    def act_spec(self) -> ActivationSpec:
+        return ActivationSpec(self.activation, gated=self.layout != "plain",
+                              layout="interleaved" if self.layout == "interleaved" else "concat")
 
 
 def _linear_layout(w: torch.Tensor, out_dim: int, in_dim: int) -> torch.Tensor | None:
@@ -217,8 +272,9 @@ def _expert_tensors(block: nn.Module, experts: _Experts, roles: _Roles, ffn: int
     """(w_up [E, (2)F, H], w_down [E, H, F], b_up, b_down) in nn.Linear layout, or None."""
     ws = experts.weights
     h = experts.hidden
+    up_width = 2 * ffn if roles.layout in ("concat", "interleaved") else ffn
     down = _linear_layout(ws[roles.down][1](block), h, ffn)
-    up = _linear_layout(ws[roles.up][1](block), ffn, h)
+    up = _linear_layout(ws[roles.up][1](block), up_width, h)
     gate = _linear_layout(ws[roles.gate][1](block), ffn, h) if roles.gate is not None else None
     if down is None or up is None or (roles.gate is not None and gate is None):
         return None
@@ -232,38 +288,54 @@ def _expert_tensors(block: nn.Module, experts: _Experts, roles: _Roles, ffn: int
     return w_up, down, b_up, biases[-1](block)
 
 
-def _role_candidates(experts: _Experts, shapes: list[tuple[int, int]], ffn: int) -> list[_Roles]:
-    n = len(experts.weights)
+def _role_candidates(experts: _Experts, shapes: list[tuple[int, int]]) -> list[tuple[_Roles, int]]:
+    """Every (roles, FFN width) the weight shapes allow."""
+    n, h = len(experts.weights), experts.hidden
     out = []
     for perm in itertools.permutations(range(n)):
         if n == 3:
             gate, up, down = perm
         else:
             gate, (up, down) = None, perm
-        fits = all(set(shapes[i]) == {experts.hidden, ffn} for i in perm)
-        if fits:
-            out.extend(_Roles(gate, up, down, act) for act in _ACTIVATIONS)
+        for ffn in {d for d in shapes[down] if d != h} or {h}:
+            if set(shapes[down]) != {h, ffn}:
+                continue
+            if n == 3:
+                layouts = ["separate"] if set(shapes[gate]) == set(shapes[up]) == {h, ffn} else []
+            elif set(shapes[up]) == {h, 2 * ffn}:
+                layouts = ["concat", "interleaved"]
+            elif set(shapes[up]) == {h, ffn}:
+                layouts = ["plain"]
+            else:
+                layouts = []
+            out.extend((_Roles(gate, up, down, act, layout), ffn) for layout in layouts for act in _ACTIVATIONS)
     return out
 
 
-def _make_forward(cand: _Candidate, spec: GatingSpec, roles: _Roles, ffn: int, out_tree: pytree.TreeSpec,
+def _make_forward(cand: _Candidate, spec: tuple[GatingSpec, str | None], roles: _Roles, ffn: int,
+                  out_tree: pytree.TreeSpec,
                   out_roles: list[str]) -> Callable:
     experts = cand.experts
-    router_path = _relative(cand.block, cand.router)
-    act = ActivationSpec(roles.activation, gated=roles.gate is not None)
+    router = cand.router
+    act = roles.act_spec
+    spec, bias_path = spec
+    buffer_paths = {name for name, _ in cand.block.named_buffers()}
     route_kwargs = spec.route_kwargs()
 
     def forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         x = hidden_states.reshape(-1, experts.hidden)
-        router = self.get_submodule(router_path)
-        logits = nn.functional.linear(x, router.weight, router.bias)
-        weights, ids = torch.ops.grouter.route(logits, None, **route_kwargs)
+        weight, bias = router.params(self)
+        logits = nn.functional.linear(x, weight, bias)
+        bias = self.get_buffer(bias_path) if bias_path in buffer_paths else (
+            self.get_parameter(bias_path) if bias_path is not None else None)
+        weights, ids = torch.ops.grouter.route(logits, bias, **route_kwargs)
         perm, inv_perm, _, offsets = torch.ops.grouter.dispatch_plan(ids, experts.num_experts)
         w_up, w_down, b_up, b_down = _expert_tensors(self, experts, roles, ffn)
         out, _ = torch.ops.grouter.moe_experts(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
                                                up_transposed=False, down_transposed=False, weight_on_input=False,
                                                out_dtype=hidden_states.dtype, **act.op_kwargs())
-        leaves = [out.view(hidden_states.shape) if role == "output" else logits for role in out_roles]
+        leaves = [out.view(hidden_states.shape) if role == "output" else logits if role == "logits" else None
+                  for role in out_roles]
         return pytree.tree_unflatten(leaves, out_tree)
 
     return forward
@@ -273,7 +345,9 @@ def _output_roles(out: Any, x: torch.Tensor, logits: torch.Tensor) -> tuple[pytr
     leaves, tree = pytree.tree_flatten(out)
     roles = []
     for leaf in leaves:
-        if isinstance(leaf, torch.Tensor) and leaf.shape == x.shape:
+        if leaf is None:   # e.g. Megatron's (output, None) when the experts have no bias
+            roles.append("none")
+        elif isinstance(leaf, torch.Tensor) and leaf.shape == x.shape:
             roles.append("output")
         elif isinstance(leaf, torch.Tensor) and leaf.shape == logits.shape and compare(leaf, logits).ok:
             roles.append("logits")
@@ -308,7 +382,7 @@ def _same(a: tuple, b: tuple) -> bool:
 
 
 def _probe_inputs(cand: _Candidate, tokens: int) -> list[torch.Tensor]:
-    w = cand.router.weight
+    w = cand.router_weight
     gen = torch.Generator().manual_seed(3)
     spread = torch.randn(2, tokens // 2, cand.experts.hidden, generator=gen)
     # skewed: every token close to one direction, so most tokens pick the same experts
@@ -320,7 +394,7 @@ def _probe_inputs(cand: _Candidate, tokens: int) -> list[torch.Tensor]:
 class _Analysis:
     breaks_before: int
     breaks_after: int
-    spec: GatingSpec
+    spec: tuple[GatingSpec, str | None]   # the spec and the path of the selection bias it reads
     roles: _Roles
     ffn: int
     outputs: tuple
@@ -328,7 +402,21 @@ class _Analysis:
 
 def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis | None = None) -> LoopBlockRewrite:
     """Try to rewrite one candidate block in place (see the module docstring). ``reuse``: the
-    analysis of an identical block, so only the proof runs for this one."""
+    analysis of an identical block, so only the proof runs for this one.
+
+    The probes run the block on random inputs; what a forward writes into the block's buffers
+    (per-expert token counts, say) is put back afterwards, so probing leaves no trace."""
+    saved = {name: b.detach().clone() for name, b in cand.block.named_buffers()}
+    try:
+        return _rewrite_loop_block(cand, tokens=tokens, reuse=reuse)
+    finally:
+        with torch.no_grad():
+            for name, b in cand.block.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
+def _rewrite_loop_block(cand: _Candidate, *, tokens: int, reuse: _Analysis | None) -> LoopBlockRewrite:
     block = cand.block
     inputs = _probe_inputs(cand, tokens)
     if reuse is None:
@@ -342,11 +430,11 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
     if breaks_before == 0:
         report.reason = "no graph break: the graph pass handles it"
         return report
-    spec = reuse.spec if reuse is not None else _gating_spec(block, inputs[0], cand.router)
+    spec = reuse.spec if reuse is not None else _gating_spec(block, inputs[0], cand.router_weight)
     if isinstance(spec, NoMatch):
         report.reason = spec.detail
         return report
-    report.gating = spec   # from here on the block is an MoE block: a failure is worth reporting
+    report.gating = spec[0]   # from here on the block is an MoE block: a failure is worth reporting
     was_training = block.training
     try:
         refs = {mode: [_run(block.train(mode), x, True) for x in inputs] for mode in (True, False)}
@@ -355,25 +443,23 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
             return report
         block.train(was_training)
         if reuse is not None:
-            outputs, ffn, candidates = reuse.outputs, reuse.ffn, [reuse.roles]
+            outputs, candidates = reuse.outputs, [(reuse.roles, reuse.ffn)]
         else:
             with torch.no_grad():
                 x0 = inputs[0].reshape(-1, cand.experts.hidden)
-                logits = nn.functional.linear(x0, cand.router.weight, cand.router.bias)
+                logits = nn.functional.linear(x0, *cand.router.params(block))
                 outputs = _output_roles(block(inputs[0]), inputs[0], logits)
             if isinstance(outputs, NoMatch):
                 report.reason = outputs.detail
                 return report
             shapes = [tuple(get(block).shape[1:]) for _, get, _ in cand.experts.weights]
-            ffn_dims = {d for s in shapes for d in s} - {cand.experts.hidden}
-            if len(ffn_dims) != 1:
-                report.reason = f"cannot tell the expert FFN width from weight shapes {shapes}"
+            candidates = _role_candidates(cand.experts, shapes)
+            if not candidates:
+                report.reason = f"no reading of the expert weight shapes {shapes} as gate/up/down projections"
                 return report
-            ffn = ffn_dims.pop()
-            candidates = _role_candidates(cand.experts, shapes, ffn)
         original = block.forward
         matches = []
-        for roles in candidates:
+        for roles, ffn in candidates:
             if _expert_tensors(block, cand.experts, roles, ffn) is None:
                 continue
             block.forward = types.MethodType(_make_forward(cand, spec, roles, ffn, *outputs), block)
@@ -381,16 +467,16 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
                      for mode in (True, False) for ref, x in zip(refs[mode], inputs))
             del block.forward
             if ok:
-                matches.append(roles)
+                matches.append((roles, ffn))
         block.train(was_training)
         if len(matches) != 1:
             report.reason = ("no assignment of gate/up/down weights and activation reproduces the block"
                              if not matches else f"{len(matches)} different expert readings reproduce the block")
             return report
-        roles = matches[0]
+        roles, ffn = matches[0]
         block.forward = types.MethodType(_make_forward(cand, spec, roles, ffn, *outputs), block)
         block._grouter_original_forward = original
-        report.activation = ActivationSpec(roles.activation, gated=roles.gate is not None)
+        report.activation = roles.act_spec
         report.graph_breaks_after = reuse.breaks_after if reuse is not None else _graph_breaks(block, inputs[0])
         report._analysis = _Analysis(breaks_before, report.graph_breaks_after, spec, roles, ffn, outputs)
         return report

@@ -15,6 +15,7 @@ from grouter_pass.ops import (  # noqa: F401  (registers the ops)
     route,
     split_sizes,
 )
+from grouter_pass.ops.dispatch_plan import capacity_keep as capacity_keep_op
 from grouter_pass.ops.dispatch_plan import dispatch_plan as dispatch_plan_op
 from grouter_pass.ops.moe_experts import moe_experts as moe_experts_op
 from grouter_pass.ops.route import route as route_op
@@ -23,4 +24,4 @@ from grouter_pass.ops.triton_ops import register_triton_ops
 if torch.cuda.is_available():
     register_triton_ops()
 
-__all__ = ["route_op", "dispatch_plan_op", "moe_experts_op"]
+__all__ = ["capacity_keep_op", "dispatch_plan_op", "moe_experts_op", "route_op"]

@@ -52,3 +52,27 @@ def _dispatch_plan_backward(ctx, *grads):
 
 
 dispatch_plan.register_autograd(_dispatch_plan_backward)
+
+
+@torch.library.custom_op("grouter::capacity_keep", mutates_args=())
+def capacity_keep(ids: torch.Tensor, weights: torch.Tensor, num_experts: int, capacity: int, priority: str
+                  ) -> torch.Tensor:
+    """Capacity-based dispatch: ``keep [N, K]`` bool, True for the slots an expert keeps when it
+    takes at most ``capacity`` (see :func:`~grouter_pass.ops.reference.capacity_keep_reference`).
+
+    The rewrite multiplies the routing weights by it, so a dropped slot adds nothing and gets no
+    gradient, exactly as in a model that drops the token; ``capacity`` may be a symbolic size."""
+    with torch.no_grad():
+        return reference.capacity_keep_reference(ids, weights, num_experts, capacity, priority)
+
+
+@capacity_keep.register_fake
+def _capacity_keep_fake(ids, weights, num_experts, capacity, priority):
+    return ids.new_empty(ids.shape, dtype=torch.bool)
+
+
+def _capacity_keep_backward(ctx, grad):
+    return None, None, None, None, None
+
+
+capacity_keep.register_autograd(_capacity_keep_backward)

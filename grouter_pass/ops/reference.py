@@ -83,8 +83,16 @@ def route_select(logits_NE: torch.Tensor, bias_E: torch.Tensor | None, *, top_k:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Selection half of routing: ``(w0 [N, K] before renorm/scale, ids [N, K] int64)``.
 
-    Differentiable in ``logits`` (and in ``bias`` when ``bias_mode == "score"``).
+    Differentiable in ``logits`` (and in ``bias`` when ``bias_mode == "score"``). Logits of any
+    rank ``[..., E]`` are routed row by row (``[B, T, E]``, sequence-first ``[T, B, E]``).
     """
+    if logits_NE.dim() != 2:
+        lead = logits_NE.shape[:-1]
+        w0, ids = route_select(logits_NE.reshape(-1, logits_NE.shape[-1]), bias_E, top_k=top_k,
+                               score_func=score_func, order=order, bias_mode=bias_mode, n_group=n_group,
+                               topk_group=topk_group, group_score=group_score, score_dtype=score_dtype,
+                               sorted=sorted, sparsemixer_threshold=sparsemixer_threshold)
+        return w0.reshape(*lead, top_k), ids.reshape(*lead, top_k)
     x = logits_NE if score_dtype is None else logits_NE.to(score_dtype)
     if score_func == "sparsemixer":
         if top_k != 2:
@@ -129,7 +137,8 @@ def route_reference(logits_NE: torch.Tensor, bias_E: torch.Tensor | None = None,
                     sorted: bool = True, sparsemixer_threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits ``[N, E]`` -> ``(weights [N, K] weights_dtype, ids [N, K] int64)``.
 
-    See :class:`grouter_pass.spec.GatingSpec` for the meaning of every argument.
+    See :class:`grouter_pass.spec.GatingSpec` for the meaning of every argument. Logits of any
+    rank ``[..., E]`` give ``[..., K]``.
     """
     w0, ids = route_select(logits_NE, bias_E, top_k=top_k, score_func=score_func, order=order,
                            bias_mode=bias_mode, n_group=n_group, topk_group=topk_group,
@@ -160,6 +169,14 @@ def route_backward_reference(grad_w_NK: torch.Tensor, logits_NE: torch.Tensor, b
     ordinary ops Inductor can fuse. Only the weights carry gradient: ids are integers and the
     group mask / top-k selection are piecewise constant. A selection-only bias gets ``None``.
     """
+    if logits_NE.dim() != 2:
+        e, k = logits_NE.shape[-1], ids_NK.shape[-1]
+        g_x, g_b = route_backward_reference(
+            grad_w_NK.reshape(-1, k), logits_NE.reshape(-1, e), bias_E, ids_NK.reshape(-1, k), score_func=score_func,
+            order=order, bias_mode=bias_mode, renorm=renorm, renorm_eps=renorm_eps, renorm_clamp_min=renorm_clamp_min,
+            renorm_p=renorm_p, scaling_factor=scaling_factor, score_dtype=score_dtype,
+            sparsemixer_threshold=sparsemixer_threshold)
+        return g_x.reshape(logits_NE.shape), g_b
     x = logits_NE if score_dtype is None else logits_NE.to(score_dtype)
     if score_func == "sparsemixer":
         return _sparsemixer_backward(grad_w_NK, x, ids_NK, sparsemixer_threshold, scaling_factor).to(
@@ -258,6 +275,38 @@ def dispatch_plan_reference(ids_NK: torch.Tensor, num_experts: int
     counts_E.scatter_add_(0, flat_S, torch.ones_like(flat_S))
     offsets_E = counts_E.cumsum(0).to(torch.int32)
     return perm_S, inv_perm_S, counts_E, offsets_E
+
+
+def capacity_keep_reference(ids_NK: torch.Tensor, weights_NK: torch.Tensor, num_experts: int, capacity: int,
+                            priority: str) -> torch.Tensor:
+    """Capacity-based dispatch: which slots an expert keeps when it takes at most ``capacity``.
+
+    Slots claim places in their expert in ``priority`` order: "token" (token by token, a token's
+    choices in turn: ``cumsum`` over the flattened ``[N*K]`` one-hot, Switch), "choice" (every
+    token's first choice before any second choice: GShard) or "score" (highest routing weight
+    first, ties in token order: batch-priority routing). Returns ``keep [N, K]`` bool.
+    """
+    n, k = ids_NK.shape
+    s = n * k
+    flat = ids_NK.reshape(-1)
+    arange_S = torch.arange(s, device=flat.device)
+    if priority == "token":
+        order = arange_S
+    elif priority == "choice":
+        order = arange_S.view(n, k).t().reshape(-1)
+    elif priority == "score":
+        order = torch.argsort(weights_NK.reshape(-1), descending=True, stable=True)
+    else:
+        raise ValueError(f"unknown capacity priority {priority!r}")
+    ids_o = flat.index_select(0, order)
+    by_expert = torch.sort(ids_o, stable=True).indices            # priority order within each expert
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(
+        0, ids_o, torch.ones_like(ids_o))
+    starts = counts.cumsum(0) - counts
+    rank_sorted = arange_S - starts.index_select(0, ids_o.index_select(0, by_expert))
+    position_o = torch.empty_like(rank_sorted).scatter_(0, by_expert, rank_sorted)
+    position = torch.empty_like(position_o).scatter_(0, order, position_o)
+    return (position < capacity).view(n, k)
 
 
 # --------------------------------------------------------------------------------------------

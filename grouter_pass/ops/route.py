@@ -5,8 +5,9 @@ top-k, gather, renormalisation, scaling, casts) with one node whose arguments ar
 :class:`grouter_pass.spec.GatingSpec`. The router linear itself stays in the graph, so Inductor
 keeps the GEMM and any other consumer of the logits (an auxiliary loss) is untouched.
 
-Inputs:  logits ``[N, E]`` (any float dtype), optional bias ``[E]``.
-Outputs: weights ``[N, K]`` in ``weights_dtype``, ids ``[N, K]`` int64.
+Inputs:  logits ``[..., E]`` (any float dtype, any leading dims: ``[N, E]``, ``[B, T, E]``,
+         sequence-first ``[T, B, E]``), optional bias ``[E]``.
+Outputs: weights ``[..., K]`` in ``weights_dtype``, ids ``[..., K]`` int64.
 
 Troubleshooting: the backward is written out in plain torch ops
 (:func:`~grouter_pass.ops.reference.route_backward_reference`), so it is traced into the AOT
@@ -56,10 +57,10 @@ def route(
 def _route_fake(logits, bias, top_k, score_func, order, bias_mode, n_group, topk_group, group_score, renorm,
                 renorm_eps, renorm_clamp_min, renorm_p, scaling_factor, score_dtype, weights_dtype, sorted,
                 sparsemixer_threshold):
-    torch._check(logits.dim() == 2, lambda: f"route expects logits [N, E], got {tuple(logits.shape)}")
-    n = logits.shape[0]
-    return (logits.new_empty((n, top_k), dtype=weights_dtype),
-            logits.new_empty((n, top_k), dtype=torch.int64))
+    torch._check(logits.dim() >= 1, lambda: f"route expects logits [..., E], got {tuple(logits.shape)}")
+    lead = tuple(logits.shape[:-1])
+    return (logits.new_empty((*lead, top_k), dtype=weights_dtype),
+            logits.new_empty((*lead, top_k), dtype=torch.int64))
 
 
 _SPEC_ARGS = ("top_k", "score_func", "order", "bias_mode", "n_group", "topk_group", "group_score", "renorm",

@@ -111,8 +111,7 @@ class RouterTeacher:
             state.num_experts, state.top_k = site.gating.spec.num_experts, site.gating.spec.top_k
             log.info("grouter: teacher router is the first MoE layer, %s (%s, E=%d, k=%d)", site.module_path,
                      state.family, state.num_experts, state.top_k)
-        logits = site.gating.logits
-        hidden = logits.args[0] if logits.args and isinstance(logits.args[0], fx.Node) else logits
+        logits, hidden = site.gating.logits, site.gating.router_input
 
         def record(h: torch.Tensor, z: torch.Tensor) -> None:
             state.records.append(RouterCapture(h.detach() if state.keep_hidden else h.new_empty(0),

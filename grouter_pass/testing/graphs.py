@@ -62,11 +62,14 @@ def nodes_text(nodes: Iterable[fx.Node], *, rename: dict[fx.Node, str] | None = 
 
 def gating_site_text(site: Any) -> str:
     """The canonical gating subgraph of a detected site: router linear to ``(weights, ids)``."""
+    from grouter_pass.passes.graph_utils import ancestors
+
     g = site.gating
     rename = {g.logits: "logits", g.weights: "weights", g.ids: "ids"}
     if g.bias is not None:
         rename[g.bias] = "bias"
-    return nodes_text([g.logits, *g.region], rename=rename)
+    shown = ancestors([g.weights, g.ids]) | {g.weights, g.ids}
+    return nodes_text([g.logits, *[n for n in g.region if n in shown]], rename=rename)
 
 
 def rewritten_site_text(gm: fx.GraphModule, site_index: int = 0) -> str:

@@ -281,12 +281,127 @@ class GShardCapacityMoE(nn.Module):
         return out.reshape(bs, slen, dim)
 
 
+class _GatedMLP(nn.Module):
+    """One expert with its gate and up projections in one ``[2F, H]`` linear (Megatron's ``fc1``)."""
+
+    def __init__(self, hidden: int, ffn: int) -> None:
+        super().__init__()
+        self.linear_fc1 = nn.Linear(hidden, 2 * ffn, bias=False)
+        self.linear_fc2 = nn.Linear(ffn, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.linear_fc1(x).chunk(2, dim=-1)
+        return self.linear_fc2(F.silu(gate) * up)
+
+
+class _MegatronStyleRouter(nn.Module):
+    """Megatron-LM's top-k router, written from its description: a bare ``[E, H]`` weight applied
+    in fp32, softmax or sigmoid scores (sigmoid with a load-balancing bias used for the choice
+    only, weights renormalised), and the routing as *dense* ``[N, E]`` probabilities plus a
+    boolean routing map."""
+
+    def __init__(self, hidden: int, experts: int, top_k: int, score: str) -> None:
+        super().__init__()
+        self.top_k, self.score = top_k, score
+        self.weight = nn.Parameter(torch.randn(experts, hidden) * 0.3)
+        if score == "sigmoid":
+            self.register_buffer("expert_bias", torch.randn(experts) * 0.1)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden.to(torch.float32), self.weight.to(torch.float32))
+        if self.score == "softmax":
+            scores = torch.softmax(logits, dim=-1)
+            probs, top_indices = torch.topk(scores, k=self.top_k, dim=1)
+        else:
+            scores = torch.sigmoid(logits)
+            _, top_indices = torch.topk(scores + self.expert_bias, k=self.top_k, dim=1)
+            probs = torch.gather(scores, dim=1, index=top_indices)
+            probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        routing_map = torch.zeros_like(logits).int().scatter(1, top_indices, 1).bool()
+        dense_probs = torch.zeros_like(logits).scatter(1, top_indices, probs)
+        return dense_probs, routing_map
+
+
+class MegatronStyleMoE(nn.Module):
+    """A Megatron-LM-style MoE layer (our own look-alike): sequence-first ``[S, B, H]`` input, the
+    router above, tokens permuted expert-major with ``masked_select`` over the transposed routing
+    map, and a ``SequentialMLP``: a loop over the ``nn.ModuleList`` experts on the chunks
+    ``torch.split(tokens, tokens_per_expert.tolist())`` (a host sync and a graph break), then
+    un-permuted with ``scatter_add``."""
+
+    def __init__(self, hidden: int = 64, ffn: int = 48, experts: int = 8, top_k: int = 2,
+                 score: str = "softmax") -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.router = _MegatronStyleRouter(hidden, experts, top_k, score)
+        self.local_experts = nn.ModuleList([_GatedMLP(hidden, ffn) for _ in range(experts)])
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        s, b, h = hidden_states.shape
+        tokens = hidden_states.view(-1, h)
+        probs, routing_map = self.router(tokens)
+        n, e = routing_map.shape
+        routing_map_t = routing_map.t().contiguous()                       # [E, N]
+        token_indices = torch.arange(n, device=tokens.device).unsqueeze(0).expand(e, -1)
+        sorted_indices = token_indices.masked_select(routing_map_t)       # expert-major token order
+        permuted_probs = probs.t().contiguous().masked_select(routing_map_t)
+        permuted = tokens.index_select(0, sorted_indices)
+        tokens_per_expert = routing_map_t.sum(dim=1)
+        chunks = torch.split(permuted, tokens_per_expert.tolist())
+        outs = [expert(chunk) for expert, chunk in zip(self.local_experts, chunks)]
+        expert_out = torch.cat(outs) * permuted_probs.unsqueeze(-1).to(tokens.dtype)
+        out = torch.zeros_like(tokens).scatter_add(0, sorted_indices.unsqueeze(1).expand(-1, h), expert_out)
+        return out.view(s, b, h)
+
+
+class NanoGPTStyleMoE(nn.Module):
+    """A nanoGPT-MoE-style layer (our own look-alike): a router on ``[B, T, H]``, top-k of the
+    logits scattered into ``-inf`` and softmaxed into dense probabilities, an expert capacity with
+    positions counted choice by choice (every first choice before any second), ``[N, E, C]``
+    combine weights, experts as batched ``[E, C, H]`` matmuls (``bmm`` with GELU), and the combine
+    as one matmul of ``[N, E*C]`` weights with ``[E*C, H]`` outputs."""
+
+    def __init__(self, hidden: int = 64, ffn: int = 48, experts: int = 8, top_k: int = 2,
+                 capacity_factor: float = 1.25) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.capacity_factor = top_k, experts, capacity_factor
+        self.w_g = nn.Linear(hidden, experts, bias=False)
+        self.c_fc = _init(experts, hidden, ffn)
+        self.c_proj = _init(experts, ffn, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        n, e, k = b * t, self.num_experts, self.top_k
+        logits = self.w_g(x)                                                       # [B, T, E]
+        top_k_logits, top_k_indices = logits.topk(k, dim=-1)
+        router_probs = torch.full_like(logits, float("-inf")).scatter(-1, top_k_indices, top_k_logits)
+        router_probs = F.softmax(router_probs, dim=-1)
+        capacity = math.floor(k * self.capacity_factor * n / e)
+        capacity += capacity % 2
+        exp_mask = F.one_hot(top_k_indices, num_classes=e).view(n, k, e).permute(1, 0, 2)   # [K, N, E]
+        exp_rank = (torch.cumsum(exp_mask.reshape(k * n, e), dim=0) - 1).reshape(k, n, e)
+        exp_mask = exp_mask * torch.lt(exp_rank, capacity)
+        exp_rank = torch.sum(exp_mask * exp_rank, dim=-1)                          # [K, N]
+        exp_weights = exp_mask * router_probs.view(n, e)[None, :]                 # [K, N, E]
+        exp_rank_sc = F.one_hot(exp_rank, num_classes=capacity)                    # [K, N, C]
+        cb_weight = torch.sum(exp_weights.unsqueeze(3) * exp_rank_sc.unsqueeze(2), dim=0)   # [N, E, C]
+        sec_mask = cb_weight.bool()
+        x = x.view(n, d)
+        exp_batches = sec_mask.permute(1, 2, 0).type_as(x) @ x                     # [E, C, H]
+        h = F.gelu(torch.bmm(exp_batches, self.c_fc))
+        exp_out = torch.bmm(h, self.c_proj)                                        # [E, C, H]
+        out = cb_weight.view(n, -1).type_as(x) @ exp_out.view(-1, d)
+        return out.view(b, t, d)
+
+
 class TinyMoELM(nn.Module):
     """Embedding -> ``layers`` x (RMSNorm -> MoE block, residual) -> head. The MoE block may
     return ``(out, router_logits)``; the logits are ignored here as an LM without aux loss would."""
 
-    def __init__(self, block_factory, layers: int = 2, hidden: int = 64, vocab: int = 97) -> None:
+    def __init__(self, block_factory, layers: int = 2, hidden: int = 64, vocab: int = 97,
+                 seq_first: bool = False) -> None:
         super().__init__()
+        self.seq_first = seq_first   # blocks see [S, B, H] (Megatron-LM's layout)
         self.embed = nn.Embedding(vocab, hidden)
         self.norms = nn.ModuleList([nn.RMSNorm(hidden) for _ in range(layers)])
         self.blocks = nn.ModuleList([block_factory() for _ in range(layers)])
@@ -297,7 +412,11 @@ class TinyMoELM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if self.seq_first:
+            h = h.transpose(0, 1)
         for norm, block in zip(self.norms, self.blocks):
             out = block(norm(h))
             h = h + (out[0] if isinstance(out, tuple) else out)
+        if self.seq_first:
+            h = h.transpose(0, 1)
         return self.head(h)

@@ -12,13 +12,16 @@ therefore not claim what the tests do not check.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from grouter_pass.testing import handwritten as hw
+from grouter_pass.testing import third_party
 from grouter_pass.testing.models import tiny_hf_moe
 
 
@@ -49,15 +52,17 @@ def _hf_eval(model_type: str, **kw: Any) -> Callable[[], torch.nn.Module]:
     return functools.partial(lambda mt, kw: tiny_hf_moe(mt, **kw).eval(), model_type, kw)
 
 
-def _hand(block: type, dtype: torch.dtype = torch.float32, **kw: Any) -> Callable[[], torch.nn.Module]:
+def _hand(block: type, dtype: torch.dtype = torch.float32, seq_first: bool = False, **kw: Any
+          ) -> Callable[[], torch.nn.Module]:
     def build() -> torch.nn.Module:
         torch.manual_seed(0)
-        return hw.TinyMoELM(functools.partial(block, **kw)).to(dtype).train()
+        return hw.TinyMoELM(functools.partial(block, **kw), seq_first=seq_first).to(dtype).train()
     return build
 
 
 HF = "transformers 5.24"
 HAND = "hand-written"
+TORCHTITAN = "torchtitan 0.3.0 (PyPI)"
 
 SUPPORT_CASES: tuple[SupportCase, ...] = (
     SupportCase("mixtral", HF, "Mixtral", _hf("mixtral"), "softmax_topk", "grouped_mm", 2, 1, 1),
@@ -80,7 +85,7 @@ SUPPORT_CASES: tuple[SupportCase, ...] = (
                 note="dense experts on every token become top-1 dispatch; routing weight on the expert input"),
     SupportCase("phimoe_eval", HF, "PhiMoE, eval()", _hf_eval("phimoe"), "sparsemixer", "grouped_mm", 2, 1, 1),
     SupportCase("phimoe_train", HF, "PhiMoE, train()", _hf("phimoe"), None, None, 0, 1, 1,
-                reason="samples experts at random (training mode)"),
+                reason="samples experts at random (training-mode noise or sampling"),
     SupportCase("dbrx", HF, "DBRX", _hf("dbrx"), "softmax_topk", "module rewrite", 2, 10, 1,
                 note="own expert loop over flat [E*F, H] weights; L1 renorm", inputs="ids"),
     SupportCase("qwen3_moe_eager", HF, "Qwen3-MoE, experts_implementation='eager'",
@@ -110,9 +115,30 @@ SUPPORT_CASES: tuple[SupportCase, ...] = (
     SupportCase("split_loop", HAND, "bincount().tolist() + split loop", _hand(hw.SplitLoopMoE), "topk_softmax",
                 "module rewrite", 2, 3, 1),
     SupportCase("switch_capacity", HAND, "Switch top-1 (max), capacity factor 1.25", _hand(hw.SwitchCapacityMoE),
-                None, None, 0, 1, 1, reason="capacity-based dispatch", recompiles=True),
+                "softmax_topk", "einsum", 2, 1, 1, recompiles=True,
+                note="capacity-based dispatch: tokens past capacity dropped in token order, exactly"),
     SupportCase("gshard_capacity", HAND, "GShard top-2 (argmax, one_hot), capacity factor 2",
-                _hand(hw.GShardCapacityMoE), None, None, 0, 1, 1, reason="capacity-based dispatch", recompiles=True),
+                _hand(hw.GShardCapacityMoE), "softmax_topk", "einsum", 2, 1, 1, recompiles=True,
+                note="two argmax rounds; capacity with every first choice before any second (choice priority)"),
+    SupportCase("torchtitan_pypi", TORCHTITAN, "torchtitan MoE (sigmoid, expert bias, shared expert)",
+                functools.partial(third_party.torchtitan_moe_lm), "sigmoid_topk", "grouped_mm", 2, 1, 1,
+                tolerance=5e-2, note="torchtitan's own layer: [B, L, E] routing, bias passed in by the parent, "
+                "bf16 torch._grouped_mm experts in an fp32 model, its deterministic scatter-add op, token "
+                "counts updated in place"),
+    SupportCase("torchtitan_pypi_groups", TORCHTITAN, "torchtitan MoE (softmax, node-limited groups)",
+                functools.partial(third_party.torchtitan_moe_lm, score="softmax", route_norm=False, route_scale=1.0,
+                                  groups=(4, 2), shared=False), "softmax_topk", "grouped_mm", 2, 1, 1,
+                tolerance=5e-2, note="group mask by scatter_ into ones_like, masked_fill on the [B, L, G, E/G] view"),
+    SupportCase("megatron", HAND, "Megatron-LM-style (sequence-first, SequentialMLP loop)",
+                _hand(hw.MegatronStyleMoE, seq_first=True), "softmax_topk", "module rewrite", 2, 5, 1,
+                note="bare [E, H] router in fp32, dense probs + routing map, masked_select permutation, "
+                     "split(tolist()) expert loop"),
+    SupportCase("megatron_sigmoid", HAND, "Megatron-LM-style, sigmoid + expert bias",
+                _hand(hw.MegatronStyleMoE, seq_first=True, score="sigmoid"), "sigmoid_topk", "module rewrite", 2,
+                5, 1, note="selection bias owned by the router module"),
+    SupportCase("nanogpt", HAND, "nanoGPT-MoE-style (capacity, [N, E*C] matmul combine)",
+                _hand(hw.NanoGPTStyleMoE), "topk_softmax", "dense_bmm", 2, 1, 1, recompiles=True,
+                note="top-k scattered into -inf then softmax; choice-priority capacity; [E, C, H] bmm experts"),
 )
 
 CASES_BY_NAME = {c.name: c for c in SUPPORT_CASES}
@@ -147,41 +173,92 @@ which first makes graph-breaking expert loops capturable (`prepare_model`).
 
 """
 
+_CATEGORIES = """
+## Categories of unseen models, and what tests each
+
+| category | support rows (above) | fuzzer spellings (`grouter_pass/testing/fuzz.py`) |
+|---|---|---|
+| routers on 3-D or sequence-first tensors, flattening after the top-k | torchtitan (`[B, L, E]`), Megatron-LM-style (`[S, B, H]`), nanoGPT-style | `layout=3d`, `layout=seq_first` |
+| group-limited selection spelled differently (max / top-2 sum; `scatter_` into `zeros_like` or `ones_like`, `one_hot`, comparison; `masked_fill(-inf / 0)`, `where`, multiply) | DeepSeek-V3, torchtitan with node-limited groups | `group=(G, tg, score, build, apply)` |
+| selection bias owned elsewhere (passed in by the parent, added under `no_grad`, choice only) | torchtitan, Megatron-LM-style sigmoid, DeepSeek-V3 | `bias=selection_arg / selection_no_grad / selection / score` |
+| score functions beyond softmax/sigmoid, temperature, fp32 router casts | Megatron-LM-style (fp32 router) | `score=sqrt_softplus / none`, `temperature`, `router=fp32` |
+| routing that is not a linear of the hidden state: hash layers, zero-computation experts | — | `hash_ids`, `zero_experts` |
+| dispatch styles: slot buffers, `ModuleList` loops over `torch.where`, bf16 experts in an fp32 model, a third-party op in the combine, sequence-first outputs | torchtitan (bf16 `torch._grouped_mm`, its scatter-add op), Megatron-LM-style (`SequentialMLP`) | `dispatch=slot_buffer / loop_where / loop_dense / sorted_bf16 / sorted_op`, `combine=custom_scatter_add` |
+| capacity-based dispatch, tokens dropped exactly | Switch top-1, GShard top-2, nanoGPT-style | `capacity=(factor, token / choice / score)` |
+
+`tests/integration/test_fuzz.py` runs a fixed set of 24 seeds that covers every fuzzer category
+(and 14 near-misses) in `make test`.
+"""
+
 _FOOTER = """
 ## Families
+
+A family is a name for the spec that was found, not a pattern that was matched:
 
 | family | gating |
 |---|---|
 | `softmax_topk` | softmax → [selection bias] → [group-limited] top-k → [gather] → [renorm: sum / L-p, eps, clamp] → [scale] |
-| `sigmoid_topk` | sigmoid → [correction bias] → [group-limited] top-k → gather of the unbiased scores → renorm → scale |
+| `sigmoid_topk` | sigmoid → [bias] → [group-limited] top-k → gather → renorm → scale |
 | `topk_softmax` | top-k on the logits → softmax over the k values |
-| `topk_sigmoid` | top-k on the logits → scattered into −inf → sigmoid (dense scores, Llama 4) |
+| `topk_sigmoid` | top-k on the logits → sigmoid of the k values (dense scores, Llama 4) |
+| `topk` | top-k of raw logits, or of a score the model computes itself (that part stays in the graph) |
 | `sparsemixer` | PhiMoE's two rounds of masked softmax around the best expert (evaluation mode) |
+| `hash`, `kept` | ids from a token-id table, or a gating no spec reproduces: kept as the model wrote it, experts rewritten |
 
 ## Expert styles
 
-| style | recognised as |
+The style is a name for the report; detection reads the experts by running them.
+
+| style | what the dispatch looks like |
 |---|---|
-| `grouped_mm` | rows sorted by expert (sort / argsort), `torch._grouped_mm` or transformers' `grouped_mm_fallback`, combined by `view(N, K, H).sum(1)` or `scatter_add` / `index_add` |
+| `grouped_mm` | rows sorted by expert, `torch._grouped_mm` or transformers' `grouped_mm_fallback` |
 | `batched_mm` | per-slot weights gathered by expert id, `bmm` |
-| `dense_bmm` | every expert on every token (`bmm` over `[E, N, H]`), combined with dense routing weights |
-| `einsum` | `[N, E, C]` dispatch / combine einsums (only when the capacity `C` can hold every token) |
-| `module rewrite` | a graph-breaking loop over experts (`ModuleList` of MLPs, flat or 3-D weights), rewritten before Dynamo after a search of the weight roles that reproduces the block (`integrations/modules.py`) |
+| `dense_bmm` | every expert on every token (`bmm`), combined with dense routing weights |
+| `einsum` | `[N, E, C]` one-hot dispatch / combine einsums (capacity or not) |
+| `slot_buffer` | tokens copied into an `[E * C, H]` buffer, `bmm`, gathered back |
+| `loop` | a loop over experts with `torch.where` / `nonzero` traced by Dynamo |
+| `dense`, `custom op ...` | per-expert GEMMs on every token, or a third-party op doing the grouped GEMMs |
+| `module rewrite` | a graph-breaking loop over experts, rewritten before Dynamo after a search of the weight roles that reproduces the block (`integrations/modules.py`) |
 
 Activations: SwiGLU / GeGLU (exact or tanh) / ReGLU with concatenated or interleaved halves or
 two separate GEMMs, plain SiLU / GELU / ReLU, GPT-OSS's clamped SwiGLU. Weights `[E, out, in]` or
-`[E, in, out]` per GEMM, optional per-expert biases, the routing weight on the expert output or
-its input. Shared experts are kept as they are.
+`[E, in, out]`, per-expert biases, the routing weight on the expert output or its input, identity
+experts, capacity with token / choice / score priority. Shared experts are kept as they are.
 
 ## Left unchanged on purpose
 
-* **Capacity-based dispatch that can drop tokens** (Switch, GShard with a capacity factor): the
-  grouter ops never drop tokens, so rewriting would change numbers.
-* **Stochastic routers** (PhiMoE in training mode: Gumbel sampling and a custom backward).
+* **Stochastic routers** (PhiMoE in training mode: Gumbel sampling and a custom backward): the
+  routing is not a function of the logits.
+* **Expert computations the ops cannot express** (an activation they do not have): left with the
+  step and the node that failed.
 * A top-k whose ids feed no experts (an auxiliary loss, top-k sampling of vocabulary logits,
-  attention top-k), a softmax over the vocabulary, a linear with E outputs that is not a router:
-  not MoE sites; `tests/passes/test_near_misses.py` checks each stays untouched.
+  attention top-k, expert-choice routing over tokens, a memory lookup), a softmax over the
+  vocabulary, a linear with E outputs that is not a router: not MoE sites;
+  `tests/passes/test_near_misses.py` and the fuzzer's near-misses check each stays bit-identical.
 """
+
+SUMMARY_PATH = Path(__file__).resolve().parents[2] / "docs" / "fuzz-summary.json"
+
+
+def _fuzz_section() -> str:
+    if not SUMMARY_PATH.exists():
+        return "\n## Fuzzer\n\nNot run yet (`python -m grouter_pass.testing.fuzz --fuzz 500 --summary docs/fuzz-summary.json`).\n"
+    d = json.loads(SUMMARY_PATH.read_text())
+    lines = ["", "## Fuzzer: generated layers", "",
+             f"Seeds {d['seeds'][0]}-{d['seeds'][1]}, code version {', '.join(d['version'])}, command "
+             f"`{d['command']}` ({d['seconds'] / 60:.0f} min on the 2-core CPU machine):", "",
+             f"* **MoE layers rewritten exactly: {d['moe_passed']} / {d['moe_layers']}** (every layer of the "
+             "2-layer model rewritten; forward, every gradient and every buffer equal to eager within 1e-5, "
+             "2e-2 for bf16 experts; two token counts; `dynamic=True` for even seeds)",
+             f"* **near-misses left bit-identical: {d['near_misses_passed']} / {d['near_misses']}**", "",
+             "| category | layers | rewritten exactly |", "|---|---:|---:|"]
+    lines += [f"| {c['category']} | {c['layers']} | {c['passed']} |" for c in d["categories"]]
+    lines += ["", "| near-miss | models | left bit-identical |", "|---|---:|---:|"]
+    lines += [f"| {k} | {v['models']} | {v['passed']} |" for k, v in sorted(d["near_miss_kinds"].items())]
+    if d["failed"]:
+        lines += ["", "Failures (each is a bug to fix, not an exclusion):", ""]
+        lines += [f"* seed {f['seed']} ({f['kind']}): {f['detail']}" for f in d["failed"]]
+    return "\n".join(lines) + "\n"
 
 
 def render_support_md() -> str:
@@ -198,7 +275,7 @@ def render_support_md() -> str:
         tol = "—" if c.rewritten == 0 else f"{c.tolerance:g}" + (" (bf16)" if c.dtype == torch.bfloat16 else "")
         rows.append(f"| {c.model} | {c.source} | {family} | {experts} | {c.rewritten} | {c.graphs_before} → "
                     f"{c.graphs_after} | {tol} | {notes} |")
-    return _HEADER + "\n".join(rows) + "\n" + _FOOTER
+    return _HEADER + "\n".join(rows) + "\n" + _CATEGORIES + _fuzz_section() + _FOOTER
 
 
 if __name__ == "__main__":

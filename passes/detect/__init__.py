@@ -1,19 +1,20 @@
-"""Find MoE gating sites in a canonicalized Dynamo graph, by dataflow and shapes.
+"""Find MoE sites in a canonicalized Dynamo graph, by dataflow and by running it.
 
-A *site* is a gating subgraph plus the routed-expert computation that consumes it:
+A *site* is a routing decision plus the routed-expert computation that consumes it:
 
-1. anchors: every top-k over the last dim of a 2-D tensor (``gating_chain.topk_anchors``);
-2. parse: walk back from the anchor to an E-output router linear and forward to the routing
-   weights (``gating_chain.parse_gating``); a family from the registry names and accepts it;
-3. experts: the first two expert GEMMs fed by the anchor's indices, the token input, the
-   activation and the combine (``experts.match_experts``);
-4. probe: both regions are cut out and run against the ops' reference semantics on random
-   inputs (``grouter_pass.passes.probe``).
+1. **anchors** (:mod:`.anchors`): every selection over E alternatives (top-k / max / argmax /
+   sort of any rank, argmax rounds, token-id lookups);
+2. **routing** (:mod:`.routing`): the router behind the anchor, the routing region, and the
+   readings of the gating that reproduce it (a :class:`~grouter_pass.spec.GatingSpec` per cut,
+   or the gating kept as written), each with the boundary nodes whose values it determines;
+3. **experts** (:mod:`.experts`): what consumes that boundary up to the combine, its inputs and
+   the :class:`~grouter_pass.spec.ExpertsSpec` that reproduces it in value and gradient.
 
-Only a site that passes all four is returned for rewriting. Everything else is reported with
-its reason: at INFO when it looked like a MoE site (an E-way router feeding a top-k), at DEBUG
-otherwise (a vocabulary top-k, an auxiliary-loss top-k, the inner top-k of a group mask).
-Detection never looks at module classes or attribute names.
+Readings are tried in order (upstream cut first, deepest weights first, kept gating last); the
+first whose experts match makes the site. Everything else is reported with the step and the node
+it failed at: at INFO when it looked like a MoE site, at DEBUG otherwise (a vocabulary top-k, an
+attention top-k, the inner top-k of a group mask). Detection never reads module classes or
+attribute names.
 """
 
 from __future__ import annotations
@@ -21,40 +22,38 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-# importing the family modules registers them, in this (documented) order
-from grouter_pass.passes.detect import (  # noqa: F401
-    sigmoid_topk,
-    softmax_topk,
-    sparsemixer,
-    topk_sigmoid,
-    topk_softmax,
+from grouter_pass.passes.dataflow import GraphFacts
+from grouter_pass.passes.detect.anchors import Anchor, find_anchors
+from grouter_pass.passes.detect.experts import ExpertsMatch, match_experts
+from grouter_pass.passes.detect.routing import (
+    Relation,
+    RoutingCandidate,
+    analyse_routing,
+    check_route_op,
+    family_of,
 )
-from grouter_pass.passes.detect.experts import ExpertsMatch, find_capacity_limit, match_experts
-from grouter_pass.passes.detect.gating_chain import GatingParse, parse_gating, router_of_top1, topk_anchors
-from grouter_pass.passes.detect.registry import GATING_FAMILIES, classify, register_gating_family
 from grouter_pass.passes.graph_utils import (
     ancestors,
     common_module_path,
     descendants,
-    is_getitem,
     module_path,
+    same_shape,
     shape_of,
-    tensor_meta,
 )
-from grouter_pass.passes.probe import probe_experts, probe_gating
 from grouter_pass.spec import GatingSpec, NoMatch, SiteReport
 
 log = logging.getLogger(__name__)
 
 
 def map_nodes(obj: Any, f: Callable[[fx.Node], fx.Node]) -> Any:
-    """A copy of a (dataclass / list / dict) structure with every fx.Node replaced by ``f(node)``."""
+    """A copy of a (dataclass / list / dict) structure with every fx.Node replaced by ``f(node)``
+    (dict keys included)."""
     if isinstance(obj, fx.Node):
         return f(obj)
     if isinstance(obj, list):
@@ -62,8 +61,9 @@ def map_nodes(obj: Any, f: Callable[[fx.Node], fx.Node]) -> Any:
     if isinstance(obj, tuple):
         return tuple(map_nodes(x, f) for x in obj)
     if isinstance(obj, dict):
-        return {k: map_nodes(v, f) for k, v in obj.items()}
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and any(
+        return {map_nodes(k, f): map_nodes(v, f) for k, v in obj.items()}
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type) and not isinstance(
+            obj, (GatingSpec, Relation)) and any(
             isinstance(getattr(obj, fl.name), (fx.Node, list, tuple, dict)) or dataclasses.is_dataclass(
                 getattr(obj, fl.name)) for fl in dataclasses.fields(obj)):
         return dataclasses.replace(obj, **{fl.name: map_nodes(getattr(obj, fl.name), f)
@@ -73,25 +73,45 @@ def map_nodes(obj: Any, f: Callable[[fx.Node], fx.Node]) -> Any:
 
 @dataclass
 class GatingMatch:
+    """The gating half of a site, as the rewrite needs it."""
+
     spec: GatingSpec
-    parse: GatingParse
-    region: list[fx.Node]   # graph order: the nodes from the logits to (weights, ids)
+    anchor: fx.Node
+    router: fx.Node                      # the router's logits
+    router_input: fx.Node                # the hidden state the router reads
+    cut: fx.Node | None                  # what ``grouter.route`` reads (None: gating kept as written)
+    bias: fx.Node | None
+    boundary: dict[fx.Node, Relation]    # nodes whose values the routing determines
+    region: list[fx.Node]                # routing nodes between the cut and the boundary (graph order)
+    runtime_scalars: dict[str, fx.Node] = field(default_factory=dict)
+    weights_node: fx.Node | None = None  # kept gating: what the experts op reads
+    ids_node: fx.Node | None = None
+    anchor_ids: fx.Node | None = None    # the selection's index output
 
     @property
     def logits(self) -> fx.Node:
-        return self.parse.logits
-
-    @property
-    def bias(self) -> fx.Node | None:
-        return self.parse.bias
+        return self.router
 
     @property
     def weights(self) -> fx.Node:
-        return self.parse.weights
+        """The node holding the routing weights as the gating leaves them (the latest one shaped
+        like the ids; else a column or the dense form)."""
+        if self.weights_node is not None:
+            return self.weights_node
+        ids_shape = shape_of(self.ids)
+        shaped = [n for n, r in self.boundary.items() if r.kind == "weights" and same_shape(shape_of(n), ids_shape)]
+        cands = shaped or [n for n, r in self.boundary.items() if r.kind == "weights"] or [
+            n for n, r in self.boundary.items() if r.kind == "dense"]
+        return cands[-1]
 
     @property
     def ids(self) -> fx.Node:
-        return self.parse.ids
+        """The node holding the ids as the selection produced them."""
+        if self.ids_node is not None:
+            return self.ids_node
+        if any(self.boundary.get(self.anchor_ids) == r for r in [Relation("ids")]):
+            return self.anchor_ids
+        return next(n for n, r in self.boundary.items() if r.kind == "ids")
 
 
 @dataclass
@@ -99,6 +119,8 @@ class Site:
     module_path: str
     gating: GatingMatch
     experts: ExpertsMatch
+    #: a node of the caller's graph with the shape of the experts' output (to reshape back to)
+    output_like: fx.Node | None = None
 
     def report(self) -> SiteReport:
         return SiteReport(module_path=self.module_path, gating=self.gating.spec, experts=self.experts.spec)
@@ -108,26 +130,8 @@ class Site:
         return map_nodes(self, f)
 
 
-def gating_region(graph: fx.Graph, parse: GatingParse) -> list[fx.Node] | NoMatch:
-    """Nodes between the router logits and ``(weights, ids)``, in graph order."""
-    upstream = ancestors([parse.logits]) | {parse.logits}
-    # the bias and a runtime scale are inputs of the site: whatever computes them stays outside
-    for site_input in (parse.bias, *parse.runtime_scalars.values()):
-        if site_input is not None:
-            upstream |= ancestors([site_input]) | {site_input}
-    outs = [parse.weights, parse.ids]
-    region = (ancestors(outs) | set(outs)) - upstream
-    for n in region:
-        if n.op == "placeholder" and tensor_meta(n) is not None:
-            return NoMatch("the gating also reads tensor input %s", (n.name,), partial=True)
-        if n.op == "get_attr":
-            return NoMatch("the gating reads module attribute %s", (n.target,), partial=True)
-    return [n for n in graph.nodes if n in region]
-
-
 def _inside_no_grad(graph: fx.Graph, points: list[fx.Node]) -> fx.Node | None:
-    """The first of ``points`` (nodes before/after which new ops go) where Dynamo's
-    ``_set_grad_enabled`` calls have turned autograd off; None if all are under grad."""
+    """The first of ``points`` where Dynamo's ``_set_grad_enabled`` calls have turned autograd off."""
     enabled, pending = True, set(points)
     for n in graph.nodes:
         if n in pending:
@@ -141,10 +145,13 @@ def _inside_no_grad(graph: fx.Graph, points: list[fx.Node]) -> fx.Node | None:
     return None
 
 
-def route_insertion_point(graph: fx.Graph, parse: GatingParse) -> fx.Node:
-    """The node after which ``grouter.route`` goes: its last input, or, when that lies inside a
-    ``no_grad`` block (PhiMoE computes its threshold there), the call that turns grad back on."""
-    remaining = {parse.logits, parse.bias, *parse.runtime_scalars.values()} - {None}
+def route_insertion_point(graph: fx.Graph, gating: GatingMatch) -> fx.Node:
+    """The node after which the site's new routing nodes go: after the last of their inputs, and
+    (when that lies inside a ``no_grad`` block) after the call that turns grad back on."""
+    if gating.cut is not None:
+        remaining = {gating.cut, gating.bias, *gating.runtime_scalars.values()} - {None}
+    else:
+        remaining = {gating.weights_node, gating.ids_node} - {None}
     enabled, point = True, None
     for n in graph.nodes:
         if n in remaining:
@@ -159,112 +166,128 @@ def route_insertion_point(graph: fx.Graph, parse: GatingParse) -> fx.Node:
     return point
 
 
-def _reader_before_route_inputs(graph: fx.Graph, parse: GatingParse, regions: set[fx.Node]) -> NoMatch | None:
-    """The new route node goes after :func:`route_insertion_point`; every other reader of the old
-    weights/ids must come after that point to be rewired to it."""
-    position = {n: i for i, n in enumerate(graph.nodes)}
-    last = position[route_insertion_point(graph, parse)]
-    for old in (parse.weights, parse.ids):
-        for user in old.users:
-            if user not in regions and position[user] <= last:
-                return NoMatch("%s reads the routing before the router's runtime scale is computed", (user.name,),
-                               partial=True)
-    return None
+def _output_like(graph: fx.Graph, facts: GraphFacts, out: fx.Node, removed: set[fx.Node]) -> fx.Node | None | NoMatch:
+    """A node that survives the rewrite with exactly the output's shape (the op's ``[N, H]``
+    result is reshaped to it); None when a reshape with constants and one ``-1`` will do."""
+    shape = shape_of(out)
+    symbolic = [d for d in shape if not isinstance(d, int)]
+    if len(symbolic) <= 1 and len(shape) <= 2:
+        return None
+    for n in reversed([m for m in graph.nodes if facts.position[m] < facts.position[out]]):
+        if n in removed or n.op == "output":
+            continue
+        if same_shape(shape_of(n), shape):
+            return n
+    if len(symbolic) <= 1:
+        return None
+    return NoMatch("no tensor of the output's shape %s survives the rewrite to reshape the result to", (list(shape),),
+                   node=out, step="rewrite", partial=True)
 
 
-def match_site(graph: fx.Graph, anchor: fx.Node, *, probe: bool = True) -> Site | SiteReport:
+def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True) -> Site | SiteReport:
     """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not."""
-    where = module_path(anchor)
-    parse = sparsemixer.parse_sparsemixer(anchor) if anchor.target is torch.max else None
-    if parse is None and anchor.target is not torch.topk:
-        return _top1_report(anchor, where)
-    if parse is None:
-        parse = parse_gating(anchor)
-    if isinstance(parse, NoMatch):
-        return _rejected(parse, where)
-    spec = classify(parse)
-    if isinstance(spec, NoMatch):
-        return _rejected(spec, where)
-    experts = match_experts(graph, parse.ids, parse.weights, spec.num_experts, spec.top_k, after=anchor)
-    if isinstance(experts, NoMatch):
-        return _rejected(experts, where, spec)
-    where = common_module_path([parse.logits, experts.output])
-    region = gating_region(graph, parse)
-    if isinstance(region, NoMatch):
-        return _rejected(region, where, spec)
-    late = _reader_before_route_inputs(graph, parse, set(region) | set(experts.region))
-    if late is not None:
-        return _rejected(late, where, spec)
-    no_grad = _inside_no_grad(graph, [experts.output])  # route's point is chosen under grad by construction
+    where = module_path(anchor.node)
+    routing = analyse_routing(graph, facts, anchor)
+    if isinstance(routing, NoMatch):
+        return _rejected(routing, where)
+    tried: dict[frozenset, Any] = {}
+    best: NoMatch | None = None
+    best_spec: GatingSpec | None = None
+    for cand in routing.candidates:
+        key = frozenset(cand.boundary.items())
+        if key not in tried:
+            tried[key] = match_experts(graph, facts, routing, cand, check_gradients=probe)
+        result = tried[key]
+        if isinstance(result, NoMatch):
+            if best is None or (result.partial and not best.partial):
+                best, best_spec = result, cand.spec
+            continue
+        site = _site(graph, facts, routing, cand, result)
+        if isinstance(site, NoMatch):
+            best, best_spec = site, cand.spec
+            continue
+        bad = check_route_op(graph, facts, routing, cand, gradients=probe)
+        if bad is not None:   # the op itself disagrees with the model (its reference did not)
+            best, best_spec = bad, cand.spec
+            continue
+        return site
+    random = [n for n in routing.region if n in facts.random]
+    if random and best is not None and best.partial:   # it looked like MoE, and its routing is random
+        best = NoMatch("the routing samples experts at random (training-mode noise or sampling, at %s) and no "
+                       "reading of it reproduces the experts' routing", (random[0].name,), node=random[0],
+                       step="routing", partial=True)
+    return _rejected(best, where, best_spec)
+
+
+def _site(graph: fx.Graph, facts: GraphFacts, routing: Any, cand: RoutingCandidate, experts: ExpertsMatch
+          ) -> Site | NoMatch:
+    where = common_module_path([routing.router, experts.output])
+    no_grad = _inside_no_grad(graph, [experts.output])
     if no_grad is not None:
-        return _rejected(NoMatch("the rewritten ops would run inside a no_grad region (at %s)", (no_grad.name,),
-                                 partial=True), where, spec)
-    if parse.dense and any(u not in set(region) | set(experts.region) for u in parse.weights.users):
-        return _rejected(NoMatch("the dense [N, E] routing weights are also read outside the experts",
-                                 partial=True), where, spec)
-    if probe:
-        bad = probe_gating(spec, region, parse)
-        if bad is None:
-            bad = probe_experts(experts, ids=parse.ids, weights=parse.weights, dense=parse.dense)
-        if bad is not None:
-            return _rejected(bad, where, spec, experts.spec)
-    return Site(module_path=where, gating=GatingMatch(spec, parse, region), experts=experts)
+        return NoMatch("the rewritten ops would run inside a no_grad region (at %s)", (no_grad.name,), node=no_grad,
+                       step="rewrite", partial=True)
+    if cand.cut is not None:   # what grouter.route replaces: from the cut to the boundary
+        feeds = ancestors(cand.boundary) | set(cand.boundary)
+        region = [n for n in routing.region if n is not cand.cut and n in descendants([cand.cut]) and n in feeds]
+    else:
+        region = []
+    gating = GatingMatch(spec=cand.spec, anchor=routing.anchor.node, router=routing.router,
+                         router_input=routing.router_input, cut=cand.cut, bias=cand.bias, boundary=cand.boundary,
+                         region=region, runtime_scalars=cand.runtime_scalars, weights_node=cand.weights_node,
+                         ids_node=cand.ids_node, anchor_ids=routing.anchor.ids[0])
+    removed = set(region) | set(experts.region)
+    like = _output_like(graph, facts, experts.output, removed)
+    if isinstance(like, NoMatch):
+        return like
+    if any(n in removed for n in ancestors([experts.x])):
+        return NoMatch("the experts' token input is computed inside the region the rewrite replaces", node=experts.x,
+                       step="rewrite", partial=True)
+    return Site(module_path=where, gating=gating, experts=experts, output_like=like)
 
 
-def _top1_report(anchor: fx.Node, where: str) -> SiteReport:
-    """Top-1 by ``max`` / ``argmax`` (Switch, GShard): recognised to say why it is not rewritten."""
-    name = anchor.target.__name__
-    if router_of_top1(anchor) is None:
-        return _rejected(NoMatch("%s is not over router scores", (name,)), where)
-    ids = next((u for u in anchor.users if is_getitem(u, 1)), None) if anchor.target is torch.max else anchor
-    n_tokens = (shape_of(anchor.args[0]) or (None,))[0]
-    if ids is not None and n_tokens is not None:
-        capacity = find_capacity_limit(descendants([ids], limit=2000), n_tokens)
-        if capacity is not None:
-            return _rejected(NoMatch(
-                "routing by %s with capacity-based dispatch (at most %s tokens per expert, the rest dropped): the "
-                "grouter ops never drop tokens, so the site is left unchanged", (name, capacity), partial=True), where)
-    return _rejected(NoMatch("top-1 routing by %s is not supported yet", (name,), partial=True), where)
-
-
-def _rejected(result: NoMatch, where: str, spec: GatingSpec | None = None, experts=None) -> SiteReport:
-    return SiteReport(module_path=where, gating=spec, experts=experts, reason=result.detail, partial=result.partial)
+def _rejected(result: NoMatch | None, where: str, spec: GatingSpec | None = None, experts: Any = None) -> SiteReport:
+    if result is None:
+        result = NoMatch("no reading of the routing matched")
+    return SiteReport(module_path=where, gating=spec, experts=experts, reason=result.detail, partial=result.partial,
+                      step=result.step, node=result.node if isinstance(result.node, str) else "")
 
 
 def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True) -> tuple[list[Site], list[SiteReport]]:
     """All rewritable sites of ``gm`` (canonicalized), and reports of the near-misses (candidates
     that looked like a MoE site but could not be rewritten)."""
     graph = gm.graph
+    facts = GraphFacts(graph)
     sites: list[Site] = []
     rejected: list[SiteReport] = []
     claimed: set[fx.Node] = set()
-    reported: set[fx.Node] = set()  # router logits already explained: one report per router
-    for anchor in topk_anchors(graph):
-        if anchor in claimed:
-            continue
-        result = match_site(graph, anchor, probe=probe)
-        if isinstance(result, Site):
-            claimed.update(result.gating.region)
-            claimed.update(result.experts.region)
-            sites.append(result)
-            log.debug("grouter: site %s: %s / %s", result.module_path, result.gating.spec.describe(),
-                      result.experts.spec.describe())
-            continue
-        router = router_of_top1(anchor) if anchor.target is not torch.topk else _router_of(anchor)
-        if result.partial and (router is None or router not in reported):
-            log.info("grouter: left %s unchanged: %s", result.module_path, result.reason)
-            rejected.append(result)
-            if router is not None:
-                reported.add(router)
-        else:
-            log.debug("grouter: %s is not a gating site: %s", result.module_path, result.reason)
+    reported: set[str] = set()
+    with torch.random.fork_rng(devices=[]):
+        for anchor in find_anchors(graph, facts):
+            if anchor.node in claimed:
+                continue
+            result = match_site(graph, facts, anchor, probe=probe)
+            if isinstance(result, Site):
+                claimed.update(result.gating.region)
+                claimed.update(result.experts.region)
+                claimed.add(result.gating.anchor)
+                sites.append(result)
+                log.debug("grouter: site %s: %s / %s", result.module_path, result.gating.spec.describe(),
+                          result.experts.spec.describe())
+                continue
+            key = f"{result.module_path}:{result.reason}"
+            if result.partial and key not in reported:
+                log.info("grouter: left %s unchanged (%s): %s", result.module_path,
+                         f"{result.step} at node {result.node}" if result.node else result.step or "?", result.reason)
+                rejected.append(result)
+                reported.add(key)
+            else:
+                log.debug("grouter: %s is not a gating site (%s at %s): %s", result.module_path, result.step,
+                          result.node, result.reason)
+    # a site's own inner selections (a group mask's top-k) are not near-misses of their own
+    inside = {module_path(n) for s in sites for n in s.gating.region}
+    rejected = [r for r in rejected if not (r.module_path in inside and r.gating is None)]
     return sites, rejected
 
 
-def _router_of(anchor: fx.Node) -> fx.Node | None:
-    parse = parse_gating(anchor)
-    return None if isinstance(parse, NoMatch) else parse.logits
-
-
-__all__ = ["GATING_FAMILIES", "GatingMatch", "Site", "find_gating_sites", "gating_region", "match_site",
-           "register_gating_family", "route_insertion_point"]
+__all__ = ["GatingMatch", "Site", "family_of", "find_gating_sites", "map_nodes", "match_site",
+           "route_insertion_point"]

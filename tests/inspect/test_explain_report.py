@@ -11,7 +11,6 @@ import torch
 from expecttest import assert_expected_inline
 
 from grouter_pass import GrouterConfig, explain
-from grouter_pass.spec import GatingSpec
 from grouter_pass.testing.models import tiny_hf_moe
 
 
@@ -312,13 +311,22 @@ Op counts (changed ops)
 
 @pytest.mark.slow
 def test_a_wrong_renorm_shows_as_failing_parity_rows(monkeypatch):
-    """Inject a wrong rewrite (renormalisation dropped) with the numeric probe off, so only the
-    parity table can catch it: the output and the gradients that depend on the weights fail."""
-    real = GatingSpec.route_kwargs
-    monkeypatch.setattr(GatingSpec, "route_kwargs", lambda self: {**real(self), "renorm": "none"})
+    """Inject a wrong rewrite (renormalisation dropped by the rewrite after detection proved the
+    right spec), so only the parity table can catch it: the output and the gradients that depend
+    on the weights fail."""
+    from grouter_pass.passes import rewrite
+
+    real = rewrite._call
+
+    def wrong_call(graph, target, args, kwargs, **kw):
+        if target is torch.ops.grouter.route.default:
+            kwargs = {**kwargs, "renorm": "none"}
+        return real(graph, target, args, kwargs, **kw)
+
+    monkeypatch.setattr(rewrite, "_call", wrong_call)
     model = tiny_hf_moe("mixtral", num_hidden_layers=1)
     report = explain(model, inputs_embeds=torch.randn(1, 4, model.config.hidden_size),
-                     config=GrouterConfig(compiler="eager", probe=False))
+                     config=GrouterConfig(compiler="eager"))
     assert not report.parity_ok
     rows = {r.name: r for r in report.parity}
     assert not rows["output"].ok and rows["output"].max_rel > 1e-3

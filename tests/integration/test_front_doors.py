@@ -11,8 +11,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import grouter_pass
-from grouter_pass import GrouterConfig, GrouterPreGradPass, GrouterVerificationError, apply_grouter
-from grouter_pass.spec import GatingSpec
+from grouter_pass import GrouterConfig, GrouterPreGradPass, GrouterVerificationError, apply_grouter, grouter_reports
 from grouter_pass.testing.models import tiny_hf_moe, tiny_token_ids
 from grouter_pass.testing.parity import check_parity
 
@@ -63,28 +62,78 @@ def test_verify_passes_on_an_exact_rewrite():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def _break_the_route_op(monkeypatch):
+    """A bug in the ``grouter.route`` op itself (its weights doubled), not in its reference
+    semantics, which detection reads."""
+    from grouter_pass.ops import reference, route
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(reference, name)
+
+        @staticmethod
+        def route_reference(*args, **kwargs):
+            w, ids = reference.route_reference(*args, **kwargs)
+            return w * 2.0, ids
+
+    monkeypatch.setattr(route, "reference", Broken())
+
+
+def _break_the_rewrite(monkeypatch):
+    """A bug in the rewrite itself (it emits ``grouter.route`` with the scaling factor doubled)
+    after detection proved the right spec: only ``verify`` can see it."""
+    from grouter_pass.passes import rewrite
+
+    real = rewrite._call
+
+    def wrong_call(graph, target, args, kwargs, **kw):
+        if target is torch.ops.grouter.route.default:
+            kwargs = {**kwargs, "scaling_factor": 2.0}
+        return real(graph, target, args, kwargs, **kw)
+
+    monkeypatch.setattr(rewrite, "_call", wrong_call)
+
+
+def _break_the_route_op(monkeypatch):
+    """A bug in the ``grouter.route`` op (its weights doubled), not in the reference semantics
+    detection reads."""
+    from grouter_pass.ops import reference, route
+
+    class Broken:
+        def __getattr__(self, name):
+            return getattr(reference, name)
+
+        @staticmethod
+        def route_reference(*args, **kwargs):
+            w, ids = reference.route_reference(*args, **kwargs)
+            return w * 2.0, ids
+
+    monkeypatch.setattr(route, "reference", Broken())
+
+
 def test_verify_raises_with_the_per_output_error_when_numbers_change(monkeypatch):
-    """A deliberately wrong rewrite (scaling factor doubled, probes off so nothing catches it
-    earlier) must be caught on the first call, naming the output and its error."""
-    real = GatingSpec.route_kwargs
-    monkeypatch.setattr(GatingSpec, "route_kwargs", lambda self: {**real(self), "scaling_factor": 2.0})
+    """A wrong rewrite must be caught on the first call, naming the output and its error."""
+    _break_the_rewrite(monkeypatch)
     model = tiny_hf_moe("mixtral")
-    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager", probe=False), verify=True)
+    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)
     with pytest.raises(GrouterVerificationError, match=r"(?s)output 0 float32\[2, 5, 97\]: max abs err .*"
                                                           r"rewritten sites:.*model.layers.0.mlp"):
         compiled(tiny_token_ids())
 
 
-def test_probes_catch_the_same_wrong_rewrite_before_it_happens(monkeypatch, grouter_logs):
-    real = GatingSpec.route_kwargs
-    monkeypatch.setattr(GatingSpec, "route_kwargs", lambda self: {**real(self), "scaling_factor": 2.0})
+def test_the_probe_keeps_a_wrong_op_out_of_the_graph(monkeypatch):
+    """Detection compares the real ``grouter.route`` with the model, not only its reference: with
+    a broken op the gating is kept as the model wrote it (only the experts are rewritten) and
+    the numbers stay the same."""
+    _break_the_route_op(monkeypatch)
     model = tiny_hf_moe("mixtral")
     ids = tiny_token_ids()
     want = model(ids).logits
-    got = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)(ids).logits
-    torch.testing.assert_close(got, want)  # nothing rewritten, so nothing changed
-    assert counters["grouter"]["sites_rewritten"] == 0
-    assert "gating probe 0: classified as [softmax -> top-2, renorm sum] but weights differ" in grouter_logs.text
+    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)
+    torch.testing.assert_close(compiled(ids).logits, want)
+    sites = grouter_reports(compiled)[0].sites
+    assert [(s.rewritten, s.family) for s in sites] == [(True, "kept"), (True, "kept")]
+    assert all("grouter.route" not in s.new_ops for s in sites)
 
 
 @pytest.mark.slow

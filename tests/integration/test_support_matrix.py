@@ -53,6 +53,8 @@ def test_support_case(case: SupportCase):
         assert result.max_rel() <= case.tolerance, f"{(batch, seq)}: {result.summary()}"
         if i == 0:
             graphs_after_first_call = len(grouter_reports(compiled))
+    for (name, want), got in zip(model.named_buffers(), candidate.buffers()):   # e.g. per-expert token counts
+        assert torch.equal(got, want), f"buffer {name} differs after the same steps"
     _, blocks = _rewritten(compiled)
     first_sites = [s for r in grouter_reports(compiled)[:graphs_after_first_call] for s in r.rewritten]
     assert len(first_sites) + len(blocks) == case.rewritten, [r.sites for r in grouter_reports(compiled)]
@@ -106,8 +108,13 @@ dense_bmm: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum
 batched_gather: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
 loop_4x: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
 split_loop: GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')
-switch_capacity: left unchanged
-gshard_capacity: left unchanged""")
+switch_capacity: GatingSpec(family='softmax_topk', num_experts=8, top_k=1)
+gshard_capacity: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
+torchtitan_pypi: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)
+torchtitan_pypi_groups: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, bias_mode='selection', n_group=4, topk_group=2, sorted=False)
+megatron: GatingSpec(family='softmax_topk', num_experts=8, top_k=2)
+megatron_sigmoid: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20)
+nanogpt: GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')""")
 
 
 def test_support_doc_is_current():

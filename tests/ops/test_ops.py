@@ -49,6 +49,57 @@ def test_route_opcheck_and_grads(name, n):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(2, 5, 8), (7, 3, 8)])
+def test_route_on_logits_of_any_rank(shape):
+    """[B, T, E] (and sequence-first [T, B, E]) logits route row by row: same numbers and
+    gradients as the flattened [N, E] routing, reshaped."""
+    kw = {**ROUTE_DEFAULTS, **ROUTE_SPECS["deepseek_v3"]}
+    logits = torch.randn(*shape, requires_grad=True)
+    bias = torch.randn(8)
+    torch.library.opcheck(torch.ops.grouter.route.default, (logits, bias), kw)
+    w, ids = torch.ops.grouter.route(logits, bias, **kw)
+    assert w.shape == (*shape[:-1], 2) and ids.shape == (*shape[:-1], 2)
+    flat = logits.detach().reshape(-1, 8).requires_grad_(True)
+    w2, ids2 = torch.ops.grouter.route(flat, bias, **kw)
+    assert torch.equal(ids.reshape(-1, 2), ids2) and torch.equal(w.reshape(-1, 2), w2)
+    g = torch.randn_like(w)
+    (a,) = torch.autograd.grad(w, [logits], g)
+    (b,) = torch.autograd.grad(w2, [flat], g.reshape(-1, 2))
+    assert torch.equal(a.reshape(-1, 8), b)
+
+
+def _capacity_keep_loop(ids: torch.Tensor, w: torch.Tensor, e: int, c: int, priority: str) -> torch.Tensor:
+    """Written from the definition, slot by slot: an independent oracle for capacity_keep."""
+    n, k = ids.shape
+    slots = [(t, j) for t in range(n) for j in range(k)]
+    if priority == "choice":
+        slots = [(t, j) for j in range(k) for t in range(n)]
+    elif priority == "score":
+        slots = sorted(slots, key=lambda s: (-float(w[s]), s[0] * k + s[1]))
+    used = [0] * e
+    keep = torch.zeros(n, k, dtype=torch.bool)
+    for t, j in slots:
+        ex = int(ids[t, j])
+        if used[ex] < c:
+            keep[t, j] = True
+        used[ex] += 1
+    return keep
+
+
+@pytest.mark.parametrize("priority", ["token", "choice", "score"])
+@pytest.mark.parametrize("n,k,e,c", [(1, 1, 4, 1), (12, 2, 4, 3), (20, 3, 8, 2), (9, 2, 4, 9)])
+def test_capacity_keep_matches_its_definition(priority, n, k, e, c):
+    gen = torch.Generator().manual_seed(n * 31 + c)
+    ids = torch.argsort(torch.rand(n, e, generator=gen), dim=-1)[:, :k]
+    ids[: n // 2, 0] = 0   # an expert over capacity
+    ids[: n // 2] = torch.where(ids[: n // 2, 1:2] == 0, torch.roll(ids[: n // 2], 1, dims=1), ids[: n // 2]) \
+        if k > 1 else ids[: n // 2]
+    w = torch.rand(n, k, generator=gen)
+    torch.library.opcheck(torch.ops.grouter.capacity_keep.default, (ids, w, e, c, priority))
+    got = torch.ops.grouter.capacity_keep(ids, w, e, c, priority)
+    assert torch.equal(got, _capacity_keep_loop(ids, w, e, c, priority)), (ids, got)
+
+
 @pytest.mark.parametrize("n,k,e", [(1, 1, 4), (10, 2, 8), (33, 3, 5)])
 def test_dispatch_plan_opcheck(n, k, e):
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(n)])

@@ -118,8 +118,8 @@ def test_deepseek_v3_dynamic_shapes_keep_the_runtime_scale():
     is still matched and the scale stays a runtime value (the rewrite passes the node on)."""
     gm, sites, rejected = detected("deepseek_v3", dynamic=True)
     assert len(sites) == 2 and not rejected
-    parse = sites[0].gating.parse
-    assert set(parse.runtime_scalars) == {"scaling_factor"} and parse.scaling_factor == 2.5
+    gating = sites[0].gating
+    assert set(gating.runtime_scalars) == {"scaling_factor"} and gating.spec.scaling_factor == 2.5
 
 
 def test_gpt_oss_dynamic_shapes_keep_runtime_activation_parameters():

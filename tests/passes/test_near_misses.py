@@ -1,8 +1,9 @@
 """Candidates that must *not* be rewritten, and the reasons users see for them.
 
-The variants are the tiny Qwen3-MoE with its router's forward replaced by code that differs
-from a supported family in one detail. Each must be left exactly as it is, with the reason
-logged once at INFO; non-MoE top-k's must not be reported at all.
+Gating variants (the tiny Qwen3-MoE with its router's forward replaced) that differ from every
+known family in one detail are read by what they compute and rewritten exactly. What the ops
+cannot compute (an unknown expert activation) is left exactly as it is, with the step and node
+that failed logged once at INFO; non-MoE top-k's must not be reported at all.
 """
 
 import logging
@@ -11,10 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from grouter_pass import apply_grouter, grouter_reports
 from grouter_pass.config import GrouterConfig
 from grouter_pass.passes import run_grouter_passes
 from grouter_pass.testing.graphs import capture_graphs
 from grouter_pass.testing.models import DenseMLPModel, tiny_hf_moe, tiny_token_ids
+from grouter_pass.testing.parity import check_parity
 
 
 def _route_with(variant):
@@ -31,7 +34,7 @@ def scale_before_renorm(self, hidden):
     logits = F.linear(hidden, self.weight)
     v, i = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
     v = v * 2.0
-    return logits, v / v.sum(dim=-1, keepdim=True), i
+    return logits, v / v.sum(dim=-1, keepdim=True), i   # the scale cancels: plain renorm
 
 
 def squared_weights(self, hidden):
@@ -39,14 +42,14 @@ def squared_weights(self, hidden):
     logits = F.linear(hidden, self.weight)
     v, i = torch.topk(torch.softmax(logits, dim=-1), self.top_k, dim=-1)
     v = v / v.sum(dim=-1, keepdim=True)
-    return logits, v.pow(2), i  # an op no family knows, feeding the experts
+    return logits, v.pow(2), i  # an op no gating spec has: the gating is kept as written
 
 
 def softmax_over_tokens(self, hidden):
     hidden = hidden.reshape(-1, self.hidden_dim)
     logits = F.linear(hidden, self.weight)
     v, i = torch.topk(torch.softmax(logits, dim=0), self.top_k, dim=-1)
-    return logits, v, i
+    return logits, v, i  # not a per-token score: it stays in the graph, route starts after it
 
 
 def run(model, **kwargs):
@@ -55,19 +58,59 @@ def run(model, **kwargs):
     return gm, new_gm, report
 
 
-@pytest.mark.parametrize("variant,reason", [
-    (scale_before_renorm, "routing weights are renormalised after scaling or casting"),
-    (squared_weights, "experts probe 0 (random routing): classified as [grouped_mm"),
-    (softmax_over_tokens, "softmax is not over the expert dim"),
+@pytest.mark.parametrize("variant,family,describe", [
+    (scale_before_renorm, "softmax_topk", "softmax -> top-2, renorm sum"),
+    (squared_weights, "kept", "top-2, gating kept as written"),
+    (softmax_over_tokens, "topk", "[softmax] -> none -> top-2"),
 ])
-def test_variant_is_left_unchanged_with_reason(variant, reason, grouter_logs):
-    gm, new_gm, report = run(_route_with(variant))
+def test_unusual_gating_is_read_by_meaning_and_rewritten_exactly(variant, family, describe):
+    """Spellings a grammar of known families would refuse: each is read for what it computes
+    (or kept as written) and the rewritten model computes the same numbers, forward and backward."""
+    model = _route_with(variant).train()
+    compiled = []
+
+    def compile_fn(m):
+        compiled.append(apply_grouter(m, GrouterConfig(compiler="eager")))
+        return compiled[-1]
+
+    result = check_parity(model, {"input_ids": tiny_token_ids()}, compile_fn)
+    assert result.ok, result.summary()
+    (report,) = grouter_reports(compiled[0])
+    assert [s.rewritten for s in report.sites] == [True, True], [s.summary() for s in report.sites]
+    assert {s.family for s in report.sites} == {family}
+    assert report.sites[0].gating.describe() == describe
+
+
+class _MishExperts(torch.nn.Module):
+    """A MoE block whose experts use an activation the experts op does not have (Mish)."""
+
+    def __init__(self, hidden=64, ffn=48, experts=8, top_k=2):
+        super().__init__()
+        self.top_k = top_k
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.w_in = torch.nn.Parameter(torch.randn(experts, ffn, hidden) * 0.1)
+        self.w_out = torch.nn.Parameter(torch.randn(experts, hidden, ffn) * 0.1)
+
+    def forward(self, x):
+        w, ids = torch.topk(torch.softmax(self.router(x), dim=-1), self.top_k, dim=-1)
+        flat = ids.reshape(-1)
+        xs = x.repeat_interleave(self.top_k, dim=0)
+        h = F.mish(torch.bmm(self.w_in[flat], xs.unsqueeze(-1)).squeeze(-1))
+        y = torch.bmm(self.w_out[flat], h.unsqueeze(-1)).squeeze(-1)
+        return (y.view(-1, self.top_k, x.shape[-1]) * w.unsqueeze(-1)).sum(1)
+
+
+def test_unsupported_experts_are_left_unchanged_with_the_step_and_node(grouter_logs):
+    graphs = capture_graphs(_MishExperts(), torch.randn(10, 64))
+    gm = graphs[0]
+    new_gm, report = run_grouter_passes(gm, None, GrouterConfig())
     assert new_gm is gm, "nothing may change when no site is rewritten"
-    partial = [s for s in report.sites if s.partial]
-    assert len(partial) == 2 and not report.rewritten
-    assert all(reason in s.reason for s in partial), [s.reason for s in partial]
+    (site,) = report.sites
+    assert not site.rewritten and site.partial
+    assert site.step == "experts probe" and site.node, site
+    assert "no reading of the expert weights" in site.reason
     infos = [r.getMessage() for r in grouter_logs.records if r.levelno == logging.INFO and "left" in r.getMessage()]
-    assert len(infos) == 2 and reason in infos[0]
+    assert len(infos) == 1 and "experts probe at node" in infos[0]
 
 
 def test_model_without_moe_is_not_touched(grouter_logs):

@@ -1,0 +1,860 @@
+"""The gating side of a site: from the router's logits to the routing the experts consume.
+
+Given an anchor (a selection over E alternatives), this module works out, by dataflow and then
+by running the graph, what the site's gating computes:
+
+1. **Router**: the latest GEMM on the way to the anchor whose output has E columns and one of
+   whose operands is model state (``nn.Linear``, a bare ``[E, H]`` / ``[H, E]`` parameter with
+   ``F.linear``, ``@``, ``matmul`` or an einsum, casts anywhere). Its output ``L`` are the logits.
+2. **Routing region**: every node computed from ``L`` (and from ``[E]``-sized side inputs such as
+   a selection bias, wherever it is owned) alone, in any rank or layout (``[N, E]``,
+   ``[B, T, E]``, sequence-first).
+3. **Values**: the region is run on random logits (spread, and skewed towards a few experts),
+   recording the value of every node.
+4. **Synthesis**: for each *cut* on the way from ``L`` to the anchor (``L`` first; a later cut
+   leaves an unusual score function, a temperature or noise in the graph and lets
+   ``grouter.route`` start after it), every :class:`~grouter_pass.spec.GatingSpec` the shapes
+   allow is compared with the recorded values: the selection by the anchor's ids, the weights by
+   any region node that holds them (as a ``[..., k]`` tensor, a column per round, or a dense
+   ``[..., E]`` tensor with zeros elsewhere). Constants (scale, eps, clamp) are read from the
+   region, runtime scalars stay graph nodes.
+5. **Boundary**: every region node whose value is a reshape, a column or the dense form of the
+   routing (weights, ids) is recorded with that relation. The experts side is then the part of
+   the graph fed by these nodes, so it can be probed with any routing.
+
+When no spec reproduces the region (hash routing, an unknown transformation of the weights,
+sampling), the gating is *kept* as the model wrote it and only the experts are rewritten.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from grouter_pass.numerics import compare
+from grouter_pass.ops import reference
+from grouter_pass.passes.dataflow import GraphFacts, data_inputs, has_data_dependent_shape, scalar_value
+from grouter_pass.passes.detect.anchors import Anchor
+from grouter_pass.passes.graph_utils import (
+    ancestors,
+    descendants,
+    dtype_of,
+    is_function,
+    is_view,
+    mutated_arg,
+    same_size,
+    shape_of,
+    static_int,
+    target_name,
+    tensor_meta,
+)
+from grouter_pass.passes.probe import ProbeError, Region, concrete_shape, eager, random_routing
+from grouter_pass.spec import GatingSpec, NoMatch
+
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_EINSUM = (torch.einsum, torch.functional.einsum)
+#: random logits the routing region is run on: spread, skewed, peaked, spiky (see _trial_values)
+_TRIALS = 8
+
+
+# ------------------------------------------------------------------------------------------------
+# relations between a node's value and the routing (weights [..., k], ids [..., k])
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Relation:
+    """How a node's value follows from the routing: ``kind`` "ids" or "weights" (a reshape of
+    the ``[..., k]`` tensor, or its column ``column``), or "dense" (the weights scattered into
+    ``[..., E]`` zeros). ``exact_order``: ids in the same slot order as the reference's."""
+
+    kind: str
+    column: int | None = None
+    exact_order: bool = True
+
+    def value(self, w: torch.Tensor, ids: torch.Tensor, num_experts: int, like: fx.Node) -> torch.Tensor:
+        shape = concrete_shape(like)
+        dtype = dtype_of(like)
+        if self.kind == "dense":
+            flat_w, flat_ids = w.reshape(-1, w.shape[-1]), ids.reshape(-1, ids.shape[-1])
+            dense = torch.zeros(flat_w.shape[0], num_experts, dtype=w.dtype, device=w.device)
+            return dense.scatter(1, flat_ids, flat_w).reshape(shape).to(dtype)
+        src = ids if self.kind == "ids" else w
+        if self.column is not None:
+            src = src[..., self.column]
+        return src.reshape(shape).to(dtype)
+
+
+def _match_relation(value: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, e: int, is_ids_anchor: set
+                    ) -> Relation | None:
+    """The relation ``value`` has to the routing ``(w, ids)`` (reference values), if any."""
+    n_slots, k = ids.numel(), ids.shape[-1]
+    if not value.is_floating_point():
+        if value.dtype == torch.bool:
+            return None
+        flat = value.reshape(-1)
+        if value.numel() == n_slots:
+            v = value.reshape(ids.shape)
+            if torch.equal(v, ids):
+                return Relation("ids")
+            if torch.equal(v.sort(-1).values, ids.sort(-1).values):
+                return Relation("ids", exact_order=False)
+        if k > 1 and value.numel() == n_slots // k:
+            for j in range(k):
+                if torch.equal(flat, ids[..., j].reshape(-1)):
+                    return Relation("ids", j)
+        return None
+    if value.numel() == 0:
+        return None
+    if value.numel() == n_slots and _close(value.reshape(w.shape), w):
+        return Relation("weights")
+    if k > 1 and value.numel() == n_slots // k:
+        for j in range(k):
+            if _close(value.reshape(-1), w[..., j].reshape(-1)):
+                return Relation("weights", j)
+    if value.numel() == (n_slots // k) * e:
+        dense = torch.zeros(n_slots // k, e, dtype=w.dtype, device=w.device).scatter(
+            1, ids.reshape(-1, k), w.reshape(-1, k))
+        if _close(value.reshape(dense.shape), dense):
+            return Relation("dense")
+    return None
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Same numbers at the precision of ``actual``."""
+    if actual.shape != expected.shape:
+        return False
+    return compare(actual, expected.to(actual.dtype)).ok
+
+
+# ------------------------------------------------------------------------------------------------
+# the router
+# ------------------------------------------------------------------------------------------------
+
+
+def _gemm_operands(n: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(activation operand, weight operand)`` candidates of a GEMM-like node, or None."""
+    if is_function(n, *_LINEAR) and len(n.args) >= 2:
+        return n.args[0], n.args[1]
+    if is_function(n, torch.matmul, torch.mm, operator.matmul) and len(n.args) == 2:
+        return n.args[0], n.args[1]
+    if is_function(n, torch.addmm) and len(n.args) >= 3:
+        return n.args[1], n.args[2]
+    if is_function(n, *_EINSUM) and n.args and isinstance(n.args[0], str):
+        ops = list(n.args[1:])
+        if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+            ops = list(ops[0])
+        if len(ops) == 2:
+            return ops[0], ops[1]
+    return None
+
+
+def router_of(node: fx.Node, e: int, facts: GraphFacts, limit: int = 400) -> tuple[fx.Node, fx.Node] | None:
+    """``(logits, the hidden state the router reads)``: the latest GEMM among ``node`` and its
+    ancestors with E output columns and one operand that is model state with a dim of E."""
+    best = None
+    for n in [node, *ancestors([node])][:limit]:
+        ops = _gemm_operands(n)
+        s = shape_of(n)
+        if ops is None or s is None or not s or not same_size(s[-1], e):
+            continue
+        for act, w in (ops, ops[::-1]):
+            if not (isinstance(w, fx.Node) and isinstance(act, fx.Node)):
+                continue
+            ws = shape_of(w)
+            if w in facts.state_derived and act not in facts.state_derived and ws is not None and any(
+                    same_size(d, e) for d in ws):
+                if best is None or facts.position[n] > facts.position[best[0]]:
+                    best = (n, act)
+                break
+    return best
+
+
+# ------------------------------------------------------------------------------------------------
+# the routing region and its values
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoutingCandidate:
+    """One reading of the gating: the spec ``grouter.route`` would compute from ``cut`` (None:
+    the gating is kept as written), and the nodes whose values it provides."""
+
+    spec: GatingSpec
+    cut: fx.Node | None
+    bias: fx.Node | None
+    runtime_scalars: dict[str, fx.Node]
+    boundary: dict[fx.Node, Relation]
+    depth: int
+    #: kept gating: the nodes the experts op reads (weights [..., k], ids [..., k])
+    weights_node: fx.Node | None = None
+    ids_node: fx.Node | None = None
+
+    @property
+    def kept(self) -> bool:
+        return self.cut is None
+
+
+@dataclass
+class RoutingAnalysis:
+    anchor: Anchor
+    num_experts: int
+    top_k: int
+    router: fx.Node
+    router_input: fx.Node
+    region: list[fx.Node]              # routing-only nodes, graph order
+    side_inputs: list[fx.Node]
+    candidates: list[RoutingCandidate] = field(default_factory=list)
+    n_tokens: Any = None               # symbolic token count (leading dims of the routing)
+
+
+def _side_ok(a: fx.Node, e: int, facts: GraphFacts) -> bool:
+    """A tensor the routing may read besides the logits: ``[E]``-sized or a scalar tensor that
+    is not random (a selection bias, owned anywhere; a temperature buffer)."""
+    t = tensor_meta(a)
+    if t is None or a in facts.random:
+        return False
+    numel = static_int(math.prod(t.shape)) if t.dim() else 1
+    return numel is not None and numel in (1, e) and t.is_floating_point()
+
+
+def _routing_region(roots: list[fx.Node], e: int, facts: GraphFacts, graph: fx.Graph
+                    ) -> tuple[list[fx.Node], list[fx.Node]]:
+    region: set[fx.Node] = set(roots)
+    sides: list[fx.Node] = []
+    start = min(facts.position[r] for r in roots)
+    for n in graph.nodes:
+        if facts.position[n] <= start or n in region or n.op not in ("call_function", "call_method"):
+            continue
+        if has_data_dependent_shape(n):   # routing tensors have sizes fixed by the token count
+            continue
+        target = mutated_arg(n)
+        if target is not None and target not in region:   # a side effect (a buffer update), not routing
+            continue
+        inputs = data_inputs(n)
+        if not any(a in region for a in inputs) and not (n.all_input_nodes and any(
+                a in region for a in n.all_input_nodes)):
+            continue
+        ok = True
+        new_sides = []
+        for a in inputs:
+            if a in region or a in facts.fresh:
+                continue
+            if _side_ok(a, e, facts):
+                new_sides.append(a)
+                continue
+            ok = False
+            break
+        if ok:
+            region.add(n)
+            sides.extend(s for s in new_sides if s not in sides)
+    return facts.in_order(region), sides
+
+
+def _harvest(region: list[fx.Node]) -> dict[str, list]:
+    """Constants and runtime scalars the region computes with, as ``(value, node or None)``: a
+    runtime scalar (a float module attribute under ``dynamic=True``) must stay a graph node."""
+    consts: dict[str, list] = {"scale": [], "eps": [], "clamp": [], "threshold": [], "p": [], "runtime": []}
+
+    def scalars(items: list) -> list[tuple[float, fx.Node | None]]:
+        out = []
+        for a in items:
+            if isinstance(a, bool):
+                continue
+            if isinstance(a, (int, float)):
+                out.append((float(a), None))
+            elif isinstance(a, fx.Node) and tensor_meta(a) is None and scalar_value(a) is not None:
+                out.append((scalar_value(a), a))
+        return out
+
+    for n in region:
+        name = target_name(n)
+        args = list(n.args[1:]) + list(n.kwargs.values())
+        found = scalars(args)
+        consts["runtime"] += [node for _, node in found if node is not None]
+        if name in ("mul", "div", "truediv"):
+            consts["scale"] += found
+        if name == "add":
+            consts["eps"] += [(v, node) for v, node in found if 0 < abs(v) < 1e-2]
+        if name == "clamp" and n.kwargs.get("max") is None:
+            consts["clamp"] += scalars([n.kwargs.get("min")])
+        if name in ("gt", "ge"):
+            consts["threshold"] += found
+        if name == "linalg_vector_norm":
+            consts["p"].append((float(n.kwargs.get("ord", 2.0)), None))
+    return consts
+
+
+# ------------------------------------------------------------------------------------------------
+# synthesis
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Selection:
+    order: str
+    score_func: str
+    bias_index: int | None
+    bias_mode: str
+    group: tuple[int, int, str] | None
+    score_dtype: torch.dtype | None
+
+
+def _group_candidates(region: list[fx.Node], e: int) -> list[tuple[int, int, str]]:
+    groups: set[int] = set()
+    for n in region:   # a view of an [..., E] tensor as [..., G, E/G]
+        s = shape_of(n)
+        src = n.args[0] if n.op in ("call_method", "call_function") and n.args else None
+        src_shape = shape_of(src) if isinstance(src, fx.Node) else None
+        if s is None or len(s) < 2 or src_shape is None or len(src_shape) != len(s) - 1 or not is_view(n):
+            continue
+        g, per = static_int(s[-2]), static_int(s[-1])
+        if g is not None and per is not None and g * per == e and 1 < g < e and same_size(src_shape[-1], e):
+            groups.add(g)
+    out = []
+    for g in sorted(groups):
+        # the number of groups kept: the k of a top-k over the G group scores, else any
+        ks = {static_int(n.args[1]) for n in region if is_function(n, torch.topk) and len(n.args) > 1
+              and shape_of(n.args[0]) is not None and static_int(shape_of(n.args[0])[-1]) == g}
+        tgs = sorted(k for k in ks if k is not None and 1 <= k < g) + [
+            t for t in range(1, g) if t not in ks]
+        for tg in tgs:
+            for gs in ("top2_sum", "max"):
+                if gs == "top2_sum" and e // g < 2:
+                    continue
+                out.append((g, tg, gs))
+    return out
+
+
+def _selections(x_dtype: torch.dtype, n_bias: int, groups: list, casts: list[torch.dtype]) -> list[_Selection]:
+    out = []
+    dtypes = [None] + [d for d in dict.fromkeys(casts) if d != x_dtype and d.is_floating_point]
+    biases = [(None, "none")] + [(i, m) for i in range(n_bias) for m in ("selection", "score")]
+    for score_dtype in dtypes:
+        for score in ("softmax", "sigmoid", "none"):
+            for bias_index, mode in biases:
+                for group in [None] + groups:
+                    out.append(_Selection("score_then_topk", score, bias_index, mode, group, score_dtype))
+        for score in ("softmax", "sigmoid", "none"):
+            for bias_index, mode in biases:
+                out.append(_Selection("topk_then_score", score, bias_index, mode, None, score_dtype))
+    return out
+
+
+def _select_kwargs(sel: _Selection, k: int, sorted_: bool) -> dict[str, Any]:
+    g = sel.group or (1, 1, "top2_sum")
+    return dict(top_k=k, score_func=sel.score_func, order=sel.order, bias_mode=sel.bias_mode, n_group=g[0],
+                topk_group=g[1], group_score=g[2], score_dtype=sel.score_dtype, sorted=sorted_)
+
+
+def _same_ids(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, bool]:
+    """(same sets per token, same order)."""
+    if got.shape != want.shape:
+        return False, False
+    if torch.equal(got, want):
+        return True, True
+    return torch.equal(got.sort(-1).values, want.sort(-1).values), False
+
+
+def _proportional(a: torch.Tensor, b: torch.Tensor) -> bool:
+    denom = float((b * b).sum())
+    if denom == 0:
+        return False
+    c = float((a * b).sum()) / denom
+    return c != 0 and bool(torch.allclose(a, b * c, rtol=1e-4, atol=1e-6 * float(b.abs().max())))
+
+
+def _snap(value: float, candidates: list[tuple[float, fx.Node | None]]) -> tuple[float, fx.Node | None] | None:
+    for c, node in candidates:
+        if c != 0 and abs(value - c) <= 1e-5 * abs(c):
+            return c, node
+    return None
+
+
+class _Synthesizer:
+    def __init__(self, analysis: RoutingAnalysis, values: list[dict], facts: GraphFacts) -> None:
+        self.a = analysis
+        self.values = values
+        self.facts = facts
+        self.e, self.k = analysis.num_experts, analysis.top_k
+        region = analysis.region
+        self.consts = _harvest(region)
+        runtime = [(float(scalar_value(n)), n) for n in dict.fromkeys(self.consts["runtime"])]
+        scales = self.consts["scale"]
+        self.scales = [(1.0, None)] + runtime + [(c, node) for c, node in scales] + [
+            (1.0 / c, None) for c, node in scales if c and node is None]
+        self.has_runtime = bool(runtime)
+        self.casts = [n.args[1] for n in region if n.op == "call_method" and n.target == "to" and len(n.args) == 2
+                      and isinstance(n.args[1], torch.dtype)] + [
+            n.kwargs["dtype"] for n in region if is_function(n, torch.softmax) and n.kwargs.get("dtype") is not None]
+        self.float_nodes = [n for n in region if tensor_meta(n) is not None and tensor_meta(n).is_floating_point()]
+        self.int_nodes = [n for n in region if tensor_meta(n) is not None and not tensor_meta(n).is_floating_point()]
+
+    def observed_ids(self, t: int) -> torch.Tensor:
+        vals = self.values[t]
+        ids = [vals[n] for n in self.a.anchor.ids]
+        if len(ids) == 1:
+            return ids[0]
+        return torch.stack([i.reshape(i.shape[:-1] if i.shape and i.shape[-1] == 1 and i.dim() > 1 else i.shape)
+                            for i in ids], dim=-1)
+
+    # -- per cut ---------------------------------------------------------------------------
+
+    def candidates_at(self, cut: fx.Node) -> list[RoutingCandidate]:
+        a = self.a
+        xs = [v[cut] for v in self.values]
+        sides = a.side_inputs
+        biases = [s for s in sides if static_int(math.prod(tensor_meta(s).shape)) == self.e]
+        obs = [self.observed_ids(t) for t in range(_TRIALS)]
+        groups = _group_candidates(a.region, self.e)
+        sels = _selections(xs[0].dtype, len(biases), groups, self.casts)
+        matched: list[tuple[_Selection, bool]] = []
+        for sel in sels:
+            ok_all, order_all = True, True
+            for t in range(_TRIALS):
+                bias = self.values[t][biases[sel.bias_index]] if sel.bias_index is not None else None
+                try:
+                    _, ids = reference.route_select(xs[t], bias.reshape(-1) if bias is not None else None,
+                                                    **_select_kwargs(sel, self.k, a.anchor.sorted))
+                except (RuntimeError, ValueError):
+                    ok_all = False
+                    break
+                same, ordered = _same_ids(ids.reshape(obs[t].shape), obs[t])
+                ok_all &= same
+                order_all &= ordered
+                if not ok_all:
+                    break
+            if ok_all:
+                matched.append((sel, order_all))
+        if a.anchor.kind == "rounds" and self.k == 2 and self.consts["threshold"]:
+            matched.append((_Selection("score_then_topk", "sparsemixer", None, "none", None, None), True))
+        out = []
+        for sel, ordered in matched:
+            out += self._weights_candidates(cut, sel, biases, ordered)
+        return out
+
+    def _weights_candidates(self, cut: fx.Node, sel: _Selection, biases: list[fx.Node], ordered: bool
+                            ) -> list[RoutingCandidate]:
+        """For a selection that reproduces the ids: every tail (renorm, eps, clamp, scale) that
+        some region node's value confirms, with the boundary it implies."""
+        if sel.score_func == "sparsemixer":
+            out = []
+            for thr, thr_node in dict.fromkeys(self.consts["threshold"]):
+                out += self._tails(cut, sel, biases, ordered, {"sparsemixer_threshold": (thr, thr_node)})
+            return out
+        return self._tails(cut, sel, biases, ordered, {})
+
+    def _tails(self, cut: fx.Node, sel: _Selection, biases: list[fx.Node], ordered: bool,
+               extra: dict[str, tuple[float, fx.Node | None]]) -> list[RoutingCandidate]:
+        a = self.a
+        kw = _select_kwargs(sel, self.k, a.anchor.sorted)
+        kw.update({name: v for name, (v, _) in extra.items()})
+        w0s, idss = [], []
+        for t in range(_TRIALS):
+            bias = self.values[t][biases[sel.bias_index]].reshape(-1) if sel.bias_index is not None else None
+            try:
+                w0, ids = reference.route_select(self.values[t][cut], bias, **kw)
+            except (RuntimeError, ValueError):
+                return []
+            w0s.append(w0)
+            idss.append(ids)
+        eps_c = list(dict.fromkeys(self.consts["eps"]))
+        clamp_c = list(dict.fromkeys(self.consts["clamp"]))
+        tails = []
+        renorms = [("none", 1.0)]
+        if self.k > 1:
+            renorms += [("sum", 1.0)] + [("lp", p) for p in dict.fromkeys([1.0, 2.0, *(
+                v for v, _ in self.consts["p"])])]
+        no_eps, no_clamp = (0.0, None), (None, None)
+        for renorm, p in renorms:
+            for eps, clamp in ([(no_eps, no_clamp)] if renorm == "none" else
+                               [(ep, cl) for ep in eps_c or [no_eps] for cl in clamp_c or [no_clamp]]
+                               + [(no_eps, no_clamp)]):
+                tails.append((renorm, p, eps, clamp))
+        found: list[RoutingCandidate] = []
+        seen_specs: set = set()
+        for renorm, p, (eps, eps_node), (clamp, clamp_node) in tails:
+            bases = [reference.route_finish(w0, renorm=renorm, renorm_eps=eps, renorm_clamp_min=clamp, renorm_p=p,
+                                            scaling_factor=1.0, weights_dtype=w0.dtype) for w0 in w0s]
+            for node in reversed(self.float_nodes):
+                scale = self._fit_scale(node, bases, idss)
+                if scale is None:
+                    continue
+                factor, scale_node = scale
+                runtime = {name: node for name, node in (("scaling_factor", scale_node), ("renorm_eps", eps_node),
+                                                         ("renorm_clamp_min", clamp_node)) if node is not None}
+                runtime.update({name: node for name, (_, node) in extra.items() if node is not None})
+                bias = biases[sel.bias_index] if sel.bias_index is not None else None
+                g = sel.group or (1, 1, "top2_sum")
+                try:
+                    spec = GatingSpec(
+                        family=family_of(sel.order, sel.score_func), num_experts=self.e, top_k=self.k,
+                        score_func=sel.score_func, order=sel.order, score_dtype=sel.score_dtype,
+                        bias_mode=sel.bias_mode, n_group=g[0], topk_group=g[1], group_score=g[2], renorm=renorm,
+                        renorm_eps=eps, renorm_clamp_min=clamp, renorm_p=p, scaling_factor=factor,
+                        weights_dtype=dtype_of(node), sorted=a.anchor.sorted,
+                        sparsemixer_threshold=kw.get("sparsemixer_threshold", 0.0),
+                        prelude=_prelude(a.router, cut, a.region))
+                except ValueError:
+                    continue
+                key = (spec, cut, bias)
+                if key in seen_specs:
+                    continue
+                seen_specs.add(key)
+                boundary = self._boundary(spec, cut, bias, ordered)
+                if boundary is None:
+                    continue
+                depth = max(self.facts.position[n] for n, r in boundary.items() if r.kind != "ids")
+                found.append(RoutingCandidate(spec, cut, bias, runtime, boundary, depth))
+        return found
+
+    def _fit_scale(self, node: fx.Node, bases: list[torch.Tensor], idss: list[torch.Tensor]
+                   ) -> tuple[float, fx.Node | None] | None:
+        """The constant c with ``node == c * base`` (as a reshape, a column, or dense) on every
+        trial, snapped to a constant or runtime scalar of the region."""
+        fits = []
+        column = None
+        for t in range(_TRIALS):
+            v = self.values[t][node].detach()
+            b = bases[t]
+            if v.numel() == b.numel():
+                target, ref = v.reshape(b.shape).double(), b.double()
+            elif v.numel() == (b.numel() // self.k) * self.e and v.numel() != b.numel():
+                dense = v.reshape(-1, self.e).double()
+                target = dense.gather(1, idss[t].reshape(-1, self.k))
+                ref = b.reshape(-1, self.k).double()
+            elif self.k > 1 and v.numel() == b.numel() // self.k:   # one column per round
+                cols = b.reshape(-1, self.k).double()
+                target = v.reshape(-1).double()
+                if column is None:
+                    column = next((j for j in range(self.k) if _proportional(target, cols[:, j])), None)
+                    if column is None:
+                        return None
+                ref = cols[:, column]
+            else:
+                return None
+            denom = float((ref * ref).sum())
+            if denom == 0 or not math.isfinite(denom):
+                return None
+            fits.append(float((target * ref).sum()) / denom)
+        c = sum(fits) / len(fits)
+        if not math.isfinite(c) or c == 0 or any(abs(f - c) > 1e-4 * abs(c) for f in fits):
+            return None
+        snapped = _snap(c, self.scales)
+        if snapped is None:
+            if self.has_runtime:
+                return None  # the scale may depend on a runtime scalar the probe cannot account for
+            snapped = (float(torch.tensor(c, dtype=torch.float32)), None)
+        return snapped
+
+    def _boundary(self, spec: GatingSpec, cut: fx.Node, bias: fx.Node | None, ordered: bool
+                  ) -> dict[fx.Node, Relation] | None:
+        """Every region node whose value the spec's routing determines; None unless some node
+        holds the weights and the ids really are the spec's on every trial."""
+        relations: dict[fx.Node, Relation] | None = None
+        kw = spec.route_kwargs()
+        for t in range(_TRIALS):
+            b = self.values[t][bias].reshape(-1) if bias is not None else None
+            w, ids = reference.route_reference(self.values[t][cut], b, **kw)
+            found = {}
+            for n in self.a.region:
+                if n is cut or n in self.a.side_inputs or self.facts.position[n] < self.facts.position[cut]:
+                    continue
+                v = self.values[t].get(n)
+                if not isinstance(v, torch.Tensor):
+                    continue
+                r = _match_relation(v, w, ids, self.e, set())
+                if r is not None:
+                    found[n] = r
+            if relations is None:
+                relations = found
+            else:
+                relations = {n: r for n, r in relations.items() if found.get(n) == r}
+        if not relations or not any(r.kind != "ids" for r in relations.values()):
+            return None
+        if not any(r.kind == "ids" for r in relations.values()) and not any(r.kind == "dense" for r in
+                                                                           relations.values()):
+            return None
+        return relations
+
+    # -- kept gating -----------------------------------------------------------------------
+
+    def kept_candidates(self, family: str) -> list[RoutingCandidate]:
+        """The gating as written: the ids of the anchor with any region node of the same size as
+        the weights (deepest first)."""
+        a = self.a
+        ids_node = a.anchor.ids[0] if len(a.anchor.ids) == 1 else None
+        if ids_node is None:
+            return []
+        n_slots = math.prod(concrete_shape(ids_node))
+        out = []
+        for node in reversed(self.float_nodes):
+            if math.prod(concrete_shape(node)) != n_slots or node is a.router:
+                continue
+            relations: dict[fx.Node, Relation] | None = None
+            for t in range(_TRIALS):
+                w = self.values[t][node].reshape(concrete_shape(ids_node))
+                ids = self.values[t][ids_node]
+                found = {}
+                for n in a.region:
+                    v = self.values[t].get(n)
+                    if isinstance(v, torch.Tensor):
+                        r = _match_relation(v, w, ids, self.e, set())
+                        if r is not None:
+                            found[n] = r
+                found.setdefault(ids_node, Relation("ids"))
+                relations = found if relations is None else {n: r for n, r in relations.items() if found.get(n) == r}
+            relations[ids_node] = Relation("ids")
+            relations[node] = Relation("weights")
+            spec = GatingSpec(family=family, num_experts=self.e, top_k=self.k, score_func="none",
+                              weights_dtype=dtype_of(node), sorted=a.anchor.sorted)
+            out.append(RoutingCandidate(spec, None, None, {}, relations, self.facts.position[node],
+                                        weights_node=node, ids_node=ids_node))
+        return out
+
+
+_SCORE_OPS = {"softmax": ("softmax", "Tensor.softmax"), "sigmoid": ("sigmoid", "Tensor.sigmoid")}
+
+
+def _fidelity(spec: GatingSpec, anchor: Anchor, region: list[fx.Node], cut: fx.Node) -> int:
+    """How closely a spec follows the ops the model wrote (equivalent readings exist: a softmax
+    renormalised over the top-k *is* a softmax over the k logits; the one the graph spells wins)."""
+    after = descendants([anchor.node])
+    before = ancestors([anchor.selection_input]) | {anchor.selection_input}
+    names = {n: target_name(n) for n in region if n in descendants([cut])}
+    score = 0
+    ops = _SCORE_OPS.get(spec.score_func)
+    if ops is not None:
+        where = before if spec.order == "score_then_topk" else after
+        score += 2 if any(name in ops and n in where for n, name in names.items()) else -2
+    elif spec.score_func == "none":
+        score += 1 if not any(name in _SCORE_OPS["softmax"] + _SCORE_OPS["sigmoid"] for name in names.values()) else -1
+    if spec.group_limited:
+        has_max = any(name in ("amax", "max", "Tensor.amax", "Tensor.max") for name in names.values())
+        score += (1 if has_max else -1) if spec.group_score == "max" else (-1 if has_max else 1)
+        # a group mask is a top-k over the G group scores
+        has_group_topk = any(is_function(n, torch.topk) and shape_of(n.args[0]) is not None and static_int(
+            shape_of(n.args[0])[-1]) == spec.n_group for n in names)
+        score += 1 if has_group_topk else -3
+    def over_k(n: fx.Node) -> bool:   # a reduction of a float [..., k] tensor: a renormaliser
+        src = n.args[0] if n.args else None
+        t = tensor_meta(src)
+        return t is not None and t.is_floating_point() and t.dim() > 0 and same_size(t.shape[-1], spec.top_k)
+
+    has_sum = any(name == "sum" and n in after and over_k(n) for n, name in names.items())
+    has_norm = any(name == "linalg_vector_norm" and over_k(n) for n, name in names.items())
+    score += {"sum": 1 if has_sum else -1, "lp": 1 if has_norm else -1}.get(spec.renorm, 0 if (has_sum or has_norm)
+                                                                           else 1)
+    return score
+
+
+def family_of(order: str, score_func: str) -> str:
+    """The family name of a spec (a table, not a parse)."""
+    if score_func == "sparsemixer":
+        return "sparsemixer"
+    if order == "topk_then_score":
+        return {"softmax": "topk_softmax", "sigmoid": "topk_sigmoid"}.get(score_func, "topk")
+    return {"softmax": "softmax_topk", "sigmoid": "sigmoid_topk"}.get(score_func, "topk")
+
+
+def _prelude(router: fx.Node, cut: fx.Node, region: list[fx.Node]) -> tuple[str, ...]:
+    """The ops the model applies between its router logits and the cut (kept in the graph)."""
+    if cut is router:
+        return ()
+    chain = (ancestors([cut]) | {cut}) - ancestors([router]) - {router}
+    return tuple(target_name(n) for n in region if n in chain and n.op != "placeholder")
+
+
+def _trial_values(analysis: RoutingAnalysis, region: Region, facts: GraphFacts, lookup_ids: fx.Node | None
+                  ) -> list[dict]:
+    gen = torch.Generator().manual_seed(0)
+    e = analysis.num_experts
+    logits = analysis.router
+    t = tensor_meta(logits)
+    shape = concrete_shape(logits)
+    skew = torch.zeros(shape[-1])
+    skew[: max(1, shape[-1] // 4)] = 3.0
+    out = []
+    for trial in range(_TRIALS):
+        base = torch.randn(shape, generator=gen)
+        if trial == 1:      # a few experts hot: most others empty
+            base = base * 0.5 + skew
+        elif trial == 2:    # peaked scores
+            base = base * 3.0
+        elif trial >= 3:    # one large logit per token on top of small ones: a group's best expert and
+            # its top-2 sum disagree on which group wins, selection rules that coincide on spread
+            # logits do not here
+            # (trial 3 cycles the spike through the experts so that every expert is chosen somewhere:
+            # a node equal to the routing only while some experts are never chosen is no boundary)
+            n_rows = math.prod(shape[:-1])
+            if trial == 3:
+                where = (torch.arange(n_rows) % shape[-1]).reshape(*shape[:-1], 1)
+            else:
+                where = torch.randint(0, shape[-1], (*shape[:-1], 1), generator=gen)
+            spikes = torch.zeros(shape).scatter(-1, where, 2.0 + trial * 0.5)
+            base = base * (0.3 + 0.2 * trial) + spikes
+        vals = {logits: base.to(device=t.device, dtype=t.dtype)}
+        for s in analysis.side_inputs:
+            st = tensor_meta(s)
+            vals[s] = (torch.randn(concrete_shape(s), generator=gen) * 0.5).to(device=st.device, dtype=st.dtype)
+        if lookup_ids is not None:
+            it = tensor_meta(lookup_ids)
+            ish = concrete_shape(lookup_ids)
+            k = ish[-1] if len(ish) > 1 else 1
+            n = math.prod(ish) // k
+            vals[lookup_ids] = random_routing(n, k, e, gen).reshape(ish).to(device=it.device, dtype=it.dtype)
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out.append(region.run(vals))
+    return out
+
+
+@eager
+def analyse_routing(graph: fx.Graph, facts: GraphFacts, anchor: Anchor) -> RoutingAnalysis | NoMatch:
+    """Router, routing region, recorded values and the ordered readings of the gating."""
+    lookup = anchor.kind == "lookup"
+    if lookup:
+        found = _router_for_lookup(anchor, facts)
+        if found is None:
+            return NoMatch("the looked-up expert ids meet no router scores", node=anchor.node, step="router")
+        router, router_input, e = found
+    else:
+        e = anchor.num_experts
+        found = router_of(anchor.selection_input, e, facts)
+        if found is None:
+            return NoMatch("the selection is not computed from a router (a GEMM of the hidden state with model "
+                           "weights of %s outputs)", (e,), node=anchor.node, step="router")
+        router, router_input = found
+    roots = [router] + ([anchor.ids[0]] if lookup else [])
+    region_nodes, sides = _routing_region(roots, e, facts, graph)
+    if not lookup and not all(i in region_nodes for i in anchor.ids):
+        return NoMatch("the selected ids also depend on tensors other than the router logits", node=anchor.node,
+                       step="routing", partial=True)
+    n_tokens = math.prod(shape_of(router)[:-1])
+    analysis = RoutingAnalysis(anchor, e, anchor.top_k, router, router_input, region_nodes, sides,
+                               n_tokens=n_tokens)
+    try:
+        region = Region(graph, [n for n in region_nodes if n not in roots], [*roots, *sides], facts)
+        values = _trial_values(analysis, region, facts, anchor.ids[0] if lookup else None)
+    except (ProbeError, RuntimeError, ValueError, IndexError) as err:
+        return NoMatch("the routing could not be run on random logits: %s", (err,), node=anchor.node, step="probe",
+                       partial=True)
+    synth = _Synthesizer(analysis, values, facts)
+    if not lookup:
+        spine = [n for n in [router, *region_nodes] if tensor_meta(n) is not None and tensor_meta(n).is_floating_point()
+                 and same_size(math.prod(shape_of(n)), math.prod(shape_of(anchor.selection_input)))
+                 and same_size(shape_of(n)[-1], e)
+                 and (n is anchor.selection_input or n in ancestors([anchor.selection_input]))]
+        for cut in facts.in_order(spine):
+            cands = synth.candidates_at(cut)
+            cands.sort(key=lambda c: (-c.depth, -_fidelity(c.spec, anchor, region_nodes, cut)))
+            analysis.candidates += cands
+    analysis.candidates += synth.kept_candidates("hash" if lookup else "kept")
+    if not analysis.candidates:
+        return NoMatch("no gating spec reproduces the routing and no tensor of the routing holds the weights",
+                       node=anchor.node, step="gating", partial=True)
+    return analysis
+
+
+@eager
+def check_route_op(graph: fx.Graph, facts: GraphFacts, analysis: RoutingAnalysis, cand: RoutingCandidate,
+                   *, gradients: bool = True) -> NoMatch | None:
+    """The real ``grouter.route`` op (not its reference) against the model's gating, on two
+    trials: every boundary value, and the gradient of the weights with respect to the cut (and
+    a bias the weights read). The synthesis compared the *reference*; this proves the op."""
+    if cand.cut is None:
+        return None
+    weights_nodes = [n for n, r in cand.boundary.items() if r.kind != "ids"]
+    region_nodes = (ancestors(list(cand.boundary)) | set(cand.boundary)) & descendants([cand.cut])
+    inputs = [cand.cut] + ([cand.bias] if cand.bias is not None else []) + [
+        s for s in analysis.side_inputs if s is not cand.bias]
+    try:
+        region = Region(graph, region_nodes, inputs, facts)
+    except ProbeError as err:
+        return NoMatch("the gating between the cut and the routing cannot be run on its own: %s", (err,),
+                       node=cand.cut, step="gating probe", partial=True)
+    gen = torch.Generator().manual_seed(17)
+    kw = {**cand.spec.route_kwargs(), **{k: scalar_value(v) for k, v in cand.runtime_scalars.items()}}
+    chain_nodes = (ancestors([cand.cut]) | {cand.cut}) & descendants([analysis.router])
+    try:
+        chain = Region(graph, chain_nodes, [analysis.router, *analysis.side_inputs], facts) if chain_nodes else None
+    except ProbeError as err:
+        return NoMatch("the gating up to the cut cannot be run on its own: %s", (err,), node=cand.cut,
+                       step="gating probe", partial=True)
+    lt = tensor_meta(analysis.router)
+    for trial in range(2):
+        vals = {analysis.router: (torch.randn(concrete_shape(analysis.router), generator=gen) * (1.0 + 2 * trial)).to(
+            device=lt.device, dtype=lt.dtype)}
+        for sd in analysis.side_inputs:
+            st = tensor_meta(sd)
+            vals[sd] = (torch.randn(concrete_shape(sd), generator=gen) * 0.5).to(device=st.device, dtype=st.dtype)
+        if chain is not None:
+            with torch.no_grad(), torch.random.fork_rng(devices=[]):
+                vals[cand.cut] = chain.run(vals)[cand.cut]
+        vals = {n: vals[n] for n in inputs}
+        with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            leaves = {n: v.detach().clone().requires_grad_(v.is_floating_point() and gradients)
+                      for n, v in vals.items()}
+            got = region.run(leaves)
+            bias = leaves.get(cand.bias)
+            w, ids = torch.ops.grouter.route(leaves[cand.cut], bias.reshape(-1) if bias is not None else None, **kw)
+            targets = [leaves[cand.cut]] + ([bias] if bias is not None and cand.spec.bias_mode == "score" else [])
+            cot_total_model, cot_total_op = 0, 0
+            for node, rel in cand.boundary.items():
+                have = rel.value(w, ids, analysis.num_experts, node)
+                want = got[node]
+                if rel.kind == "ids":
+                    if not torch.equal(have, want) and rel.exact_order:
+                        return NoMatch("gating probe: grouter.route selects other experts than %s", (node.name,),
+                                       node=node, step="gating probe", partial=True)
+                    continue
+                c = compare(have, want.to(have.dtype) if have.dtype != want.dtype else want)
+                if not c.ok:
+                    return NoMatch("gating probe: classified as [%s] but grouter.route's weights differ from %s (%s)",
+                                   (cand.spec.describe(), node.name, c), node=node, step="gating probe", partial=True)
+                if gradients and node in weights_nodes and want.requires_grad and have.requires_grad:
+                    cot = torch.randn(want.shape, generator=gen).to(want.dtype)
+                    cot_total_model = cot_total_model + (want * cot).sum()
+                    cot_total_op = cot_total_op + (have * cot.to(have.dtype)).sum()
+            if gradients and isinstance(cot_total_model, torch.Tensor):
+                g_model = torch.autograd.grad(cot_total_model, targets, allow_unused=True)
+                g_op = torch.autograd.grad(cot_total_op, targets, allow_unused=True)
+                for a, b in zip(g_op, g_model):
+                    if a is None and b is None:
+                        continue
+                    a = torch.zeros_like(b) if a is None else a
+                    b = torch.zeros_like(a) if b is None else b
+                    c = compare(a, b)
+                    if not c.ok:
+                        return NoMatch("gating probe: the gradient of grouter.route [%s] differs from the model's (%s)",
+                                       (cand.spec.describe(), c), node=cand.cut, step="gating probe", partial=True)
+    return None
+
+
+def _router_for_lookup(anchor: Anchor, facts: GraphFacts) -> tuple[fx.Node, fx.Node, int] | None:
+    ids = anchor.ids[0]
+    for n in facts.in_order(descendants([ids], limit=200)):
+        if is_function(n, torch.gather) and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            s = shape_of(src)
+            e = static_int(s[-1]) if s else None
+            if e is None:
+                continue
+            found = router_of(src, e, facts)
+            if found is not None:
+                return found[0], found[1], e
+    return None
+
+
+def trial_count() -> int:
+    return _TRIALS
+
+
+__all__ = ["Relation", "RoutingAnalysis", "RoutingCandidate", "analyse_routing", "check_route_op", "family_of",
+           "router_of",
+           "trial_count"]
+
