@@ -9,6 +9,7 @@ contract).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,3 +70,16 @@ def compare(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float | None 
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     ok = bool(torch.all(diff <= atol * scale + rtol * e.abs()))
     return Comparison(ok, max_abs, max_rel)
+
+
+def compare_max(actual: torch.Tensor, expected: torch.Tensor, *, precision: torch.dtype | None = None,
+                scale: float | None = None) -> Comparison:
+    """Agreement in the max norm: ``max|a - e| <= rtol * max|e|`` with the relative tolerance of
+    ``precision`` (default: the reference's dtype). The criterion of the parity tests, used where
+    the same quantity is computed in two summation orders (an element near zero carries the
+    absolute error of the large ones, so an elementwise test would be meaningless there)."""
+    c = compare(actual, expected, scale=scale)
+    if not math.isfinite(c.max_rel) and c.detail:
+        return c
+    rtol = default_tolerance(precision or expected.dtype)[0]
+    return Comparison(c.max_rel <= rtol, c.max_abs, c.max_rel, c.detail)

@@ -94,8 +94,9 @@ class ExplainReport:
         rows = []
         for s in self.sites:
             g = s.gating
+            where = f" ({s.step} at node {s.node})" if s.step and s.node else (f" ({s.step})" if s.step else "")
             became = " + ".join(op.removeprefix("grouter.") for op in s.new_ops) if s.rewritten else \
-                f"unchanged: {s.reason}"
+                f"unchanged{where}: {s.reason}"
             routing = ("learned (exact)" if self.mode == "exact" else self.mode) if s.rewritten else "-"
             rows.append((s.module_path, s.family if g else "-", str(g.num_experts) if g else "-",
                          str(g.top_k) if g else "-", g.describe() if g else "-",

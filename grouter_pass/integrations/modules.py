@@ -408,7 +408,7 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
     (per-expert token counts, say) is put back afterwards, so probing leaves no trace."""
     saved = {name: b.detach().clone() for name, b in cand.block.named_buffers()}
     try:
-        return _rewrite_loop_block(cand, tokens=tokens, reuse=reuse)
+        return _rewrite_loop_block(cand, tokens=tokens, reuse=reuse, saved=saved)
     finally:
         with torch.no_grad():
             for name, b in cand.block.named_buffers():
@@ -416,7 +416,8 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
                     b.copy_(saved[name])
 
 
-def _rewrite_loop_block(cand: _Candidate, *, tokens: int, reuse: _Analysis | None) -> LoopBlockRewrite:
+def _rewrite_loop_block(cand: _Candidate, *, tokens: int, reuse: _Analysis | None,
+                        saved: dict[str, torch.Tensor]) -> LoopBlockRewrite:
     block = cand.block
     inputs = _probe_inputs(cand, tokens)
     if reuse is None:
@@ -438,6 +439,11 @@ def _rewrite_loop_block(cand: _Candidate, *, tokens: int, reuse: _Analysis | Non
     was_training = block.training
     try:
         refs = {mode: [_run(block.train(mode), x, True) for x in inputs] for mode in (True, False)}
+        updated = [name for name, b in block.named_buffers() if name in saved and not torch.equal(b, saved[name])]
+        if updated:   # a forward written in the grouter ops would lose the update
+            report.reason = (f"the block updates its buffers {updated} in its forward (statistics such as "
+                             "tokens per expert); a rewritten forward would not, so it is left unchanged")
+            return report
         if not _same(refs[True][0], _run(block.train(True), inputs[0], True)):
             report.reason = "the block's output is random in training mode (router jitter, dropout...)"
             return report

@@ -558,7 +558,8 @@ class FuzzMoE(nn.Module):
             order = torch.argsort(flat, stable=True)
             tok = order // k
             xs = x[tok]
-            counts = torch.bincount(flat, minlength=e) if d == "sorted_op" else torch.histc(
+            # (bincount(minlength) has a data-dependent size and breaks the graph: the module path's case)
+            counts = F.one_hot(flat, e).sum(dim=0) if d == "sorted_op" else torch.histc(
                 flat.float(), bins=e, min=0, max=e - 1)
             w_in, w_out, _, _ = self._expert_weights()
             if d == "sorted_op":
@@ -837,6 +838,44 @@ def _tolerance(recipe: MoERecipe) -> float:
     return 1e-5 if recipe.compute_dtype == torch.float32 else 2e-2
 
 
+class _Float64Everywhere(torch.overrides.TorchFunctionMode):
+    """Casts to fp32 (``.float()``, ``.to(torch.float32)``, ``dtype=torch.float32``) become casts to
+    fp64, so a model with fp32 casts in it runs entirely in fp64."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name == "float" and args and isinstance(args[0], torch.Tensor):
+            return args[0].double()
+        args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+        kwargs = {k: torch.float64 if v is torch.float32 else v for k, v in kwargs.items()}
+        return func(*args, **kwargs)
+
+
+def _as_accurate_as_eager(model: nn.Module, inputs: dict, got: tuple, ref: tuple, seed: int, tol: float) -> bool:
+    """When the rewritten model and eager differ by more than ``tol`` (a gradient through an
+    ill-conditioned chain, where two summation orders part by more than fp32's epsilon), measure
+    both against an fp64 run of the same step: the rewrite passes when no output or gradient of
+    it is further from fp64 than twice eager's own error (or than ``tol``)."""
+    from grouter_pass.testing.parity import run_step
+
+    exact = copy.deepcopy(model).double()
+    with _Float64Everywhere():
+        ref64 = run_step(exact, exact, inputs, lambda o: o, True, seed)
+    pairs = [(got[0], ref[0], ref64[0])] + [(got[2][n], ref[2][n], ref64[2][n]) for n in ref[2]]
+    for ours, eager, truth in pairs:
+        if truth is None or ours is None or eager is None:
+            if (ours is None) != (eager is None):
+                return False
+            continue
+        scale = truth.abs().max().item() or 1.0
+        err_ours = (ours.double() - truth).abs().max().item() / scale
+        err_eager = (eager.double() - truth).abs().max().item() / scale
+        if err_ours > max(tol, 2 * err_eager):
+            return False
+    return True
+
+
 def check_recipe(seed: int, *, dynamic: bool | None = None, layers: int = 2) -> FuzzResult:
     """Build the layer of ``seed``, compile it with the grouter pass and check it: every layer
     rewritten, forward and every gradient within tolerance of eager, for two token counts."""
@@ -858,7 +897,8 @@ def check_recipe(seed: int, *, dynamic: bool | None = None, layers: int = 2) -> 
                 ref = run_step(model, model, {"input_ids": ids}, default_output, True, seed + i)
                 got = run_step(compiled, candidate, {"input_ids": ids}, default_output, True, seed + i)
                 result = compare_steps(got, ref, None, None)
-                if result.missing_grads or result.max_rel() > _tolerance(recipe):
+                if result.missing_grads or (result.max_rel() > _tolerance(recipe) and not _as_accurate_as_eager(
+                        model, {"input_ids": ids}, got, ref, seed + i, _tolerance(recipe))):
                     return FuzzResult(seed, "moe", False, f"parity at {(b, t)}: {result.summary()}",
                                       recipe.describe(), time.perf_counter() - t0)
                 for (name, want), have in zip(model.named_buffers(), candidate.buffers()):

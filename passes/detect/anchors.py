@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from grouter_pass.passes.dataflow import GraphFacts, getitem_of, is_state_input
-from grouter_pass.passes.graph_utils import descendants, dtype_of, is_function, shape_of, static_int
+from grouter_pass.passes.graph_utils import dtype_of, is_function, shape_of, static_int
 
 
 @dataclass
@@ -151,19 +151,28 @@ def _round_anchors(graph: fx.Graph, facts: GraphFacts, claimed: set[fx.Node]) ->
     return out
 
 
-def _closure(roots: list[fx.Node], facts: GraphFacts, limit: int = 400) -> set[fx.Node]:
-    """Nodes computed from ``roots`` alone (and fresh tensors and scalars)."""
+def _closure(roots: list[fx.Node], facts: GraphFacts, limit: int = 2000) -> set[fx.Node]:
+    """Nodes computed from ``roots`` alone (and fresh tensors and scalars), grown forward from
+    the roots through users whose every tensor input is already inside."""
+    import heapq
+
     from grouter_pass.passes.dataflow import data_inputs
 
     inside = set(roots)
-    start = min(facts.position[r] for r in roots)
-    for n in facts.in_order(descendants(roots, limit=limit)):
-        if facts.position[n] <= start:
+    heap = [(facts.position[u], id(u), u) for r in roots for u in r.users]
+    heapq.heapify(heap)
+    seen: set[fx.Node] = set()
+    while heap and len(inside) < limit:
+        _, _, n = heapq.heappop(heap)
+        if n in seen or n in inside:
             continue
-        inputs = data_inputs(n)
-        if all(a in inside or a in facts.fresh for a in inputs) and any(
-                a in inside for a in n.all_input_nodes):
+        seen.add(n)
+        if n.op not in ("call_function", "call_method"):
+            continue
+        if all(a in inside or a in facts.fresh for a in data_inputs(n)) and any(a in inside for a in n.all_input_nodes):
             inside.add(n)
+            for u in n.users:
+                heapq.heappush(heap, (facts.position[u], id(u), u))
     return inside
 
 

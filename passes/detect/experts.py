@@ -40,7 +40,7 @@ import torch
 import torch.fx as fx
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
-from grouter_pass.numerics import compare, default_tolerance
+from grouter_pass.numerics import compare_max, default_tolerance
 from grouter_pass.ops import reference
 from grouter_pass.passes.dataflow import GraphFacts, data_inputs, scalar_value
 from grouter_pass.passes.detect.routing import Relation, RoutingAnalysis, RoutingCandidate
@@ -418,6 +418,7 @@ class _Probe:
         self.x_root, self.base, self.weights, self.output = x_root, base, weights, output
         self.e, self.k, self.n = e_route, k, n_tokens
         self.w_dtype = w_dtype
+        self.constant_weights: float | None = None
         self.dev = tensor_meta(x_root).device
 
     def make(self, seed: int, ids: torch.Tensor | None = None, w: torch.Tensor | None = None,
@@ -427,6 +428,8 @@ class _Probe:
             ids = random_routing(self.n, self.k, self.e, gen, skewed=seed % 2 == 1)
         if w is None:
             w = torch.rand(self.n, self.k, generator=gen) + 0.1
+            if self.constant_weights is not None:   # the only weights the routing can give
+                w = torch.full((self.n, self.k), self.constant_weights)
         inputs = {"ids": ids.to(self.dev), "w": w.to(device=self.dev, dtype=self.w_dtype)}
         xt = tensor_meta(self.x_root)
         inputs["x"] = torch.randn(concrete_shape(self.x_root), generator=gen).to(device=self.dev, dtype=xt.dtype)
@@ -470,8 +473,8 @@ class _Probe:
         return out
 
 
-def _assemble(parts: list[WeightRef], values: dict[fx.Node, torch.Tensor], index: dict[fx.Node, int],
-              params: list[torch.Tensor], cat_dim_out: bool) -> torch.Tensor:
+def _assemble(parts: list[WeightRef], index: dict[fx.Node, int], params: list[torch.Tensor], cat_dim_out: bool
+              ) -> torch.Tensor:
     """The op's tensor for ``parts`` (stacked per-expert, gate and up concatenated)."""
     tensors = []
     for ref in parts:
@@ -618,16 +621,15 @@ def _bias_roles(biases: list[WeightRef], ups: tuple, gated: str, width: int, ffn
     return out
 
 
-def _op_reference(reading: _Reading, parts: dict, values: dict, inputs: dict, probe: _Probe, x_op: torch.Tensor,
+def _op_reference(reading: _Reading, parts: dict, inputs: dict, probe: _Probe, x_op: torch.Tensor,
                   e_ffn: int, capacity: _Capacity | None, hidden: int, out_like: fx.Node) -> torch.Tensor:
     """What the rewrite will compute, with the real ``grouter`` ops (autograd included)."""
     index = {n: i for i, n in enumerate(probe.weights)}
     params = inputs["params"]
-    w_up = _assemble(parts["up"], values, index, params, cat_dim_out=reading.up_t[0])
-    w_down = _assemble([parts["down"]], values, index, params, False)
-    b_up = _assemble(parts["up_bias"], values, index, params, False) if parts["up_bias"] else None
-    b_down = _assemble([parts["down_bias"]], values, index, params, False) if parts["down_bias"] is not None \
-        else None
+    w_up = _assemble(parts["up"], index, params, cat_dim_out=reading.up_t[0])
+    w_down = _assemble([parts["down"]], index, params, False)
+    b_up = _assemble(parts["up_bias"], index, params, False) if parts["up_bias"] else None
+    b_down = _assemble([parts["down_bias"]], index, params, False) if parts["down_bias"] is not None else None
     ids, w = inputs["ids"], inputs["w"]
     n = ids.shape[0]
     x_flat = x_op.reshape(n, hidden)
@@ -654,7 +656,7 @@ def _op_reference(reading: _Reading, parts: dict, values: dict, inputs: dict, pr
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and compare(a, b.to(a.dtype)).ok
+    return a.shape == b.shape and compare_max(a, b.to(a.dtype)).ok
 
 
 @eager
@@ -734,6 +736,7 @@ def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, 
             result = NoMatch("the expert region cannot be run on its own: %s", (err,), node=out, step="probe",
                              partial=True)
             continue
+        probe.constant_weights = cand.constant_weights
         result = _search(probe, facts, routing, cand, mats, biases, e_ffn, hidden, out, x_root, x_op_node, base,
                          region_nodes, weights, check_gradients)
         if isinstance(result, ExpertsMatch):
@@ -809,7 +812,7 @@ def _search(probe: _Probe, facts: GraphFacts, routing: RoutingAnalysis, cand: Ro
         for t, got in zip(trials, outs):
             try:
                 with torch.no_grad():
-                    ref = _op_reference(reading, parts, {}, t, probe, x_value(t), e_ffn, capacity, hidden, out)
+                    ref = _op_reference(reading, parts, t, probe, x_value(t), e_ffn, capacity, hidden, out)
             except (RuntimeError, ValueError, IndexError) as err:
                 last_err = err
                 ok = False
@@ -855,7 +858,7 @@ def _gradient_mismatch(probe: _Probe, reading: _Reading, parts: dict, trial: dic
         targets.append(leaves["base"])
     want = torch.autograd.grad((got * cot).sum(), targets, allow_unused=True)
     leaves2 = probe._leaves(trial, True)
-    ref = _op_reference(reading, parts, {}, leaves2, probe, x_value(leaves2), e_ffn, capacity, hidden, out)
+    ref = _op_reference(reading, parts, leaves2, probe, x_value(leaves2), e_ffn, capacity, hidden, out)
     targets2 = [leaves2["x"], leaves2["w"], *[p for p in leaves2["params"] if p.requires_grad]]
     if "base" in leaves2:
         targets2.append(leaves2["base"])
@@ -871,8 +874,7 @@ def _gradient_mismatch(probe: _Probe, reading: _Reading, parts: dict, trial: dic
         a = torch.zeros_like(b) if a is None else a
         b = torch.zeros_like(a) if b is None else b
         scale = largest if b.abs().max().item() < 1e-4 * largest else None
-        rtol, atol = default_tolerance(precision)
-        c = compare(a, b, scale=scale, rtol=rtol, atol=atol)
+        c = compare_max(a, b, precision=precision, scale=scale)
         if not c.ok:
             return f"gradient of {name} differs ({c})"
     return None

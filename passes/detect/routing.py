@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from grouter_pass.numerics import compare
+from grouter_pass.numerics import compare_max
 from grouter_pass.ops import reference
 from grouter_pass.passes.dataflow import GraphFacts, data_inputs, has_data_dependent_shape, scalar_value
 from grouter_pass.passes.detect.anchors import Anchor
@@ -90,8 +90,7 @@ class Relation:
         return src.reshape(shape).to(dtype)
 
 
-def _match_relation(value: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, e: int, is_ids_anchor: set
-                    ) -> Relation | None:
+def _match_relation(value: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, e: int) -> Relation | None:
     """The relation ``value`` has to the routing ``(w, ids)`` (reference values), if any."""
     n_slots, k = ids.numel(), ids.shape[-1]
     if not value.is_floating_point():
@@ -117,7 +116,8 @@ def _match_relation(value: torch.Tensor, w: torch.Tensor, ids: torch.Tensor, e: 
         for j in range(k):
             if _close(value.reshape(-1), w[..., j].reshape(-1)):
                 return Relation("weights", j)
-    if value.numel() == (n_slots // k) * e:
+    if value.numel() == (n_slots // k) * e and w.numel() and bool((w != w.reshape(-1)[0]).any()):
+        # (with constant weights the dense form is only the one-hot mask of the ids: no relation)
         dense = torch.zeros(n_slots // k, e, dtype=w.dtype, device=w.device).scatter(
             1, ids.reshape(-1, k), w.reshape(-1, k))
         if _close(value.reshape(dense.shape), dense):
@@ -129,7 +129,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> bool:
     """Same numbers at the precision of ``actual``."""
     if actual.shape != expected.shape:
         return False
-    return compare(actual, expected.to(actual.dtype)).ok
+    return compare_max(actual, expected.to(actual.dtype)).ok
 
 
 # ------------------------------------------------------------------------------------------------
@@ -194,6 +194,8 @@ class RoutingCandidate:
     #: kept gating: the nodes the experts op reads (weights [..., k], ids [..., k])
     weights_node: fx.Node | None = None
     ids_node: fx.Node | None = None
+    #: the routing weights' only value, when they are constant (top-1 with a softmax over k)
+    constant_weights: float | None = None
 
     @property
     def kept(self) -> bool:
@@ -352,13 +354,11 @@ def _select_kwargs(sel: _Selection, k: int, sorted_: bool) -> dict[str, Any]:
                 topk_group=g[1], group_score=g[2], score_dtype=sel.score_dtype, sorted=sorted_)
 
 
-def _same_ids(got: torch.Tensor, want: torch.Tensor) -> tuple[bool, bool]:
-    """(same sets per token, same order)."""
+def _same_ids(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """The same experts for every token (in any order)."""
     if got.shape != want.shape:
-        return False, False
-    if torch.equal(got, want):
-        return True, True
-    return torch.equal(got.sort(-1).values, want.sort(-1).values), False
+        return False
+    return torch.equal(got, want) or torch.equal(got.sort(-1).values, want.sort(-1).values)
 
 
 def _proportional(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -393,7 +393,26 @@ class _Synthesizer:
                       and isinstance(n.args[1], torch.dtype)] + [
             n.kwargs["dtype"] for n in region if is_function(n, torch.softmax) and n.kwargs.get("dtype") is not None]
         self.float_nodes = [n for n in region if tensor_meta(n) is not None and tensor_meta(n).is_floating_point()]
-        self.int_nodes = [n for n in region if tensor_meta(n) is not None and not tensor_meta(n).is_floating_point()]
+        # nodes that can hold the weights: [..., k] (or a reshape), a column per round, dense [..., E]
+        n_tok = int(math.prod(concrete_shape(analysis.router)[:-1]))
+        sizes = {n_tok * self.k, n_tok * self.e} | ({n_tok} if self.k > 1 else set())
+        self.weight_like = [n for n in self.float_nodes if math.prod(concrete_shape(n)) in sizes]
+        self.relation_nodes = [n for n in region if tensor_meta(n) is not None and tensor_meta(n).dtype != torch.bool
+                               and math.prod(concrete_shape(n)) in sizes]
+        self._boundary_cache: dict[tuple, dict | None] = {}
+        # what the selection itself reads is no output of the routing (a group's best score equals
+        # the top-1 weight, yet it is part of choosing); what an earlier round's ids feed into the
+        # next round (its one-hot mask) is, since the ids determine it
+        self.selecting = self._selecting(analysis) if analysis.anchor.kind != "lookup" else set()
+
+    def _selecting(self, analysis: RoutingAnalysis) -> set[fx.Node]:
+        upstream = ancestors(analysis.anchor.ids)
+        ids = set(analysis.anchor.ids)
+        after_ids: set[fx.Node] = set()
+        for n in sorted(upstream, key=self.facts.position.__getitem__):
+            if any(i in ids or i in after_ids for i in n.all_input_nodes):
+                after_ids.add(n)
+        return upstream - after_ids - ids
 
     def observed_ids(self, t: int) -> torch.Tensor:
         vals = self.values[t]
@@ -413,9 +432,9 @@ class _Synthesizer:
         obs = [self.observed_ids(t) for t in range(_TRIALS)]
         groups = _group_candidates(a.region, self.e)
         sels = _selections(xs[0].dtype, len(biases), groups, self.casts)
-        matched: list[tuple[_Selection, bool]] = []
+        matched: list[_Selection] = []
         for sel in sels:
-            ok_all, order_all = True, True
+            ok_all = True
             for t in range(_TRIALS):
                 bias = self.values[t][biases[sel.bias_index]] if sel.bias_index is not None else None
                 try:
@@ -424,32 +443,30 @@ class _Synthesizer:
                 except (RuntimeError, ValueError):
                     ok_all = False
                     break
-                same, ordered = _same_ids(ids.reshape(obs[t].shape), obs[t])
-                ok_all &= same
-                order_all &= ordered
-                if not ok_all:
+                if not _same_ids(ids.reshape(obs[t].shape), obs[t]):
+                    ok_all = False
                     break
             if ok_all:
-                matched.append((sel, order_all))
+                matched.append(sel)
         if a.anchor.kind == "rounds" and self.k == 2 and self.consts["threshold"]:
-            matched.append((_Selection("score_then_topk", "sparsemixer", None, "none", None, None), True))
+            matched.append(_Selection("score_then_topk", "sparsemixer", None, "none", None, None))
         out = []
-        for sel, ordered in matched:
-            out += self._weights_candidates(cut, sel, biases, ordered)
+        for sel in matched:
+            out += self._weights_candidates(cut, sel, biases)
         return out
 
-    def _weights_candidates(self, cut: fx.Node, sel: _Selection, biases: list[fx.Node], ordered: bool
+    def _weights_candidates(self, cut: fx.Node, sel: _Selection, biases: list[fx.Node]
                             ) -> list[RoutingCandidate]:
         """For a selection that reproduces the ids: every tail (renorm, eps, clamp, scale) that
         some region node's value confirms, with the boundary it implies."""
         if sel.score_func == "sparsemixer":
             out = []
             for thr, thr_node in dict.fromkeys(self.consts["threshold"]):
-                out += self._tails(cut, sel, biases, ordered, {"sparsemixer_threshold": (thr, thr_node)})
+                out += self._tails(cut, sel, biases, {"sparsemixer_threshold": (thr, thr_node)})
             return out
-        return self._tails(cut, sel, biases, ordered, {})
+        return self._tails(cut, sel, biases, {})
 
-    def _tails(self, cut: fx.Node, sel: _Selection, biases: list[fx.Node], ordered: bool,
+    def _tails(self, cut: fx.Node, sel: _Selection, biases: list[fx.Node],
                extra: dict[str, tuple[float, fx.Node | None]]) -> list[RoutingCandidate]:
         a = self.a
         kw = _select_kwargs(sel, self.k, a.anchor.sorted)
@@ -478,10 +495,11 @@ class _Synthesizer:
                 tails.append((renorm, p, eps, clamp))
         found: list[RoutingCandidate] = []
         seen_specs: set = set()
+        prelude = _prelude(a.router, cut, a.region)
         for renorm, p, (eps, eps_node), (clamp, clamp_node) in tails:
             bases = [reference.route_finish(w0, renorm=renorm, renorm_eps=eps, renorm_clamp_min=clamp, renorm_p=p,
                                             scaling_factor=1.0, weights_dtype=w0.dtype) for w0 in w0s]
-            for node in reversed(self.float_nodes):
+            for node in reversed(self.weight_like):
                 scale = self._fit_scale(node, bases, idss)
                 if scale is None:
                     continue
@@ -499,19 +517,34 @@ class _Synthesizer:
                         renorm_eps=eps, renorm_clamp_min=clamp, renorm_p=p, scaling_factor=factor,
                         weights_dtype=dtype_of(node), sorted=a.anchor.sorted,
                         sparsemixer_threshold=kw.get("sparsemixer_threshold", 0.0),
-                        prelude=_prelude(a.router, cut, a.region))
+                        prelude=prelude)
                 except ValueError:
                     continue
                 key = (spec, cut, bias)
                 if key in seen_specs:
                     continue
                 seen_specs.add(key)
-                boundary = self._boundary(spec, cut, bias, ordered)
+                boundary = self._boundary(spec, cut, bias)
                 if boundary is None:
                     continue
                 depth = max(self.facts.position[n] for n, r in boundary.items() if r.kind != "ids")
-                found.append(RoutingCandidate(spec, cut, bias, runtime, boundary, depth))
+                found.append(RoutingCandidate(spec, cut, bias, runtime, boundary, depth,
+                                              constant_weights=self._constant(spec, cut, bias)))
         return found
+
+    def _constant(self, spec: GatingSpec, cut: fx.Node, bias: fx.Node | None) -> float | None:
+        """The routing weights' one value, when the spec makes them constant (a softmax over one
+        selected logit): permuted and unpermuted weights are then the same numbers, so the
+        experts are probed with that constant rather than with arbitrary weights."""
+        kw = spec.route_kwargs()
+        values = set()
+        for t in range(_TRIALS):
+            b = self.values[t][bias].reshape(-1) if bias is not None else None
+            w, _ = reference.route_reference(self.values[t][cut], b, **kw)
+            values.update(torch.unique(w.float()).tolist())
+            if len(values) > 1:
+                return None
+        return values.pop() if values else None
 
     def _fit_scale(self, node: fx.Node, bases: list[torch.Tensor], idss: list[torch.Tensor]
                    ) -> tuple[float, fx.Node | None] | None:
@@ -552,34 +585,41 @@ class _Synthesizer:
             snapped = (float(torch.tensor(c, dtype=torch.float32)), None)
         return snapped
 
-    def _boundary(self, spec: GatingSpec, cut: fx.Node, bias: fx.Node | None, ordered: bool
-                  ) -> dict[fx.Node, Relation] | None:
+    def _boundary(self, spec: GatingSpec, cut: fx.Node, bias: fx.Node | None) -> dict[fx.Node, Relation] | None:
         """Every region node whose value the spec's routing determines; None unless some node
         holds the weights and the ids really are the spec's on every trial."""
         relations: dict[fx.Node, Relation] | None = None
         kw = spec.route_kwargs()
+        routings = []
         for t in range(_TRIALS):
             b = self.values[t][bias].reshape(-1) if bias is not None else None
-            w, ids = reference.route_reference(self.values[t][cut], b, **kw)
+            routings.append(reference.route_reference(self.values[t][cut], b, **kw))
+        # equivalent specs compute the same routing: the boundary depends on the values only
+        key = (self.facts.position[cut], tuple((ids.numpy().tobytes(), (w.double() * 1e5).round().numpy().tobytes(),
+                                               str(w.dtype)) for w, ids in (r for r in routings[:2])))
+        if key in self._boundary_cache:
+            return self._boundary_cache[key]
+        for t, (w, ids) in enumerate(routings):
             found = {}
-            for n in self.a.region:
-                if n is cut or n in self.a.side_inputs or self.facts.position[n] < self.facts.position[cut]:
+            for n in self.relation_nodes:
+                if n is cut or n in self.a.side_inputs or self.facts.position[n] < self.facts.position[cut] or (
+                        n in self.selecting):
                     continue
                 v = self.values[t].get(n)
                 if not isinstance(v, torch.Tensor):
                     continue
-                r = _match_relation(v, w, ids, self.e, set())
+                r = _match_relation(v, w, ids, self.e)
                 if r is not None:
                     found[n] = r
             if relations is None:
                 relations = found
             else:
                 relations = {n: r for n, r in relations.items() if found.get(n) == r}
-        if not relations or not any(r.kind != "ids" for r in relations.values()):
-            return None
-        if not any(r.kind == "ids" for r in relations.values()) and not any(r.kind == "dense" for r in
-                                                                           relations.values()):
-            return None
+        if not relations or not any(r.kind != "ids" for r in relations.values()) or (
+                not any(r.kind == "ids" for r in relations.values())
+                and not any(r.kind == "dense" for r in relations.values())):
+            relations = None
+        self._boundary_cache[key] = relations
         return relations
 
     # -- kept gating -----------------------------------------------------------------------
@@ -604,7 +644,7 @@ class _Synthesizer:
                 for n in a.region:
                     v = self.values[t].get(n)
                     if isinstance(v, torch.Tensor):
-                        r = _match_relation(v, w, ids, self.e, set())
+                        r = _match_relation(v, w, ids, self.e)
                         if r is not None:
                             found[n] = r
                 found.setdefault(ids_node, Relation("ids"))
@@ -621,36 +661,44 @@ class _Synthesizer:
 _SCORE_OPS = {"softmax": ("softmax", "Tensor.softmax"), "sigmoid": ("sigmoid", "Tensor.sigmoid")}
 
 
-def _fidelity(spec: GatingSpec, anchor: Anchor, region: list[fx.Node], cut: fx.Node) -> int:
+class _FidelityContext:
     """How closely a spec follows the ops the model wrote (equivalent readings exist: a softmax
     renormalised over the top-k *is* a softmax over the k logits; the one the graph spells wins)."""
-    after = descendants([anchor.node])
-    before = ancestors([anchor.selection_input]) | {anchor.selection_input}
-    names = {n: target_name(n) for n in region if n in descendants([cut])}
-    score = 0
-    ops = _SCORE_OPS.get(spec.score_func)
-    if ops is not None:
-        where = before if spec.order == "score_then_topk" else after
-        score += 2 if any(name in ops and n in where for n, name in names.items()) else -2
-    elif spec.score_func == "none":
-        score += 1 if not any(name in _SCORE_OPS["softmax"] + _SCORE_OPS["sigmoid"] for name in names.values()) else -1
-    if spec.group_limited:
-        has_max = any(name in ("amax", "max", "Tensor.amax", "Tensor.max") for name in names.values())
-        score += (1 if has_max else -1) if spec.group_score == "max" else (-1 if has_max else 1)
-        # a group mask is a top-k over the G group scores
-        has_group_topk = any(is_function(n, torch.topk) and shape_of(n.args[0]) is not None and static_int(
-            shape_of(n.args[0])[-1]) == spec.n_group for n in names)
-        score += 1 if has_group_topk else -3
-    def over_k(n: fx.Node) -> bool:   # a reduction of a float [..., k] tensor: a renormaliser
-        src = n.args[0] if n.args else None
-        t = tensor_meta(src)
-        return t is not None and t.is_floating_point() and t.dim() > 0 and same_size(t.shape[-1], spec.top_k)
 
-    has_sum = any(name == "sum" and n in after and over_k(n) for n, name in names.items())
-    has_norm = any(name == "linalg_vector_norm" and over_k(n) for n, name in names.items())
-    score += {"sum": 1 if has_sum else -1, "lp": 1 if has_norm else -1}.get(spec.renorm, 0 if (has_sum or has_norm)
-                                                                           else 1)
-    return score
+    def __init__(self, anchor: Anchor, region: list[fx.Node], cut: fx.Node) -> None:
+        self.after = descendants([anchor.node])
+        self.before = ancestors([anchor.selection_input]) | {anchor.selection_input}
+        below = descendants([cut])
+        self.names = {n: target_name(n) for n in region if n in below}
+
+    def score(self, spec: GatingSpec) -> int:
+        names, after, before = self.names, self.after, self.before
+        score = 0
+        ops = _SCORE_OPS.get(spec.score_func)
+        if ops is not None:
+            where = before if spec.order == "score_then_topk" else after
+            score += 2 if any(name in ops and n in where for n, name in names.items()) else -2
+        elif spec.score_func == "none":
+            score += 1 if not any(name in _SCORE_OPS["softmax"] + _SCORE_OPS["sigmoid"] for name in names.values()) \
+                else -1
+        if spec.group_limited:
+            has_max = any(name in ("amax", "max", "Tensor.amax", "Tensor.max") for name in names.values())
+            score += (1 if has_max else -1) if spec.group_score == "max" else (-1 if has_max else 1)
+            # a group mask is a top-k over the G group scores
+            has_group_topk = any(is_function(n, torch.topk) and shape_of(n.args[0]) is not None and static_int(
+                shape_of(n.args[0])[-1]) == spec.n_group for n in names)
+            score += 1 if has_group_topk else -3
+
+        def over_k(n: fx.Node) -> bool:   # a reduction of a float [..., k] tensor: a renormaliser
+            src = n.args[0] if n.args else None
+            t = tensor_meta(src)
+            return t is not None and t.is_floating_point() and t.dim() > 0 and same_size(t.shape[-1], spec.top_k)
+
+        has_sum = any(name == "sum" and n in after and over_k(n) for n, name in names.items())
+        has_norm = any(name == "linalg_vector_norm" and over_k(n) for n, name in names.items())
+        score += {"sum": 1 if has_sum else -1, "lp": 1 if has_norm else -1}.get(
+            spec.renorm, 0 if (has_sum or has_norm) else 1)
+        return score
 
 
 def family_of(order: str, score_func: str) -> str:
@@ -744,66 +792,97 @@ def analyse_routing(graph: fx.Graph, facts: GraphFacts, anchor: Anchor) -> Routi
         return NoMatch("the routing could not be run on random logits: %s", (err,), node=anchor.node, step="probe",
                        partial=True)
     synth = _Synthesizer(analysis, values, facts)
+    spine = []
     if not lookup:
-        spine = [n for n in [router, *region_nodes] if tensor_meta(n) is not None and tensor_meta(n).is_floating_point()
-                 and same_size(math.prod(shape_of(n)), math.prod(shape_of(anchor.selection_input)))
-                 and same_size(shape_of(n)[-1], e)
-                 and (n is anchor.selection_input or n in ancestors([anchor.selection_input]))]
-        for cut in facts.in_order(spine):
-            cands = synth.candidates_at(cut)
-            cands.sort(key=lambda c: (-c.depth, -_fidelity(c.spec, anchor, region_nodes, cut)))
-            analysis.candidates += cands
-    analysis.candidates += synth.kept_candidates("hash" if lookup else "kept")
+        upstream = ancestors([anchor.selection_input])
+        spine = facts.in_order(
+            n for n in [router, *region_nodes] if tensor_meta(n) is not None and tensor_meta(n).is_floating_point()
+            and same_size(math.prod(shape_of(n)), math.prod(shape_of(anchor.selection_input)))
+            and same_size(shape_of(n)[-1], e) and (n is anchor.selection_input or n in upstream))
+    analysis.candidates = _LazyCandidates(synth, spine, anchor, region_nodes, "hash" if lookup else "kept")
     if not analysis.candidates:
         return NoMatch("no gating spec reproduces the routing and no tensor of the routing holds the weights",
                        node=anchor.node, step="gating", partial=True)
     return analysis
 
 
+class _LazyCandidates:
+    """The readings of a gating, produced cut by cut as they are asked for (most sites are read
+    at the first cut; the later ones cost synthesis only when the first readings fail)."""
+
+    def __init__(self, synth: _Synthesizer, spine: list[fx.Node], anchor: Anchor, region: list[fx.Node],
+                 kept_family: str) -> None:
+        self.synth, self.spine, self.anchor, self.region, self.kept_family = synth, spine, anchor, region, kept_family
+        self.done: list[RoutingCandidate] = []
+        self._next_cut = 0
+        self._kept_done = False
+
+    def _more(self) -> bool:
+        if self._next_cut < len(self.spine):
+            cut = self.spine[self._next_cut]
+            self._next_cut += 1
+            cands = self.synth.candidates_at(cut)
+            fid = _FidelityContext(self.anchor, self.region, cut)
+            cands.sort(key=lambda c: (-c.depth, -fid.score(c.spec)))
+            self.done += cands
+            return True
+        if not self._kept_done:
+            self._kept_done = True
+            self.done += self.synth.kept_candidates(self.kept_family)
+            return True
+        return False
+
+    def __iter__(self):
+        i = 0
+        while True:
+            while i >= len(self.done):
+                if not self._more():
+                    return
+            yield self.done[i]
+            i += 1
+
+    def __bool__(self) -> bool:
+        for _ in self:
+            return True
+        return False
+
+
 @eager
 def check_route_op(graph: fx.Graph, facts: GraphFacts, analysis: RoutingAnalysis, cand: RoutingCandidate,
                    *, gradients: bool = True) -> NoMatch | None:
     """The real ``grouter.route`` op (not its reference) against the model's gating, on two
-    trials: every boundary value, and the gradient of the weights with respect to the cut (and
-    a bias the weights read). The synthesis compared the *reference*; this proves the op."""
+    trials: every boundary value, and the gradients of the weights with respect to the router
+    logits and the side inputs. The synthesis compared the *reference*; this proves the op.
+    Both sides start from the logits: the model's region as it is, the op after the model's own
+    ops up to the cut."""
     if cand.cut is None:
         return None
-    weights_nodes = [n for n, r in cand.boundary.items() if r.kind != "ids"]
-    region_nodes = (ancestors(list(cand.boundary)) | set(cand.boundary)) & descendants([cand.cut])
-    inputs = [cand.cut] + ([cand.bias] if cand.bias is not None else []) + [
-        s for s in analysis.side_inputs if s is not cand.bias]
+    router, sides = analysis.router, list(analysis.side_inputs)
+    model_nodes = (ancestors(list(cand.boundary)) | set(cand.boundary)) & descendants([router])
+    chain_nodes = (ancestors([cand.cut]) | {cand.cut}) & descendants([router])
     try:
-        region = Region(graph, region_nodes, inputs, facts)
+        model = Region(graph, model_nodes, [router, *sides], facts)
+        chain = Region(graph, chain_nodes, [router, *sides], facts) if chain_nodes else None
     except ProbeError as err:
-        return NoMatch("the gating between the cut and the routing cannot be run on its own: %s", (err,),
-                       node=cand.cut, step="gating probe", partial=True)
+        return NoMatch("the gating cannot be run on its own: %s", (err,), node=cand.cut, step="gating probe",
+                       partial=True)
     gen = torch.Generator().manual_seed(17)
     kw = {**cand.spec.route_kwargs(), **{k: scalar_value(v) for k, v in cand.runtime_scalars.items()}}
-    chain_nodes = (ancestors([cand.cut]) | {cand.cut}) & descendants([analysis.router])
-    try:
-        chain = Region(graph, chain_nodes, [analysis.router, *analysis.side_inputs], facts) if chain_nodes else None
-    except ProbeError as err:
-        return NoMatch("the gating up to the cut cannot be run on its own: %s", (err,), node=cand.cut,
-                       step="gating probe", partial=True)
-    lt = tensor_meta(analysis.router)
+    lt = tensor_meta(router)
     for trial in range(2):
-        vals = {analysis.router: (torch.randn(concrete_shape(analysis.router), generator=gen) * (1.0 + 2 * trial)).to(
+        vals = {router: (torch.randn(concrete_shape(router), generator=gen) * (1.0 + 2 * trial)).to(
             device=lt.device, dtype=lt.dtype)}
-        for sd in analysis.side_inputs:
+        for sd in sides:
             st = tensor_meta(sd)
             vals[sd] = (torch.randn(concrete_shape(sd), generator=gen) * 0.5).to(device=st.device, dtype=st.dtype)
-        if chain is not None:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                vals[cand.cut] = chain.run(vals)[cand.cut]
-        vals = {n: vals[n] for n in inputs}
         with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
             leaves = {n: v.detach().clone().requires_grad_(v.is_floating_point() and gradients)
                       for n, v in vals.items()}
-            got = region.run(leaves)
-            bias = leaves.get(cand.bias)
-            w, ids = torch.ops.grouter.route(leaves[cand.cut], bias.reshape(-1) if bias is not None else None, **kw)
-            targets = [leaves[cand.cut]] + ([bias] if bias is not None and cand.spec.bias_mode == "score" else [])
-            cot_total_model, cot_total_op = 0, 0
+            got = model.run(leaves)
+            cut_value = chain.run(leaves)[cand.cut] if chain is not None else leaves[router]
+            bias = leaves.get(cand.bias) if cand.bias is not None else None
+            w, ids = torch.ops.grouter.route(cut_value, bias.reshape(-1) if bias is not None else None, **kw)
+            total_model, total_op = 0, 0
             for node, rel in cand.boundary.items():
                 have = rel.value(w, ids, analysis.num_experts, node)
                 want = got[node]
@@ -812,23 +891,24 @@ def check_route_op(graph: fx.Graph, facts: GraphFacts, analysis: RoutingAnalysis
                         return NoMatch("gating probe: grouter.route selects other experts than %s", (node.name,),
                                        node=node, step="gating probe", partial=True)
                     continue
-                c = compare(have, want.to(have.dtype) if have.dtype != want.dtype else want)
+                c = compare_max(have, want.to(have.dtype) if have.dtype != want.dtype else want)
                 if not c.ok:
                     return NoMatch("gating probe: classified as [%s] but grouter.route's weights differ from %s (%s)",
                                    (cand.spec.describe(), node.name, c), node=node, step="gating probe", partial=True)
-                if gradients and node in weights_nodes and want.requires_grad and have.requires_grad:
+                if gradients and want.requires_grad and have.requires_grad:
                     cot = torch.randn(want.shape, generator=gen).to(want.dtype)
-                    cot_total_model = cot_total_model + (want * cot).sum()
-                    cot_total_op = cot_total_op + (have * cot.to(have.dtype)).sum()
-            if gradients and isinstance(cot_total_model, torch.Tensor):
-                g_model = torch.autograd.grad(cot_total_model, targets, allow_unused=True)
-                g_op = torch.autograd.grad(cot_total_op, targets, allow_unused=True)
+                    total_model = total_model + (want * cot).sum()
+                    total_op = total_op + (have * cot.to(have.dtype)).sum()
+            if gradients and isinstance(total_model, torch.Tensor) and isinstance(total_op, torch.Tensor):
+                targets = [t for t in leaves.values() if t.requires_grad]
+                g_model = torch.autograd.grad(total_model, targets, allow_unused=True)
+                g_op = torch.autograd.grad(total_op, targets, allow_unused=True)
                 for a, b in zip(g_op, g_model):
                     if a is None and b is None:
                         continue
                     a = torch.zeros_like(b) if a is None else a
                     b = torch.zeros_like(a) if b is None else b
-                    c = compare(a, b)
+                    c = compare_max(a, b)
                     if not c.ok:
                         return NoMatch("gating probe: the gradient of grouter.route [%s] differs from the model's (%s)",
                                        (cand.spec.describe(), c), node=cand.cut, step="gating probe", partial=True)
@@ -850,11 +930,6 @@ def _router_for_lookup(anchor: Anchor, facts: GraphFacts) -> tuple[fx.Node, fx.N
     return None
 
 
-def trial_count() -> int:
-    return _TRIALS
-
-
 __all__ = ["Relation", "RoutingAnalysis", "RoutingCandidate", "analyse_routing", "check_route_op", "family_of",
-           "router_of",
-           "trial_count"]
+           "router_of"]
 
