@@ -62,23 +62,6 @@ def test_verify_passes_on_an_exact_rewrite():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def _break_the_route_op(monkeypatch):
-    """A bug in the ``grouter.route`` op itself (its weights doubled), not in its reference
-    semantics, which detection reads."""
-    from grouter_pass.ops import reference, route
-
-    class Broken:
-        def __getattr__(self, name):
-            return getattr(reference, name)
-
-        @staticmethod
-        def route_reference(*args, **kwargs):
-            w, ids = reference.route_reference(*args, **kwargs)
-            return w * 2.0, ids
-
-    monkeypatch.setattr(route, "reference", Broken())
-
-
 def _break_the_rewrite(monkeypatch):
     """A bug in the rewrite itself (it emits ``grouter.route`` with the scaling factor doubled)
     after detection proved the right spec: only ``verify`` can see it."""
