@@ -3,7 +3,8 @@
 The model is copied (the caller's object is never modified), prepared as ``apply_grouter``
 would (pre-Dynamo module rewrites), compiled with the grouter backend keeping every graph
 before and after the pass, and run forward and backward on the given inputs next to the
-original. ``torch._dynamo.explain`` gives the graph counts and break reasons before and after.
+original. The graph counts and break reasons before and after are taken in isolated Dynamo regions
+(``graph_breaks``): nothing the caller compiled is reset or recompiled.
 By default the rewritten graphs run without Inductor (``compiler="eager"``): what is inspected is
 the pass; pass ``config=GrouterConfig(...)`` to check through Inductor too.
 """
@@ -19,20 +20,15 @@ import torch
 from grouter_pass.api import PrepareReport, prepare_model
 from grouter_pass.backend import GrouterBackend
 from grouter_pass.config import GrouterConfig
+from grouter_pass.inspect.graph_breaks import graph_breaks
 from grouter_pass.inspect.graph_text import changed_op_counts, graph_lines, rewrite_tags, unified_diff
 from grouter_pass.inspect.report import ExplainReport, GraphCounts, GraphDiff, ParityRow
 from grouter_pass.testing.parity import compare_steps, default_output, run_step
 
 
 def _graph_counts(model: torch.nn.Module, args: tuple, kwargs: dict) -> GraphCounts:
-    with torch.no_grad():
-        out = torch._dynamo.explain(model)(*args, **kwargs)
-    reasons = []
-    for r in out.break_reasons:
-        frame = r.user_stack[-1] if r.user_stack else None
-        where = f" ({frame.filename.rsplit('/', 1)[-1]}:{frame.lineno})" if frame is not None else ""
-        reasons.append(r.reason.splitlines()[0][:160] + where)
-    return GraphCounts(out.graph_count, out.graph_break_count, reasons)
+    counted = graph_breaks(model, *args, **kwargs)
+    return GraphCounts(counted.graphs, counted.breaks, counted.reasons)
 
 
 def _named_inputs(args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -64,8 +60,8 @@ def explain(model: torch.nn.Module, *args: Any, config: GrouterConfig | None = N
     before = _graph_counts(model, args, kwargs)
     after = _graph_counts(candidate, args, kwargs) if prepared.changed else before
     backend = GrouterBackend(config, keep_graphs=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(candidate, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
+    compiled = torch.compile(candidate, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph,
+                             isolate_recompiles=True)
     inputs = _named_inputs(args, kwargs)
     ref = run_step(_caller(model, len(args)), model, inputs, default_output, True, 1234)
     got = run_step(_caller(compiled, len(args)), candidate, inputs, default_output, True, 1234)
@@ -106,8 +102,8 @@ def _explain_grouter_mode(model, args, kwargs, config, tolerance) -> ExplainRepo
     candidate = copy.deepcopy(model)
     before = _graph_counts(model, args, kwargs)
     backend = GrouterBackend(config, keep_graphs=True)
-    torch._dynamo.reset()
-    compiled = torch.compile(candidate, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
+    compiled = torch.compile(candidate, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph,
+                             isolate_recompiles=True)
     compiled(*args, **kwargs)
     agreement = routing_agreement(model, config, lambda m: m(*args, **kwargs))
     changes = []

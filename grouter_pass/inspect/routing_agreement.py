@@ -49,11 +49,10 @@ def _recording_backend(config: GrouterConfig, records: list[tuple[str, torch.Ten
 
 def _routings(model: torch.nn.Module, config: GrouterConfig, call: Any) -> list[tuple[str, torch.Tensor]]:
     records: list[tuple[str, torch.Tensor]] = []
-    torch._dynamo.reset()
-    compiled = torch.compile(copy.deepcopy(model), backend=_recording_backend(config, records))
+    compiled = torch.compile(copy.deepcopy(model), backend=_recording_backend(config, records),
+                             isolate_recompiles=True)
     with torch.no_grad():
         call(compiled)
-    torch._dynamo.reset()
     return records
 
 

@@ -27,8 +27,7 @@ def capture_graphs(fn: Callable, *args: Any, dynamic: bool | None = False, **kwa
         graphs.append(gm)
         return gm.forward
 
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, backend=record, dynamic=dynamic)
+    compiled = torch.compile(fn, backend=record, dynamic=dynamic, isolate_recompiles=True)
     compiled(*args, **kwargs)
     return graphs
 
