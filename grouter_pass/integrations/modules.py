@@ -41,6 +41,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter)
+from grouter_pass.integrations.empty_expert_grads import EmptyExpertGrads
 from grouter_pass.numerics import compare
 from grouter_pass.spec import ActivationSpec, GatingSpec, NoMatch
 
@@ -85,6 +86,9 @@ class _Experts:
     hidden: int
     #: one entry per weight role candidate: (name, [E, a, b] getter, [E, a] bias getter or None)
     weights: list[tuple[str, Callable[[nn.Module], torch.Tensor], Callable[[nn.Module], torch.Tensor] | None]]
+    #: the parameters of each expert, where each expert is its own module (a ``ModuleList``):
+    #: eager autograd may leave an expert that got no tokens without a gradient
+    per_expert: Callable[[nn.Module], list[list[nn.Parameter]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ def _module_list_experts(block: nn.Module, lst: nn.ModuleList, hidden: int) -> _
             return torch.stack([e.get_submodule(name).bias for e in b.get_submodule(list_path)])
 
         weights.append((f"{list_path}.*.{name}", w, bias if has_bias else None))
-    return _Experts(len(lst), hidden, weights)
+    return _Experts(len(lst), hidden, weights,
+                    per_expert=lambda b: [list(e.parameters()) for e in b.get_submodule(list_path)])
 
 
 def _stacked_param_experts(block: nn.Module, num_experts: int, hidden: int) -> _Experts | None:
@@ -315,7 +320,7 @@ def _role_candidates(experts: _Experts, shapes: list[tuple[int, int]]) -> list[t
 
 def _make_forward(cand: _Candidate, spec: tuple[GatingSpec, str | None], roles: _Roles, ffn: int,
                   out_tree: pytree.TreeSpec,
-                  out_roles: list[str]) -> Callable:
+                  out_roles: list[str], grads: EmptyExpertGrads | None = None) -> Callable:
     experts = cand.experts
     router = cand.router
     act = roles.act_spec
@@ -330,7 +335,9 @@ def _make_forward(cand: _Candidate, spec: tuple[GatingSpec, str | None], roles: 
         bias = self.get_buffer(bias_path) if bias_path in buffer_paths else (
             self.get_parameter(bias_path) if bias_path is not None else None)
         weights, ids = torch.ops.grouter.route(logits, bias, **route_kwargs)
-        perm, inv_perm, _, offsets = torch.ops.grouter.dispatch_plan(ids, experts.num_experts)
+        perm, inv_perm, counts, offsets = torch.ops.grouter.dispatch_plan(ids, experts.num_experts)
+        if grads is not None and torch.is_grad_enabled():
+            grads.record(counts)
         w_up, w_down, b_up, b_down = _expert_tensors(self, experts, roles, ffn)
         out, _ = torch.ops.grouter.moe_experts(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
                                                up_transposed=False, down_transposed=False, weight_on_input=False,
@@ -368,9 +375,27 @@ def _run(block: nn.Module, x: torch.Tensor, grad: bool) -> tuple[list[torch.Tens
         g = None
         if grad:
             gen = torch.Generator().manual_seed(7)
-            loss = sum((t.float() * torch.randn(t.shape, generator=gen)).sum() for t in leaves)
+            loss = sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in leaves)
             (g,) = torch.autograd.grad(loss, [xi])
     return [t.detach() for t in leaves], g
+
+
+def _params_without_grad(block: nn.Module, x: torch.Tensor) -> set[str]:
+    """Names of the parameters whose ``.grad`` a backward through ``block(x)`` leaves ``None``
+    (the caller's ``.grad`` values are put back afterwards)."""
+    params = dict(block.named_parameters())
+    saved = {n: p.grad for n, p in params.items()}
+    try:
+        for p in params.values():
+            p.grad = None
+        xi = x.detach().clone().requires_grad_(True)
+        leaves = [t for t in pytree.tree_leaves(block(xi)) if isinstance(t, torch.Tensor) and t.requires_grad]
+        gen = torch.Generator().manual_seed(11)
+        sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in leaves).backward()
+        return {n for n, p in params.items() if p.grad is None}
+    finally:
+        for n, p in params.items():
+            p.grad = saved[n]
 
 
 def _same(a: tuple, b: tuple) -> bool:
@@ -481,8 +506,21 @@ def _rewrite_loop_block(cand: _Candidate, *, tokens: int, reuse: _Analysis | Non
                              if not matches else f"{len(matches)} different expert readings reproduce the block")
             return report
         roles, ffn = matches[0]
-        block.forward = types.MethodType(_make_forward(cand, spec, roles, ffn, *outputs), block)
+        one_token = inputs[0][:1, :1]
+        eager_none = _params_without_grad(block.train(True), one_token)
+        grads = EmptyExpertGrads(cand.experts.per_expert(block)) if eager_none and cand.experts.per_expert else None
+        block.forward = types.MethodType(_make_forward(cand, spec, roles, ffn, *outputs, grads=grads), block)
+        ours_none = _params_without_grad(block, one_token)
+        block.train(was_training)
+        if ours_none != eager_none:
+            del block.forward
+            if grads is not None:
+                grads.remove()
+            report.reason = (f"on one token eager leaves {sorted(eager_none)} without a gradient, the rewrite "
+                             f"{sorted(ours_none)}; an optimizer would treat them differently")
+            return report
         block._grouter_original_forward = original
+        block._grouter_empty_expert_grads = grads
         report.activation = roles.act_spec
         report.graph_breaks_after = reuse.breaks_after if reuse is not None else _graph_breaks(block, inputs[0])
         report._analysis = _Analysis(breaks_before, report.graph_breaks_after, spec, roles, ffn, outputs)
@@ -526,5 +564,8 @@ def restore_loop_blocks(model: nn.Module) -> int:
         if hasattr(m, "_grouter_original_forward"):
             del m.forward
             del m._grouter_original_forward
+            grads = m.__dict__.pop("_grouter_empty_expert_grads", None)
+            if grads is not None:
+                grads.remove()
             n += 1
     return n

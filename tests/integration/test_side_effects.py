@@ -38,3 +38,69 @@ def test_apply_grouter_and_explain_leave_other_compiled_functions_compiled():
 
     compiled_other(x)
     assert backend.compiles == 1, "the user's compiled function was recompiled: Dynamo was reset"
+
+
+class LoadCountingLoopMoE(LoopMoE):
+    """A loop-style block that keeps tokens-per-expert statistics in a buffer, as load-balancing
+    code does."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.register_buffer("load", torch.zeros(self.num_experts))
+
+    def forward(self, hidden_states):
+        out, logits = super().forward(hidden_states)
+        ids = logits.topk(self.top_k, dim=-1).indices
+        self.load += torch.bincount(ids.reshape(-1), minlength=self.num_experts).to(self.load.dtype)
+        return out, logits
+
+
+def test_a_block_that_updates_its_buffers_is_left_alone_and_probing_leaves_them_untouched(caplog):
+    torch.manual_seed(0)
+    model = nn.Sequential(LoadCountingLoopMoE(hidden=16, ffn=12, experts=4, top_k=2))
+    reference = copy.deepcopy(model)
+    compiled = apply_grouter(model, GrouterConfig(compiler="eager"))
+    assert torch.equal(model[0].load, reference[0].load), "probing wrote into the user's buffer"
+    (report,) = compiled._grouter_prepared.loop_blocks
+    assert not report.rewritten and "updates its buffers ['load']" in report.reason
+    x = torch.randn(2, 5, 16)
+    compiled(x)
+    reference(x)
+    assert torch.equal(model[0].load, reference[0].load) and model[0].load.sum() == 2 * 5 * 2
+
+
+def _skewed_tokens(model: nn.Module, hidden: int) -> torch.Tensor:
+    """Tokens that all pick the same top-2 experts, so the other experts get none."""
+    gate = model[0].gate.weight.detach()
+    return (gate[0] + gate[1]).repeat(1, 6, 1) * 10 + 0.01 * torch.randn(1, 6, hidden)
+
+
+def test_experts_without_tokens_keep_none_gradients_and_adamw_matches_eager():
+    torch.manual_seed(0)
+    model = nn.Sequential(LoopMoE(hidden=16, ffn=12, experts=4, top_k=2))
+    reference = copy.deepcopy(model)
+    compiled = apply_grouter(model, GrouterConfig(compiler="eager"))
+    assert compiled._grouter_prepared.loop_blocks[0].rewritten
+    x = _skewed_tokens(model, 16)
+    ids = reference[0].gate(x).topk(2, dim=-1).indices.unique()
+    assert len(ids) < 4, "the input must leave some expert without tokens"
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt_ref = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        for m, o in ((compiled, opt), (reference, opt_ref)):
+            o.zero_grad(set_to_none=True)
+            out, _ = m(x)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        got = {n: p.grad is None for n, p in model.named_parameters()}
+        want = {n: p.grad is None for n, p in reference.named_parameters()}
+        assert got == want and any(want.values())
+        for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-5)
+        opt.step()
+        opt_ref.step()
+    # AdamW skipped the experts that got no tokens (no weight decay, no momentum), as in eager
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        if want[n]:
+            assert torch.equal(p, q), n
