@@ -37,8 +37,8 @@ def prepare_model(model: torch.nn.Module) -> PrepareReport:
     return report
 
 
-def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *, verify: bool | None = None
-                  ) -> torch.nn.Module:
+def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *, verify: bool | None = None,
+                  mode: str | None = None) -> torch.nn.Module:
     """Compile ``model`` with the grouter pass and Inductor; returns the compiled model.
 
     Nothing is compiled until the first call. Each MoE gating site the pass finds is replaced
@@ -53,6 +53,7 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
         verify: shortcut for ``config.verify``: on the first call, also run the original graph
             and raise :class:`~grouter_pass.verify.GrouterVerificationError` naming each output
             that differs.
+        mode: Inductor's mode, as for ``torch.compile`` (``"max-autotune"``, ``"reduce-overhead"``...).
 
     Example::
 
@@ -71,7 +72,7 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
         raise ValueError(f"{config.routing.kind} routing needs MoE layers the graph pass captures; the "
                          f"loop-style blocks {loops} are only supported in exact mode (LearnedRouter())")
     backend = GrouterBackend(config)
-    compiled = torch.compile(model, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph)
+    compiled = torch.compile(model, backend=backend, dynamic=config.dynamic, fullgraph=config.fullgraph, mode=mode)
     compiled._grouter_backend = backend
     compiled._grouter_prepared = prepared
     return compiled

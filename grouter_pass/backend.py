@@ -94,8 +94,12 @@ class GrouterBackend:
         #: with ``keep_graphs``: ``(graph before, graph after, report)`` of every compile (inspection)
         self.graphs: list[tuple[fx.GraphModule, fx.GraphModule, PassReport]] | None = [] if keep_graphs else None
 
-    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
-        return compile_with_grouter(gm, example_inputs, self.config, reports=self.reports, graphs=self.graphs)
+    def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any], *, mode: str | None = None,
+                 options: dict | None = None) -> Callable:
+        """``mode`` / ``options`` are what ``torch.compile(..., mode=..., options=...)`` passes a
+        callable backend: Inductor's mode, and config fields that override this backend's config."""
+        config = GrouterConfig.from_options(options, base=self.config)
+        return compile_with_grouter(gm, example_inputs, config, mode=mode, reports=self.reports, graphs=self.graphs)
 
     def __repr__(self) -> str:
         return f"GrouterBackend({self.config!r})"

@@ -119,11 +119,11 @@ class GrouterConfig:
         return isinstance(self.routing, LearnedRouter)
 
     @classmethod
-    def from_options(cls, options: dict[str, Any] | None) -> GrouterConfig:
-        """Build a config from ``torch.compile(..., options={...})``; unknown keys are an error
-        that lists the known ones."""
+    def from_options(cls, options: dict[str, Any] | None, base: GrouterConfig | None = None) -> GrouterConfig:
+        """Build a config from ``torch.compile(..., options={...})`` (on top of ``base`` when
+        given); unknown keys are an error that lists the known ones."""
         if not options:
-            return cls()
+            return base or cls()
         if isinstance(options, GrouterConfig):
             return options
         if "config" in options and len(options) == 1:
@@ -132,7 +132,7 @@ class GrouterConfig:
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"unknown grouter option(s) {unknown}; known options: {sorted(known)}")
-        return cls(**options)
+        return dataclasses.replace(base, **options) if base is not None else cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

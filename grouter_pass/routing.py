@@ -146,6 +146,22 @@ def computed_step_routing(key: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     return _STEP_ROUTING.get(key)
 
 
+def _check_routing_pair(weights: Any, ids: Any) -> None:
+    if not isinstance(weights, torch.Tensor) or not isinstance(ids, torch.Tensor):
+        raise TypeError(f"routing(weights, ids) takes two tensors, got {type(weights).__name__} and "
+                        f"{type(ids).__name__}")
+    ids_int = not ids.dtype.is_floating_point and not ids.dtype.is_complex and ids.dtype != torch.bool
+    weights_int = not weights.dtype.is_floating_point and not weights.dtype.is_complex
+    if not ids_int or not weights.dtype.is_floating_point:
+        swapped = " (the arguments look swapped: the order is routing(weights, ids))" if (
+            weights_int and ids.dtype.is_floating_point) else ""
+        raise TypeError(f"routing(weights, ids) needs floating-point weights and integer ids; got weights "
+                        f"{weights.dtype} {list(weights.shape)} and ids {ids.dtype} {list(ids.shape)}{swapped}")
+    if weights.shape != ids.shape:
+        raise ValueError(f"routing(weights, ids): weights {list(weights.shape)} and ids {list(ids.shape)} must "
+                         "have the same shape ([B, S, k] or [B*S, k])")
+
+
 @contextlib.contextmanager
 def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None, *, ep_splits: Any = None
             ) -> Iterator[None]:
@@ -153,8 +169,10 @@ def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None, *, ep_
 
     ``with grouter_pass.routing(weights, ids): loss = model(input_ids)`` — ``weights`` and
     ``ids`` are ``[B, S, k]`` (or ``[B*S, k]``) for the batch's tokens in ``[b, s]`` order, as
-    :class:`grouter_pass.router.PreDispatchedDataset` yields them; a ``Routing`` pair
-    (``(ids, weights)`` named tuple of the pre-dispatch files) is accepted as the one argument.
+    :class:`grouter_pass.router.PreDispatchedDataset` yields them; ``ids`` are integers (any
+    integer dtype), ``weights`` floating point. A pre-dispatch ``Routing`` (a named tuple with
+    fields ``ids`` and ``weights``) is accepted as the one argument. Anything else is refused
+    with the dtypes and shapes it got: a float ``ids`` would otherwise be truncated silently.
     The backward of the step needs no routing (the dispatch plan is saved by autograd).
 
     ``ep_splits`` (expert parallelism only): this rank's
@@ -168,6 +186,7 @@ def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None, *, ep_
             raise TypeError("routing(r) takes an object with .ids and .weights (a pre-dispatch Routing), "
                             "or routing(weights, ids)")
         weights, ids = r.weights, r.ids
+    _check_routing_pair(weights, ids)
     prev = getattr(_CURRENT, "value", None), getattr(_CURRENT, "ep_splits", None)
     _CURRENT.value, _CURRENT.ep_splits = (weights, ids), ep_splits
     try:
@@ -203,8 +222,8 @@ class PrecomputedRouting:
                                "`with grouter_pass.routing(weights, ids): ...`")
         weights, ids = current
         if ids.shape[-1] != k or weights.shape[-1] != k:
-            raise ValueError(f"precomputed routing has k={ids.shape[-1]} experts per token but the model's "
-                             f"MoE layers use k={k}")
+            raise ValueError(f"precomputed routing has k={ids.shape[-1]} experts per token (ids {list(ids.shape)}, "
+                             f"weights {list(weights.shape)}) but the model's MoE layers use k={k}")
         if ids.numel() // k != n_tokens or weights.numel() != ids.numel():
             raise ValueError(f"precomputed routing covers {ids.numel() // k} tokens (ids {list(ids.shape)}, "
                              f"weights {list(weights.shape)}) but this batch has {n_tokens} tokens")

@@ -22,9 +22,22 @@ from grouter_pass.ops.cpu_experts import single_threaded_aten
 from grouter_pass.ops.kernel_select import kernels_available_for
 
 
+def _check_ids(ids: torch.Tensor, num_experts: int) -> None:
+    # checked in the fake too, so a wrong dtype fails at trace time with this message rather than
+    # deep inside a sort or a kernel
+    if ids.dtype != torch.int64:
+        raise TypeError(f"grouter.dispatch_plan takes int64 expert ids, got {ids.dtype} {list(ids.shape)}; "
+                        "convert with ids.long()")
+    if ids.dim() != 2:
+        raise ValueError(f"grouter.dispatch_plan takes ids [N, K], got shape {list(ids.shape)}")
+    if num_experts < 1:
+        raise ValueError(f"grouter.dispatch_plan: num_experts must be >= 1, got {num_experts}")
+
+
 @torch.library.custom_op("grouter::dispatch_plan", mutates_args=())
 def dispatch_plan(ids: torch.Tensor, num_experts: int
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_ids(ids, num_experts)
     if kernels_available_for(ids):
         from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
 
@@ -40,6 +53,7 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int
 
 @dispatch_plan.register_fake
 def _dispatch_plan_fake(ids, num_experts):
+    _check_ids(ids, num_experts)
     s = ids.numel()
     return (ids.new_empty((s,), dtype=torch.int64), ids.new_empty((s,), dtype=torch.int64),
             ids.new_empty((num_experts,), dtype=torch.int64), ids.new_empty((num_experts,), dtype=torch.int32))

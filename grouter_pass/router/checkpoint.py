@@ -152,14 +152,23 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Load a safetensors file after checking it is complete and float-only."""
-    from safetensors.torch import load_file
+    """Load a safetensors file after checking it is complete and float-only.
+
+    The header is checked first for the common failures (a truncated download, not a safetensors
+    file at all), with messages that say so; whatever else safetensors itself finds wrong (offsets
+    that do not match a tensor's shape, overlapping tensors, an unknown dtype) is reported as a
+    :class:`CheckpointError` naming the file, not as a bare ``SafetensorError``."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Grouter weights not found: {path}")
     _read_safetensors_header(path)
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: safetensors cannot read it ({exc})") from None
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:

@@ -307,3 +307,30 @@ def test_external_routing_op_passes_opcheck():
     weights, expert_ids = torch.ops.grouter.external_routing(ids, source.key, 2, K)
     assert expert_ids.shape == (21, K) and torch.equal(expert_ids, source.table[ids.reshape(-1)])
     torch.testing.assert_close(weights, torch.full((21, K), 1 / K))
+
+
+@pytest.mark.parametrize("weights_dtype,ids_dtype,swapped", [
+    (torch.float32, torch.float32, False), (torch.float32, torch.bool, False), (torch.int64, torch.int64, False),
+    (torch.int64, torch.float32, True),
+])
+def test_routing_refuses_non_integer_ids_and_non_float_weights_naming_dtypes(weights_dtype, ids_dtype, swapped):
+    weights = torch.rand(2, 3, 2).to(weights_dtype)
+    ids = torch.randint(0, 4, (2, 3, 2)).to(ids_dtype)
+    with pytest.raises(TypeError, match=f"got weights {weights_dtype} \\[2, 3, 2\\] and ids {ids_dtype}") as err:
+        with grouter_pass.routing(weights, ids):
+            pass
+    assert ("look swapped" in str(err.value)) == swapped
+
+
+def test_routing_refuses_weights_and_ids_of_different_shapes():
+    with pytest.raises(ValueError, match=r"weights \[2, 3, 2\] and ids \[2, 3, 1\] must have the same shape"):
+        with grouter_pass.routing(torch.rand(2, 3, 2), torch.zeros(2, 3, 1, dtype=torch.long)):
+            pass
+
+
+def test_precomputed_k_mismatch_names_the_routing_k_and_the_model_k():
+    source = PrecomputedRouting()
+    with grouter_pass.routing(torch.rand(6, 3), torch.randint(0, 4, (6, 3))):
+        with pytest.raises(ValueError, match=r"has k=3 experts per token \(ids \[6, 3\], weights \[6, 3\]\) "
+                                             r"but the model's MoE layers use k=2"):
+            source.compute(torch.randn(6, 8), 6, 2)

@@ -178,3 +178,27 @@ def test_verify_does_not_apply_in_place_input_mutations_twice():
     compiled(tiny_token_ids())
     assert counters["grouter"]["sites_rewritten"] == 2
     assert model.steps.item() == 1
+
+
+def test_backend_object_takes_mode_and_options_as_torch_compile_passes_them():
+    model = tiny_hf_moe("qwen3_moe")
+    ids = tiny_token_ids()
+    want = model(ids).logits
+    backend = grouter_pass.GrouterBackend(GrouterConfig(compiler="eager"))
+    got = torch.compile(model, backend=backend, mode="max-autotune-no-cudagraphs")(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert backend.reports and backend.reports[-1].changed
+    torch._dynamo.reset()
+    backend = grouter_pass.GrouterBackend(GrouterConfig(compiler="eager"))
+    torch.compile(model, backend=backend, options={"probe": False})(ids)
+    assert backend.reports[-1].changed
+    with pytest.raises(Exception, match=r"unknown grouter option\(s\) \['colour'\]"):
+        torch._dynamo.reset()
+        torch.compile(model, backend=grouter_pass.GrouterBackend(), options={"colour": "red"})(ids)
+
+
+def test_apply_grouter_takes_an_inductor_mode():
+    model = tiny_hf_moe("qwen3_moe")
+    ids = tiny_token_ids()
+    compiled = apply_grouter(model, GrouterConfig(compiler="eager"), mode="max-autotune-no-cudagraphs")
+    torch.testing.assert_close(compiled(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

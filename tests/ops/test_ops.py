@@ -210,3 +210,13 @@ def test_ops_compile_with_symbolic_token_count():
         torch.testing.assert_close(out, step(logits, x, wu, wd))
         frames_after_first_call = frames_after_first_call or counter.frame_count
     assert counter.frame_count == frames_after_first_call  # no recompile for new token counts
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8, torch.float32, torch.bool])
+def test_dispatch_plan_refuses_ids_that_are_not_int64_naming_the_dtype(dtype):
+    ids = torch.randint(0, 4, (5, 2)).to(dtype)
+    with pytest.raises(TypeError, match=f"int64 expert ids, got {dtype}"):
+        torch.ops.grouter.dispatch_plan(ids, 4)
+    with pytest.raises(TypeError, match=f"int64 expert ids, got {dtype}"):   # and at trace time
+        with torch._subclasses.FakeTensorMode() as mode:
+            torch.ops.grouter.dispatch_plan(mode.from_tensor(ids), 4)

@@ -142,3 +142,32 @@ def test_missing_and_corrupt_files(tmp_path):
 def test_unknown_reference_keys_are_listed():
     with pytest.raises(CheckpointError, match="not in the Grouter \\(mha\\) layout: \\['grouter_structure.model.x'\\]"):
         convert_reference_state_dict({"grouter_structure.model.x": torch.zeros(1)})
+
+
+def _rewrite_header(path, edit):
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+
+
+def _first_tensor(header):
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+@pytest.mark.parametrize("corruption", [
+    pytest.param(lambda h: _first_tensor(h).update(shape=[3, 5, 7]), id="shape-does-not-match-offsets"),
+    pytest.param(lambda h: _first_tensor(h).update(data_offsets=[4, 2]), id="offsets-reversed"),
+    pytest.param(lambda h: [v.update(data_offsets=[0, v["data_offsets"][1] - v["data_offsets"][0]])
+                            for k, v in h.items() if k != "__metadata__"], id="tensors-overlap"),
+    pytest.param(lambda h: _first_tensor(h).update(shape="sixteen"), id="shape-not-a-list"),
+])
+def test_every_corrupt_safetensors_file_is_a_checkpoint_error_naming_it(tmp_path, corruption):
+    save_grouter(tiny_grouter(), tmp_path / "g")
+    f = tmp_path / "g" / "model.safetensors"
+    _rewrite_header(f, corruption)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors"):
+        load_grouter(tmp_path / "g")
