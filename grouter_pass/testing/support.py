@@ -246,7 +246,7 @@ def _fuzz_section() -> str:
     d = json.loads(SUMMARY_PATH.read_text())
     lines = ["", "## Fuzzer: generated layers", "",
              f"Seeds {d['seeds'][0]}-{d['seeds'][1]}, code version {', '.join(d['version'])}, command "
-             f"`{d['command']}` ({d['seconds'] / 60:.0f} min on the 2-core CPU machine):", "",
+             f"`{d['command']}` ({d['seconds'] / 60:.0f} min of checking in all, on the 2-core CPU machine):", "",
              f"* **MoE layers rewritten exactly: {d['moe_passed']} / {d['moe_layers']}** (every layer of the "
              "2-layer model rewritten; forward, every gradient and every buffer equal to eager within 1e-5, "
              "2e-2 for bf16 experts; two token counts; `dynamic=True` for even seeds)",
