@@ -21,7 +21,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test,examples]"
 	# torchtitan's MoE layer, used as it ships in the support matrix; --no-deps: its training-stack
 	# dependencies (datasets, wandb, tensorboard) are not needed to build the layer
 	$(PY) -m pip install --no-deps "torchtitan==0.3.0" "spmd_types==0.2.3" "tyro==1.0.17" \

@@ -25,6 +25,11 @@ import torch.fx as fx
 from grouter_pass.spec import PassReport
 
 log = logging.getLogger("grouter_pass")
+#: marks a library log record that is a command's one-line result (a Grouter saved, a dataset
+#: pre-dispatched): ``log.info(..., extra=RESULT)``; the ``grouter`` CLI prints a fuller line of
+#: its own and drops these, so no result is shown twice
+RESULT_ATTR = "grouter_result"
+RESULT = {RESULT_ATTR: True}
 site_log = logging.getLogger("grouter")          # TORCH_LOGS="grouter"
 diff_log = logging.getLogger("grouter_diff")     # TORCH_LOGS="grouter_diff"
 # Off unless asked for: torch gives the two loggers a level when TORCH_LOGS names them (before

@@ -13,6 +13,7 @@ Errors a user can fix (bad paths, mismatched sizes) are raised as :class:`CLIErr
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
@@ -31,12 +32,42 @@ class CLIError(Exception):
     """An error caused by the user's input; printed without a traceback."""
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``ArgumentDefaultsHelpFormatter`` that leaves out defaults saying nothing (None, False: the
+    option is off unless given) and help that already explains its default in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("grouter-pass")
+    except PackageNotFoundError:   # a source checkout on PYTHONPATH
+        return "unknown (not installed)"
+
+
+class _DropLibraryResults(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        # the library's one-line results (``extra=RESULT``): each command prints a fuller line itself
+        from grouter_pass._logging import RESULT_ATTR
+
+        return not getattr(record, RESULT_ATTR, False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="grouter",
+        prog="grouter", formatter_class=DefaultsHelpFormatter,
         description="grouter-pass: inspect MoE rewrites and run the Grouter workflow.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level (and show tracebacks)")
+    parser.add_argument("--version", action="version", version=f"grouter-pass {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                parser_class=functools.partial(argparse.ArgumentParser,
+                                                               formatter_class=DefaultsHelpFormatter))
     for name in SUBCOMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -56,6 +87,8 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     if verbose:
         return
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropLibraryResults())
     for name in ("grouter_pass", "grouter", "grouter_diff"):
         logging.getLogger(name).setLevel(logging.WARNING)
     for name in ("grouter_pass.router", "grouter_pass.distributed"):

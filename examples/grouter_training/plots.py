@@ -1,7 +1,8 @@
 """CSV and PNG outputs: validation curves and expert-load heatmaps.
 
-matplotlib (the ``test`` extra) with the non-interactive Agg backend, chosen explicitly so the
-example works on a headless machine and never opens a window.
+matplotlib (the ``examples`` extra: ``pip install grouter-pass[examples]``) with the
+non-interactive Agg backend, chosen explicitly so the example works on a headless machine and
+never opens a window.
 """
 
 from __future__ import annotations

@@ -57,21 +57,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=None, help="window length for a pre-dispatched directory "
                    "(default: its stored seq_len)")
     p.add_argument("--ep", type=int, required=True, help="expert-parallel size (ranks or nodes)")
-    p.add_argument("-o", "--output", type=Path, default=Path("placement.npz"))
+    p.add_argument("-o", "--output", type=Path, default=Path("placement.npz"),
+                   help="where to write the placement (.npz)")
     p.add_argument("--entropy-threshold", type=float, default=None,
                    help="bits over phi/k above which a sample is a filler (default 0.98*log2(E))")
-    p.add_argument("--refine-rounds", type=int, default=2)
+    p.add_argument("--refine-rounds", type=int, default=2,
+                   help="rounds of alternating expert regrouping and sample placement")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_placement)
 
     t = subparsers.add_parser("traffic", help="simulated cross-rank all-to-all traffic with and without placement")
-    t.add_argument("routing", type=Path)
-    t.add_argument("--seq-len", type=int, default=None)
-    t.add_argument("--ep", type=int, nargs="+", default=[8, 16, 32])
-    t.add_argument("--hidden", type=int, default=TrafficConfig.hidden)
-    t.add_argument("--moe-layers", type=int, default=TrafficConfig.moe_layers)
-    t.add_argument("--bytes-per-element", type=int, default=TrafficConfig.bytes_per_element)
-    t.add_argument("--samples-per-rank", type=int, default=TrafficConfig.samples_per_rank_per_step)
-    t.add_argument("--refine-rounds", type=int, default=2)
-    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("routing", type=Path, help="pre-dispatched dataset directory (routing.json beside the tokens)")
+    t.add_argument("--seq-len", type=int, default=None, help="tokens per sample (default: the pre-dispatch's seq_len)")
+    t.add_argument("--ep", type=int, nargs="+", default=[8, 16, 32], help="expert-parallel sizes to simulate")
+    t.add_argument("--hidden", type=int, default=TrafficConfig.hidden, help="model hidden size (bytes per token moved)")
+    t.add_argument("--moe-layers", type=int, default=TrafficConfig.moe_layers, help="MoE layers per step")
+    t.add_argument("--bytes-per-element", type=int, default=TrafficConfig.bytes_per_element,
+                   help="bytes per activation element (2 for bf16)")
+    t.add_argument("--samples-per-rank", type=int, default=TrafficConfig.samples_per_rank_per_step,
+                   help="samples per rank per step")
+    t.add_argument("--refine-rounds", type=int, default=2,
+                   help="rounds of alternating expert regrouping and sample placement")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_traffic)

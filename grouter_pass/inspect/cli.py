@@ -30,7 +30,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--html", metavar="PATH", help="also write a self-contained HTML page")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-' for stdout, then no text)")
     p.add_argument("--no-diff", action="store_true", help="leave the graph diff out of the text")
-    p.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colour the text report: auto (when stdout is a terminal), always, never")
     p.add_argument("--compiler", choices=("eager", "aot_eager", "inductor"), default="eager",
                    help="what runs the rewritten graphs in the parity check (default eager: checks the pass)")
     p.add_argument("--tolerance", type=float, default=1e-5, help="max relative error of a parity row")

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from grouter_pass._logging import RESULT
+
 log = logging.getLogger(__name__)
 
 
@@ -110,7 +112,7 @@ class RouterTeacher:
             state.module_path, state.family = site.module_path, site.gating.spec.describe()
             state.num_experts, state.top_k = site.gating.spec.num_experts, site.gating.spec.top_k
             log.info("grouter: teacher router is the first MoE layer, %s (%s, E=%d, k=%d)", site.module_path,
-                     state.family, state.num_experts, state.top_k)
+                     state.family, state.num_experts, state.top_k, extra=RESULT)
         logits, hidden = site.gating.logits, site.gating.router_input
 
         def record(h: torch.Tensor, z: torch.Tensor) -> None:

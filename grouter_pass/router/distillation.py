@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import save_grouter
 from grouter_pass.router.config import GrouterModelConfig
 from grouter_pass.router.data import PackedBatches, TokenizedCorpus
@@ -206,7 +207,7 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     grouter.eval()
     if val_batches is not None:
         result = evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens)
-        log.info("distilled Grouter: %s", result)
+        log.info("distilled Grouter: %s", result, extra=RESULT)
     if out_dir is not None:
         save_trainer_checkpoint(out_dir, grouter, optimizer, config.steps, settings)
         save_grouter(grouter, Path(out_dir), extra={"step": config.steps})

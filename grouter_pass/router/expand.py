@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
+from grouter_pass._logging import RESULT
 from grouter_pass.router.network import Grouter
 
 log = logging.getLogger(__name__)
@@ -114,5 +115,6 @@ def expand_grouter(grouter: Grouter, target_experts: int, batches: Iterable[torc
     new.folding = None
     new.expanding = {"source_experts": e_s, "new_experts": list(range(e_s, target_experts)),
                      "low_confidence_tokens": int(hidden.shape[0]), "quantile": quantile}
-    log.info("expanded %d -> %d experts from %d low-confidence tokens", e_s, target_experts, hidden.shape[0])
+    log.info("expanded %d -> %d experts from %d low-confidence tokens", e_s, target_experts, hidden.shape[0],
+             extra=RESULT)
     return new

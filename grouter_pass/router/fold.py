@@ -19,6 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
+from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import Folding
 from grouter_pass.router.network import Grouter
 
@@ -114,5 +115,5 @@ def fold_grouter(grouter: Grouter, groups: list[list[int]], *, top_k: int | None
     new.folding = folding
     new.expanding = None
     log.info("folded %d -> %d experts (top-%d); group sizes %s", grouter.config.num_experts, e_t, k,
-             sorted({len(g) for g in groups}))
+             sorted({len(g) for g in groups}), extra=RESULT)
     return new

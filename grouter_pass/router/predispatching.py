@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
+from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import grouter_fingerprint
 from grouter_pass.router.data import TokenizedCorpus
 from grouter_pass.router.network import Grouter
@@ -151,7 +152,7 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
             "grouter": grouter_fingerprint(grouter), "vocab_size": cfg.vocab_size}
     path = directory / f"{name}.json"
     path.write_text(json.dumps(meta, indent=2))
-    log.info("pre-dispatched %d tokens (%s, %d windows) into %s", n, granularity, len(windows), directory)
+    log.info("pre-dispatched %d tokens (%s, %d windows) into %s", n, granularity, len(windows), directory, extra=RESULT)
     return path
 
 

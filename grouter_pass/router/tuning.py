@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import save_grouter
 from grouter_pass.router.data import PackedBatches, TokenizedCorpus
 from grouter_pass.router.network import Grouter
@@ -194,7 +195,7 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
     result = None
     if val is not None:
         result = TuneResult(before, measure_max_violation(grouter, val.eval_batches(config.eval_tokens)))
-        log.info("tuned Grouter: %s", result)
+        log.info("tuned Grouter: %s", result, extra=RESULT)
     if out_dir is not None:
         save_trainer_checkpoint(out_dir, grouter, optimizer, config.steps, settings)
         save_grouter(grouter, Path(out_dir), folding=folding)

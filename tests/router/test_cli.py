@@ -173,6 +173,46 @@ def test_progress_bar_shows_loss_and_throughput():
     for step in range(1, 5):
         bar.update(step, tokens=100, loss=0.5 / step)
     bar.close()
-    lines = stream.getvalue().splitlines()
-    assert len(lines) == 4 and lines[-1].startswith("distill [########################] 4/4 loss 0.125 | ")
-    assert "tok/s" in lines[-1]
+    last = stream.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("distill: 100%") and "4/4 [" in last and "loss=0.125" in last and "tok/s=" in last
+
+
+def test_progress_bar_of_a_resumed_run_starts_at_the_checkpoint_step():
+    import io
+
+    from grouter_pass.router.progress import Progress
+
+    stream = io.StringIO()
+    bar = Progress(10, "tune[score]", start=6, stream=stream, log_every=0)
+    bar.update(7, tokens=10, balance=1.0)
+    bar.close()
+    assert "6/10" in stream.getvalue() and "7/10" in stream.getvalue() and bar.step == 7
+
+
+def test_version_and_help_for_every_option(capsys):
+    import argparse
+
+    from grouter_pass.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith("grouter-pass ")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not a.help and not isinstance(a, argparse._HelpAction)]
+    assert not missing, f"options without help text: {missing}"
+    text = sub.choices["tune"].format_help()
+    assert "(default: 400)" in text and "(default: None)" not in text   # defaults shown, empty ones not
+
+
+def test_a_result_is_printed_once_not_also_logged(tmp_path, ckpt, text):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "grouter", "fold", str(ckpt), "--experts", "3", "--top-k", "2",
+                          "--out", str(tmp_path / "f"), "--data", str(text), "--seq-len", "32"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    both = out.stdout + out.stderr
+    assert both.count("folded 8 -> 3 experts") == 1, both
