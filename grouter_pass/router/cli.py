@@ -68,11 +68,31 @@ def _check_vocab(grouter, tokenizer) -> None:
     check_compatible(grouter.config, vocab_size=tokenizer.vocab_size, what=f"tokenizer ({tokenizer.name})")
 
 
-def _grouter_and_tokenizer(args: argparse.Namespace):
-    """The checkpoint's Grouter and the tokenizer, refused when the vocabularies do not fit."""
+def _load(args: argparse.Namespace):
+    """The checkpoint's Grouter with ``--top-k`` / ``--scaling-factor`` applied. A reference
+    ``.pth`` does not record k: without ``--top-k`` it gets ``min(8, E)``, which is said."""
     from grouter_pass.router.checkpoint import load_grouter
 
-    grouter = load_grouter(args.checkpoint)
+    overrides = {k: v for k, v in (("top_k", getattr(args, "top_k", None)),
+                                   ("scaling_factor", getattr(args, "scaling_factor", None))) if v is not None}
+    grouter = load_grouter(args.checkpoint, **overrides)
+    if Path(args.checkpoint).suffix in (".pth", ".pt") and "top_k" not in overrides:
+        log.warning("%s is a reference checkpoint, which does not record k: using top_k=%d (pass --top-k to "
+                    "choose; the reference's folded 64-expert Grouter uses 6)", args.checkpoint, grouter.config.top_k)
+    return grouter
+
+
+def _routing_override_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top-k", type=int, default=None,
+                   help="experts per token the Grouter routes to (default: the checkpoint's; a reference .pth "
+                        "records none and gets min(8, E)); saved with the result")
+    p.add_argument("--scaling-factor", type=float, default=None,
+                   help="gate weight scale (default: the checkpoint's); saved with the result")
+
+
+def _grouter_and_tokenizer(args: argparse.Namespace):
+    """The checkpoint's Grouter and the tokenizer, refused when the vocabularies do not fit."""
+    grouter = _load(args)
     tokenizer = _tokenizer(args)
     _check_vocab(grouter, tokenizer)
     return grouter, tokenizer
@@ -190,12 +210,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_predispatch(args: argparse.Namespace) -> int:
-    from grouter_pass.router.checkpoint import load_grouter
     from grouter_pass.router.config import check_compatible
     from grouter_pass.router.data import TOKENS_META
     from grouter_pass.router.predispatching import predispatch
 
-    grouter = load_grouter(args.checkpoint).to(args.device)
+    grouter = _load(args).to(args.device)
     check_compatible(grouter.config, num_experts=args.expect_experts, top_k=args.expect_top_k)
     if (Path(args.data) / TOKENS_META).is_file():
         directory = Path(args.data)
@@ -215,10 +234,9 @@ def cmd_predispatch(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from grouter_pass.router.checkpoint import load_grouter
     from grouter_pass.router.config import check_compatible
 
-    grouter = load_grouter(args.checkpoint)
+    grouter = _load(args)
     cfg = grouter.config
     n_params = sum(p.numel() for p in grouter.parameters())
     n_embed = grouter.embed_tokens.weight.numel()
@@ -306,6 +324,7 @@ def register(subparsers: Any) -> None:
                    help="score: train the score layer on the balance loss (the reference); "
                         "bias: sign steps on the selection bias only")
     p.add_argument("--bias-rate", type=float, default=1e-3, help="bias mode: sign-update step")
+    _routing_override_args(p)
     _add_data_args(p, max_tokens=5_000_000, val=True)
     _add_train_args(p, steps=400, lr=1e-3, warmup=0, seq_len=512, batch_size=8)
     p.set_defaults(func=cmd_tune)
@@ -325,6 +344,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="cpu", help="where the Grouter runs (cpu, cuda, ...)")
     _expect_args(p)
+    _routing_override_args(p)
     p.set_defaults(func=cmd_predispatch)
 
     p = subparsers.add_parser("info", help="describe (and validate) a Grouter checkpoint")
@@ -332,4 +352,5 @@ def register(subparsers: Any) -> None:
                    help="Grouter checkpoint directory (config.json + model.safetensors) or a reference .pth file")
     p.add_argument("--tokenizer", default=None, help="also check this tokenizer's vocabulary fits")
     _expect_args(p)
+    _routing_override_args(p)
     p.set_defaults(func=cmd_info)

@@ -7,7 +7,9 @@
 * Corpora (:func:`iter_documents`): ``"stdlib"`` (the Python standard library's ``*.py`` files,
   sorted by relative path, split into train/validation by a CRC of the path, so the split is the
   same on every machine and does not shift when a file is added), a ``.txt`` file (one document),
-  a ``.jsonl`` file (one document per line, field ``text``), a directory of those, or a
+  a ``.jsonl`` file (one document per line, field ``text``; C4's ``.json.gz`` and any gzipped
+  ``.jsonl``/``.json``/``.txt`` are read the same), a directory of those (other files are
+  skipped, and the skipped ones are logged), or a
   directory written by ``datasets.save_to_disk`` (needs the ``datasets`` package). Outside the
   stdlib corpus, every 20th document is held out for validation.
 * :class:`TokenizedCorpus`: a flat token array plus document offsets, saved as memory-mapped
@@ -19,6 +21,7 @@
 from __future__ import annotations
 
 import functools
+import gzip
 import json
 import logging
 import os
@@ -117,12 +120,34 @@ def stdlib_split(rel: str) -> str:
     return "validation" if zlib.crc32(rel.encode()) % 100 < VALIDATION_PERCENT else "train"
 
 
+#: file kinds a corpus directory may hold, by name ending; each also read gzipped (``.jsonl.gz``)
+TEXT_SUFFIXES, JSONL_SUFFIXES = (".txt", ".py"), (".jsonl", ".json")
+
+
+def _kind(path: Path) -> str | None:
+    """"jsonl", "text" or None (not a corpus file), by name: ``c4-train.00000-of-01024.json.gz``
+    is JSON lines."""
+    name = path.name.lower().removesuffix(".gz")
+    if name.endswith(JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(TEXT_SUFFIXES):
+        return "text"
+    return None
+
+
+def _open_text(path: Path):
+    if path.name.lower().endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    return path.open("r", encoding="utf-8", errors="replace")
+
+
 def _read_text(path: Path) -> str:
-    return path.read_bytes().decode("utf-8", errors="replace")
+    with _open_text(path) as fh:
+        return fh.read()
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with path.open("r", encoding="utf-8", errors="replace") as fh:
+    with _open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -154,9 +179,25 @@ def _iter_hf_dataset(path: Path, split: str, text_field: str) -> Iterator[str]:
 
 
 def _files_of(path: Path) -> list[Path]:
+    """The corpus files of ``path`` (sorted); files of other kinds are skipped and logged, and a
+    directory with none is an error that says what was skipped."""
     if path.is_file():
+        if _kind(path) is None:
+            raise ValueError(f"{path}: not a corpus file (read: {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, "
+                             "each optionally .gz)")
         return [path]
-    return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".txt", ".jsonl", ".json", ".py"))
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    kept = [p for p in files if _kind(p) is not None]
+    skipped = [p for p in files if _kind(p) is None]
+    if skipped:
+        names = ", ".join(str(p.relative_to(path)) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        log.warning("%s: skipped %d file(s) that are not %s (optionally .gz): %s", path, len(skipped),
+                    "/".join(TEXT_SUFFIXES + JSONL_SUFFIXES), names)
+    if not kept:
+        raise ValueError(f"{path} holds no corpus files: {len(skipped)} file(s) skipped because their names do not end "
+                         f"in {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} (optionally .gz)"
+                         + (f", e.g. {skipped[0].name}" if skipped else ""))
+    return kept
 
 
 def iter_documents(source: str | os.PathLike, split: str = "train", *, text_field: str = "text",
@@ -187,7 +228,7 @@ def iter_documents(source: str | os.PathLike, split: str = "train", *, text_fiel
 
     def all_docs() -> Iterator[str]:
         for f in _files_of(path):
-            if f.suffix in (".jsonl", ".json"):
+            if _kind(f) == "jsonl":
                 yield from _iter_jsonl(f, text_field)
             else:
                 yield _read_text(f)

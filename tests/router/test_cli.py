@@ -216,3 +216,45 @@ def test_a_result_is_printed_once_not_also_logged(tmp_path, ckpt, text):
     assert out.returncode == 0, out.stderr
     both = out.stdout + out.stderr
     assert both.count("folded 8 -> 3 experts") == 1, both
+
+
+def test_predispatch_of_a_reference_pth_takes_top_k_and_scaling_factor_and_records_them(tmp_path, text, capsys,
+                                                                                          caplog):
+    from tests.router.test_checkpoint import reference_layout
+
+    # a state dict in the reference release's layout, as the published checkpoints are
+    g = tiny_grouter(vocab_size=257)
+    torch.save(reference_layout(g), tmp_path / "grouter.pth")
+    caplog.set_level("WARNING", logger="grouter_pass.router")
+    rc, out, err = run(capsys, "predispatch", tmp_path / "grouter.pth", "--data", text, "--out", tmp_path / "tok",
+                       "--seq-len", 64, "--no-progress")
+    assert rc == 0, err
+    assert "does not record k: using top_k=8 (pass --top-k" in caplog.text
+    rc, out, err = run(capsys, "predispatch", tmp_path / "grouter.pth", "--data", tmp_path / "tok", "--seq-len", 64,
+                       "--no-progress", "--top-k", 3, "--scaling-factor", 1.0)
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "tok" / "routing.json").read_text())
+    assert meta["top_k"] == 3 and meta["scaling_factor"] == 1.0
+    rc, out, err = run(capsys, "info", tmp_path / "grouter.pth", "--top-k", 3)
+    assert rc == 0 and "top_k: 3" in out
+
+
+def test_gzipped_json_lines_are_read_and_skipped_files_are_named(tmp_path, caplog):
+    import gzip
+
+    from grouter_pass.router.data import iter_documents
+
+    d = tmp_path / "c4"
+    d.mkdir()
+    with gzip.open(d / "c4-train.00000-of-01024.json.gz", "wt") as fh:
+        fh.write("\n".join(json.dumps({"text": f"document {i}", "url": "x"}) for i in range(40)))
+    (d / "README.parquet").write_bytes(b"PAR1")
+    caplog.set_level("WARNING", logger="grouter_pass.router")
+    docs = list(iter_documents(d, "all"))
+    assert docs == [f"document {i}" for i in range(40)]
+    assert "skipped 1 file(s)" in caplog.text and "README.parquet" in caplog.text
+    only_parquet = tmp_path / "pq"
+    only_parquet.mkdir()
+    (only_parquet / "train.parquet").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"holds no corpus files: 1 file\(s\) skipped .* e\.g\. train\.parquet"):
+        list(iter_documents(only_parquet, "all"))
