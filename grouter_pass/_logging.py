@@ -11,6 +11,10 @@ torch validates ``TORCH_LOGS`` at import time against its registered names and i
 modules, so a name registered later by a library would be refused; a module name is accepted
 and enables the logger of that name.
 
+With ``TORCH_TRACE=<dir>`` each compile also records artifacts for ``tlparse``: ``grouter_sites``
+(the pass report as JSON), ``grouter_graph_before`` / ``grouter_graph_after`` / ``grouter_diff``
+for a rewritten graph, and ``grouter_parity`` (the first-call comparison of ``verify=True``).
+
 Counters live in ``torch._dynamo.utils.counters["grouter"]`` (``sites_found``,
 ``sites_rewritten``, ``sites_rejected``, ``nodes_replaced``, ``canonicalized_nodes``) so tests can
 assert exact numbers.
@@ -18,7 +22,10 @@ assert exact numbers.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import torch.fx as fx
 
@@ -39,8 +46,36 @@ for _channel in (site_log, diff_log):
         _channel.setLevel(logging.WARNING)
 
 
+def trace_artifact(name: str, payload_fn: Callable[[], Any], *, encoding: str = "json") -> None:
+    """One ``torch._logging.trace_structured`` artifact (shown by tlparse in a ``TORCH_TRACE``
+    dump, next to the compile it belongs to); the payload is built only when tracing is on."""
+    from torch._logging import trace_structured
+
+    def payload() -> str:
+        value = payload_fn()
+        return json.dumps(value, default=str) if encoding == "json" else str(value)
+
+    trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": encoding}, payload_fn=payload)
+
+
+def _trace_report(report: PassReport, before: fx.GraphModule | None, after: fx.GraphModule | None) -> None:
+    trace_artifact("grouter_sites", report.to_dict)
+    if report.changed and before is not None and after is not None:
+        trace_artifact("grouter_graph_before", lambda: before.print_readable(print_output=False), encoding="string")
+        trace_artifact("grouter_graph_after", lambda: after.print_readable(print_output=False), encoding="string")
+
+        def diff() -> str:
+            from grouter_pass.inspect.graph_text import graph_lines, rewrite_tags, unified_diff
+
+            tags_before, tags_after = rewrite_tags(report)
+            return unified_diff(graph_lines(before, tags_before), graph_lines(after, tags_after))
+
+        trace_artifact("grouter_diff", diff, encoding="string")
+
+
 def log_report(report: PassReport, *, before: fx.GraphModule | None = None,
                after: fx.GraphModule | None = None) -> None:
+    _trace_report(report, before, after)
     rewritten = report.rewritten
     if not report.sites:
         log.info("grouter: no MoE gating site found; graph compiled unchanged")

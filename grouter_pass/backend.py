@@ -39,10 +39,14 @@ def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], conf
     if config.compiler == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
+        from grouter_pass.integrations.inductor import KernelChoiceKey
+
         patches = dict(config.inductor_options)
         if mode and mode != "default":
             patches = {**torch._inductor.list_mode_options(mode, config.dynamic), **patches}
-        compiled = compile_fx(new_gm, list(example_inputs), config_patches=patches or None)
+        patches["pre_grad_custom_pass"] = KernelChoiceKey(
+            patches.get("pre_grad_custom_pass", torch._inductor.config.pre_grad_custom_pass))
+        compiled = compile_fx(new_gm, list(example_inputs), config_patches=patches)
     elif config.compiler == "aot_eager":
         from torch._dynamo.backends.debugging import aot_eager
 

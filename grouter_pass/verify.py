@@ -67,13 +67,19 @@ class VerifyFirstCall:
         got, want = pytree.tree_leaves(actual), pytree.tree_leaves(expected)
         if len(got) != len(want):
             raise GrouterVerificationError(f"rewritten graph returned {len(got)} outputs, original {len(want)}")
-        failures = []
+        failures, rows = [], []
         for i, (a, e) in enumerate(zip(got, want)):
             if not isinstance(e, torch.Tensor):
                 continue
             c = compare(a.detach(), e.detach(), rtol=self.config.verify_rtol, atol=self.config.verify_atol)
+            rows.append({"output": i, "dtype": str(e.dtype).removeprefix("torch."), "shape": list(e.shape),
+                         "ok": c.ok, "comparison": str(c)})
             if not c.ok:
                 failures.append(f"  output {i} {str(e.dtype).removeprefix('torch.')}{list(e.shape)}: {c}")
+        from grouter_pass._logging import trace_artifact
+
+        trace_artifact("grouter_parity", lambda: {"rtol": self.config.verify_rtol, "atol": self.config.verify_atol,
+                                                  "outputs": rows})
         if failures:
             sites = "\n".join(f"  {s.summary()}" for s in self.report.rewritten)
             raise GrouterVerificationError(

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 import grouter_pass
+from grouter_pass import env
 from grouter_pass._logging import log_report
 from grouter_pass.config import GrouterConfig
 from grouter_pass.passes import run_grouter_passes
@@ -44,7 +46,7 @@ class GrouterPreGradPass(CustomGraphPass):
 
     def __init__(self, config: GrouterConfig | None = None) -> None:
         self.config = config or GrouterConfig()
-        self._uuid: str | None = None
+        self._files_hash: str | None = None
 
     def __call__(self, graph: fx.Graph) -> None:
         gm = graph.owning_module
@@ -55,6 +57,28 @@ class GrouterPreGradPass(CustomGraphPass):
             gm.recompile()
 
     def uuid(self) -> str:
-        if self._uuid is None:
-            self._uuid = get_hash_for_files(_pass_source_files()).hex() + "-" + self.config.fingerprint()
-        return self._uuid
+        """The pass's source, its config and the kernel choice (``grouter_pass.env``): Inductor
+        maps the grouter ops onto the Triton kernels or keeps the opaque ops by that choice, so
+        a graph cached under one setting must not be reused under another."""
+        if self._files_hash is None:
+            self._files_hash = get_hash_for_files(_pass_source_files()).hex()
+        return f"{self._files_hash}-{self.config.fingerprint()}-{env.fingerprint()}"
+
+
+class KernelChoiceKey(CustomGraphPass):
+    """The pre-grad slot of an Inductor compile that the grouter backend starts: runs the user's
+    own ``pre_grad_custom_pass`` (if any) and adds the kernel choice to its cache key, so the
+    FX graph cache never serves a graph lowered for another ``GROUTER_KERNELS`` setting."""
+
+    def __init__(self, inner: Any = None) -> None:
+        self.inner = inner
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+
+    def uuid(self) -> str | None:
+        if self.inner is None:
+            return f"no-pre-grad-pass-{env.fingerprint()}"
+        inner = self.inner.uuid() if isinstance(self.inner, CustomGraphPass) else None
+        return None if inner is None else f"{inner}-{env.fingerprint()}"   # None: Inductor bypasses the cache

@@ -431,10 +431,17 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
     analysis of an identical block, so only the proof runs for this one.
 
     The probes run the block on random inputs; what a forward writes into the block's buffers
-    (per-expert token counts, say) is put back afterwards, so probing leaves no trace."""
+    (per-expert token counts, say) is put back afterwards, and the global random generators are
+    forked around them, so probing leaves no trace."""
     saved = {name: b.detach().clone() for name, b in cand.block.named_buffers()}
+    device = cand.router_weight.device
+    # a block with dropout or router jitter draws from the global generators when probed: fork
+    # them, so the user's random stream is the same as without the pass
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                                device_type=device.type if device.type != "cpu" else "cuda")
     try:
-        return _rewrite_loop_block(cand, tokens=tokens, reuse=reuse, saved=saved)
+        with rng:
+            return _rewrite_loop_block(cand, tokens=tokens, reuse=reuse, saved=saved)
     finally:
         with torch.no_grad():
             for name, b in cand.block.named_buffers():

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
+
+from grouter_pass import env
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ INTERPRET_CONFIG = (16, 32, 32, 1, 1)
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.triton_interpret()
 
 
 def autotune_enabled() -> bool:
@@ -54,7 +55,7 @@ def autotune_enabled() -> bool:
         return False
     if _override is not None:
         return _override
-    return os.environ.get("GROUTER_TRITON_AUTOTUNE", "1") != "0"
+    return env.triton_autotune()
 
 
 def set_autotune(enabled: bool | None) -> None:

@@ -12,10 +12,10 @@ reference to a few ulps.
 
 from __future__ import annotations
 
-import os
-
 import triton
 import triton.language as tl
+
+from grouter_pass import env
 
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3}
 
@@ -26,7 +26,7 @@ def _device_function(fn):
     ``InterpretedFunction`` call re-patches ``triton.language`` on every call (half the run time
     of the interpreter tests); there the helper runs as the plain Python it already is. Decided
     at import, as ``triton.jit`` itself decides."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if env.triton_interpret():
         return fn
     return triton.jit(fn)
 
@@ -65,7 +65,7 @@ def _mma(a, b, acc, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-mma = _mma_interpreted if os.environ.get("TRITON_INTERPRET", "0") == "1" else triton.jit(_mma)
+mma = _mma_interpreted if env.triton_interpret() else triton.jit(_mma)
 mma.__doc__ = "``acc + a @ b`` with fp32 accumulation (``tl.dot``)."
 
 

@@ -16,25 +16,20 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import torch
 
+from grouter_pass import env
+
 log = logging.getLogger(__name__)
 
-_MODES = ("auto", "reference", "triton")
-
-
 def kernels_mode() -> str:
-    """``GROUTER_KERNELS``: auto, reference or triton (read at each call)."""
-    mode = os.environ.get("GROUTER_KERNELS", "auto")
-    if mode not in _MODES:
-        raise ValueError(f"GROUTER_KERNELS must be one of {_MODES}, got {mode!r}")
-    return mode
+    """``GROUTER_KERNELS``: auto, reference or triton (read at each call; :mod:`grouter_pass.env`)."""
+    return env.kernels_mode()
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.triton_interpret()
 
 
 def kernels_available_for(t: torch.Tensor) -> bool:

@@ -65,3 +65,44 @@ def test_torch_logs_grouter_diff_prints_the_tagged_diff_in_both_front_doors():
         assert text.count("grouter.route(") == 2
         assert "  # router: blocks.0" in text and "  # experts: blocks.1" in text
         assert "# removed: blocks.0" in text
+
+
+def test_torch_trace_dump_holds_the_rewrite_as_artifacts(tmp_path):
+    import json
+
+    script = textwrap.dedent("""
+        import torch
+        from grouter_pass import GrouterConfig, apply_grouter
+        from grouter_pass.testing.handwritten import DenseBmmMoE, TinyMoELM
+
+        torch.manual_seed(0)
+        model = TinyMoELM(DenseBmmMoE, layers=2)
+        apply_grouter(model, GrouterConfig(compiler="eager"), verify=True)(torch.randint(0, 97, (2, 5)))
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_LOGS", "TORCH_TRACE")}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          env={**env, "TORCH_TRACE": str(tmp_path)})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    artifacts: dict[str, list[str]] = {}
+    for log_file in tmp_path.iterdir():
+        lines = log_file.read_text().splitlines()
+        for i, line in enumerate(lines):
+            start = line.find("] {")
+            if line.startswith("\t") or start < 0:
+                continue
+            head = json.loads(line[start + 2:])
+            if "artifact" in head and head["artifact"]["name"].startswith("grouter_"):
+                payload = []
+                for x in lines[i + 1:]:
+                    if not x.startswith("\t"):
+                        break
+                    payload.append(x[1:])
+                artifacts.setdefault(head["artifact"]["name"], []).append("\n".join(payload))
+    assert set(artifacts) == {"grouter_sites", "grouter_graph_before", "grouter_graph_after", "grouter_diff",
+                              "grouter_parity"}, sorted(artifacts)
+    sites = json.loads(artifacts["grouter_sites"][0])["sites"]
+    assert len(sites) == 2 and all(s["rewritten"] for s in sites)
+    assert "torch.ops.grouter.route" in artifacts["grouter_graph_after"][0]
+    assert "grouter.route" not in artifacts["grouter_graph_before"][0] and artifacts["grouter_diff"][0].strip()
+    parity = json.loads(artifacts["grouter_parity"][0])
+    assert parity["outputs"] and all(row["ok"] for row in parity["outputs"])

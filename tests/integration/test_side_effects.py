@@ -104,3 +104,62 @@ def test_experts_without_tokens_keep_none_gradients_and_adamw_matches_eager():
     for (n, p), q in zip(model.named_parameters(), reference.parameters()):
         if want[n]:
             assert torch.equal(p, q), n
+
+
+def test_the_kernel_choice_is_in_every_cache_key(monkeypatch):
+    """``GROUTER_KERNELS`` decides how Inductor lowers the grouter ops, so the FX graph cache must
+    see it: the pre-grad hook's uuid and the key the grouter backend adds both change with it."""
+    from grouter_pass import GrouterPreGradPass
+    from grouter_pass.integrations.inductor import KernelChoiceKey
+
+    hook, key = GrouterPreGradPass(), KernelChoiceKey()
+    monkeypatch.setenv("GROUTER_KERNELS", "auto")
+    before = hook.uuid(), key.uuid()
+    monkeypatch.setenv("GROUTER_KERNELS", "reference")
+    after = hook.uuid(), key.uuid()
+    assert before[0] != after[0] and before[1] != after[1]
+    assert KernelChoiceKey(GrouterPreGradPass()).uuid() != KernelChoiceKey().uuid()
+    assert KernelChoiceKey(lambda graph: None).uuid() is None   # an unkeyed user pass: Inductor bypasses the cache
+
+
+def test_the_grouter_backend_compiles_through_inductor_with_the_kernel_key(monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    from grouter_pass.integrations.inductor import KernelChoiceKey
+
+    seen = []
+    real = inductor.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        seen.append(config_patches)
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(inductor, "compile_fx", spy)
+    model = nn.Sequential(LoopMoE(hidden=16, ffn=12, experts=4, top_k=2))
+    x = torch.randn(2, 3, 16)
+    want, _ = copy.deepcopy(model)(x)
+    got, _ = apply_grouter(model, GrouterConfig())(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    outer = [p for p in seen if p is not None]   # compile_fx calls itself again once the patches are applied
+    assert outer and all(isinstance(p["pre_grad_custom_pass"], KernelChoiceKey) for p in outer)
+
+
+class JitterLoopMoE(LoopMoE):
+    """Router jitter in training: the forward draws from the global generator."""
+
+    def forward(self, hidden_states):
+        if self.training:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(0.99, 1.01)
+        return super().forward(hidden_states)
+
+
+def test_probing_leaves_the_global_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    model = nn.Sequential(JitterLoopMoE(hidden=16, ffn=12, experts=4, top_k=2))   # built before the seed below
+    torch.manual_seed(123)
+    compiled = apply_grouter(model, GrouterConfig(compiler="eager"))
+    (report,) = compiled._grouter_prepared.loop_blocks
+    assert "random in training" in report.reason   # probed (several runs), then left alone
+    assert torch.equal(torch.rand(4), expected), "apply_grouter advanced the user's random generator"
