@@ -96,19 +96,31 @@ def unified_diff(before: list[str], after: list[str], context: int = 2) -> str:
     return "\n".join(difflib.unified_diff(before, after, "before", "after", lineterm="", n=context))
 
 
+def node_name(line: str) -> str | None:
+    """The node a graph line defines (``name = ...``), or None (the return line)."""
+    head, sep, _ = line.partition(" = ")
+    return head if sep and " " not in head else None
+
+
 def side_by_side(before: list[str], after: list[str]) -> list[tuple[str, str, str]]:
-    """Rows ``(kind, left, right)`` aligning the two graphs; kind is equal / removed / added / changed."""
+    """Rows ``(kind, left, right)`` aligning the two graphs **by node**: kind is equal, removed,
+    added or changed (the same node, different text). Inside a differing block a removed node is
+    never paired with an unrelated added one just because they sit at the same position."""
     rows: list[tuple[str, str, str]] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=before, b=after, autojunk=False).get_opcodes():
         if tag == "equal":
             rows.extend(("equal", before[i], after[j]) for i, j in zip(range(i1, i2), range(j1, j2)))
             continue
         left, right = before[i1:i2], after[j1:j2]
-        for k in range(max(len(left), len(right))):
-            lft = left[k] if k < len(left) else ""
-            rgt = right[k] if k < len(right) else ""
-            kind = "changed" if lft and rgt else ("removed" if lft else "added")
-            rows.append((kind, lft, rgt))
+        keys_l = [node_name(x) or f"\0{x}" for x in left]
+        keys_r = [node_name(x) or f"\0{x}" for x in right]
+        # the nodes both sides define, in order, are the anchors; what lies between is removed/added
+        for t2, a1, a2, b1, b2 in difflib.SequenceMatcher(a=keys_l, b=keys_r, autojunk=False).get_opcodes():
+            if t2 == "equal":
+                rows.extend(("changed", left[a], right[b]) for a, b in zip(range(a1, a2), range(b1, b2)))
+                continue
+            rows.extend(("removed", left[a], "") for a in range(a1, a2))
+            rows.extend(("added", "", right[b]) for b in range(b1, b2))
     return rows
 
 

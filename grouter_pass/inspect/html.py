@@ -9,6 +9,7 @@ readable without JavaScript). Written by ``grouter diff --html`` and shown by no
 
 from __future__ import annotations
 
+import re
 from html import escape
 from typing import TYPE_CHECKING
 
@@ -50,14 +51,33 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], *, cls: str = "
     return "\n".join(out)
 
 
-def _graph_rows(before: list[str], after: list[str]) -> str:
+def site_anchor(module_path: str) -> str:
+    """The id of a site's first changed row in the graph view (the sites table links to it)."""
+    return "site-" + re.sub(r"[^A-Za-z0-9_-]+", "-", module_path or "root")
+
+
+def _sites_of(line: str, sites: list[str]) -> list[str]:
+    tag = line.rpartition("  # ")[2] if "  # " in line else ""
+    return [p for p in sites if tag.endswith(f": {p}")]
+
+
+def _graph_rows(before: list[str], after: list[str], sites: list[str] | None = None,
+                anchored: set[str] | None = None) -> str:
     rows = side_by_side(before, after)
     changed = [i for i, r in enumerate(rows) if r[0] != "equal"]
     shown = {j for i in changed for j in range(i - CONTEXT, i + CONTEXT + 1)}
     out, folded = [], []
+    sites = sites or []
+    anchored = anchored if anchored is not None else set()
 
     def row_html(kind: str, left: str, right: str) -> str:
-        return (f'<tr class="{kind}"><td class="left">{escape(left)}</td>'
+        ids = ""
+        if kind != "equal":
+            new = [p for p in _sites_of(left, sites) + _sites_of(right, sites) if p not in anchored]
+            if new:
+                anchored.update(new)
+                ids = f' id="{site_anchor(new[0])}"'
+        return (f'<tr class="{kind}"{ids}><td class="left">{escape(left)}</td>'
                 f'<td class="right">{escape(right)}</td></tr>')
 
     def flush() -> None:
@@ -87,8 +107,12 @@ def render_html(report: ExplainReport) -> str:
                      + "</ul>")
 
     parts.append('<h2 id="sites">Sites</h2>')
-    parts.append(_table(("module", "family", "E", "k", "gating", "experts", "routing", "became"),
-                        [r for r in report.site_rows()], cls="sites"))
+    table = _table(("module", "family", "E", "k", "gating", "experts", "routing", "became"),
+                   [r for r in report.site_rows()], cls="sites")
+    for s in report.rewritten:   # each rewritten site links to its hunk in the graph view below
+        cell = f"<td>{escape(s.module_path)}</td>"
+        table = table.replace(cell, f'<td><a href="#{site_anchor(s.module_path)}">{escape(s.module_path)}</a></td>', 1)
+    parts.append(table)
 
     if report.mode != "exact":
         parts.append(f'<h2 id="agreement">Routing agreement: {escape(report.mode)} routing vs the model\'s own '
@@ -111,11 +135,14 @@ def render_html(report: ExplainReport) -> str:
     parts.append(_table(("op", "before", "after"), [(o, str(b), str(a)) for o, b, a in report.op_counts],
                         numeric={1, 2}))
 
+    site_paths = [s.module_path for s in report.rewritten]
+    anchored: set[str] = set()
     for d in report.diffs:
         parts.append(f'<h2 id="graph-{d.index}">Graph {d.index}: before / after'
                      + ("" if d.changed else " (unchanged)") + "</h2>")
         parts.append('<table class="graph"><colgroup><col style="width:50%"><col style="width:50%"></colgroup>'
-                     "<tr><th>before</th><th>after</th></tr>" + _graph_rows(d.before, d.after) + "</table>")
+                     "<tr><th>before</th><th>after</th></tr>" + _graph_rows(d.before, d.after, site_paths, anchored)
+                     + "</table>")
 
     title = escape(f"grouter explain: {report.model}")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'

@@ -11,6 +11,7 @@ import torch
 from expecttest import assert_expected_inline
 
 from grouter_pass import GrouterConfig, explain
+from grouter_pass.testing.handwritten import DenseBmmMoE, TinyMoELM
 from grouter_pass.testing.models import tiny_hf_moe
 
 
@@ -336,3 +337,31 @@ def test_a_wrong_renorm_shows_as_failing_parity_rows(monkeypatch):
     output_line = next(line for line in text.splitlines() if line.strip().startswith("output "))
     assert output_line.rstrip().endswith("FAIL")
     assert "renorm='none'" in report.diffs[0].unified
+
+
+def test_side_by_side_pairs_rows_by_node_not_by_position():
+    from grouter_pass.inspect.graph_text import side_by_side
+
+    before = ["a = f(x) -> f32[4]", "r = linear(a, w) -> f32[4,8]", "t = topk(r) -> (f32[4,2], i64[4,2])",
+              "y = g(a, t) -> f32[4]", "return y"]
+    after = ["a = f(x) -> f32[4]", "plan = grouter.dispatch_plan(ids) -> i64[8]", "y = g(a, plan) -> f32[4]",
+             "return y"]
+    rows = side_by_side(before, after)
+    assert ("changed", "y = g(a, t) -> f32[4]", "y = g(a, plan) -> f32[4]") in rows
+    assert ("removed", "r = linear(a, w) -> f32[4,8]", "") in rows
+    assert ("added", "", "plan = grouter.dispatch_plan(ids) -> i64[8]") in rows
+    # position alone would have paired the removed router with the new plan
+    assert not any(k == "changed" and left.startswith("r =") for k, left, _ in rows)
+
+
+def test_html_sites_link_to_their_hunks():
+    import re
+
+    from grouter_pass.inspect.html import site_anchor
+
+    model = TinyMoELM(DenseBmmMoE, layers=2)
+    page = explain(model, torch.randint(0, 97, (2, 5))).to_html()
+    for path in ("blocks.0", "blocks.1"):
+        anchor = site_anchor(path)
+        assert f'<a href="#{anchor}">{path}</a>' in page
+        assert len(re.findall(f'id="{anchor}"', page)) == 1, f"{path}: one hunk anchor"
