@@ -258,3 +258,21 @@ def test_gzipped_json_lines_are_read_and_skipped_files_are_named(tmp_path, caplo
     (only_parquet / "train.parquet").write_bytes(b"PAR1")
     with pytest.raises(ValueError, match=r"holds no corpus files: 1 file\(s\) skipped .* e\.g\. train\.parquet"):
         list(iter_documents(only_parquet, "all"))
+
+
+def test_help_loads_neither_the_passes_nor_dynamo():
+    """``grouter --help`` (and ``import grouter_pass``) register the ops but load the graph passes,
+    Dynamo and Inductor only when something compiles: the commands start in the time torch takes."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grouter_pass\n"
+            "assert 'grouter_pass.passes' not in sys.modules and 'torch._dynamo' not in sys.modules\n"
+            "from grouter_pass.cli import build_parser\n"
+            "build_parser().format_help()\n"
+            "heavy = sorted(m for m in ('torch._dynamo', 'torch._inductor', 'grouter_pass.passes', 'transformers')\n"
+            "               if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "assert grouter_pass.GrouterConfig().exact and callable(grouter_pass.apply_grouter)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
