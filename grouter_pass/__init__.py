@@ -17,6 +17,10 @@ from typing import Any as _Any
 
 from grouter_pass import ops  # noqa: F401  (registers torch.ops.grouter.*)
 
+# ``routing`` is both a submodule and the function users call (``grouter_pass.routing(w, ids)``):
+# imported here, so the function, not the module, is what the package attribute holds for good
+from grouter_pass.routing import GrouterRouting, HashRouting, PrecomputedRouting, routing
+
 __version__ = "0.1.0"
 
 # The public names, loaded on first use: importing the package registers the ops (that needs
@@ -31,8 +35,6 @@ _LAZY = {
     "GrouterConfig": "grouter_pass.config", "LearnedRouter": "grouter_pass.config",
     "ExplainReport": "grouter_pass.inspect", "explain": "grouter_pass.inspect",
     "GrouterPreGradPass": "grouter_pass.integrations.inductor",
-    "GrouterRouting": "grouter_pass.routing", "HashRouting": "grouter_pass.routing",
-    "PrecomputedRouting": "grouter_pass.routing", "routing": "grouter_pass.routing",
     "ActivationSpec": "grouter_pass.spec", "ExpertsSpec": "grouter_pass.spec", "GatingSpec": "grouter_pass.spec",
     "PassReport": "grouter_pass.spec", "SiteReport": "grouter_pass.spec",
     "GrouterVerificationError": "grouter_pass.verify",
