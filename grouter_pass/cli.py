@@ -19,6 +19,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from grouter_pass._logging import RESULT_ATTR
+
 log = logging.getLogger(__name__)
 
 SUBCOMMAND_MODULES = (
@@ -54,8 +56,6 @@ def _version() -> str:
 class _DropLibraryResults(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # the library's one-line results (``extra=RESULT``): each command prints a fuller line itself
-        from grouter_pass._logging import RESULT_ATTR
-
         return not getattr(record, RESULT_ATTR, False)
 
 

@@ -33,21 +33,27 @@ def _reason_line(reason: Any) -> str:
     return reason.reason.splitlines()[0][:160] + where
 
 
-def graph_breaks(fn: Callable, *args: Any, **kwargs: Any) -> GraphBreaks:
-    """Run ``fn(*args, **kwargs)`` once under Dynamo (no grad) and count its graphs and breaks.
-
-    The count is taken as ``torch._dynamo.explain`` takes it (breaks = graphs - 1, at least 0), and
-    the reasons are the first line of each break's message with the user frame it happened in.
-    """
+def record_graphs(fn: Callable, *args: Any, dynamic: bool | None = None, **kwargs: Any) -> list[fx.GraphModule]:
+    """Run ``fn(*args, **kwargs)`` once under Dynamo in an isolated region and return the graphs it
+    captured (each with ``meta["example_value"]`` on its nodes), in order."""
     graphs: list[fx.GraphModule] = []
 
     def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
         graphs.append(gm)
         return gm.forward
 
-    compiled = torch.compile(fn, backend=record, isolate_recompiles=True)
+    torch.compile(fn, backend=record, dynamic=dynamic, isolate_recompiles=True)(*args, **kwargs)
+    return graphs
+
+
+def graph_breaks(fn: Callable, *args: Any, **kwargs: Any) -> GraphBreaks:
+    """Run ``fn(*args, **kwargs)`` once under Dynamo (no grad) and count its graphs and breaks.
+
+    The count is taken as ``torch._dynamo.explain`` takes it (breaks = graphs - 1, at least 0), and
+    the reasons are the first line of each break's message with the user frame it happened in.
+    """
     with torch.no_grad():
-        compiled(*args, **kwargs)
+        graphs = record_graphs(fn, *args, **kwargs)
     reasons = [_reason_line(gm.compile_subgraph_reason) for gm in graphs
                if getattr(gm, "compile_subgraph_reason", None) is not None and gm.compile_subgraph_reason.graph_break]
     return GraphBreaks(len(graphs), max(len(graphs) - 1, 0), reasons)

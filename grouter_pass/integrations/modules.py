@@ -367,6 +367,13 @@ def _output_roles(out: Any, x: torch.Tensor, logits: torch.Tensor) -> tuple[pytr
     return tree, roles
 
 
+def _random_projection(leaves: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """A scalar that weighs every output element by a fixed random number (a random cotangent),
+    drawn on the CPU from its own generator and moved to each output's device."""
+    gen = torch.Generator().manual_seed(seed)
+    return sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in leaves)
+
+
 def _run(block: nn.Module, x: torch.Tensor, grad: bool) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     xi = x.detach().clone().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
@@ -374,9 +381,7 @@ def _run(block: nn.Module, x: torch.Tensor, grad: bool) -> tuple[list[torch.Tens
         leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
         g = None
         if grad:
-            gen = torch.Generator().manual_seed(7)
-            loss = sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in leaves)
-            (g,) = torch.autograd.grad(loss, [xi])
+            (g,) = torch.autograd.grad(_random_projection(leaves, seed=7), [xi])
     return [t.detach() for t in leaves], g
 
 
@@ -390,8 +395,7 @@ def _params_without_grad(block: nn.Module, x: torch.Tensor) -> set[str]:
             p.grad = None
         xi = x.detach().clone().requires_grad_(True)
         leaves = [t for t in pytree.tree_leaves(block(xi)) if isinstance(t, torch.Tensor) and t.requires_grad]
-        gen = torch.Generator().manual_seed(11)
-        sum((t.float() * torch.randn(t.shape, generator=gen).to(t.device)).sum() for t in leaves).backward()
+        _random_projection(leaves, seed=11).backward()
         return {n for n, p in params.items() if p.grad is None}
     finally:
         for n, p in params.items():
@@ -437,8 +441,7 @@ def rewrite_loop_block(cand: _Candidate, *, tokens: int = 16, reuse: _Analysis |
     device = cand.router_weight.device
     # a block with dropout or router jitter draws from the global generators when probed: fork
     # them, so the user's random stream is the same as without the pass
-    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
-                                device_type=device.type if device.type != "cpu" else "cuda")
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
     try:
         with rng:
             return _rewrite_loop_block(cand, tokens=tokens, reuse=reuse, saved=saved)

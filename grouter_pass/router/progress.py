@@ -25,10 +25,6 @@ class Progress:
         self._t0 = time.perf_counter()
         self._tokens = 0
 
-    @property
-    def step(self) -> int:
-        return int(self._bar.n)
-
     def update(self, step: int, *, tokens: int = 0, **metrics: float) -> None:
         """Record that ``step`` steps are done, ``tokens`` more tokens were processed."""
         self._tokens += tokens

@@ -11,7 +11,6 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch
 import torch.fx as fx
 
 from grouter_pass.inspect.graph_text import fmt_arg, fmt_val
@@ -21,15 +20,9 @@ from grouter_pass.passes.graph_utils import meta_val, target_name
 def capture_graphs(fn: Callable, *args: Any, dynamic: bool | None = False, **kwargs: Any) -> list[fx.GraphModule]:
     """Run ``fn(*args, **kwargs)`` under ``torch.compile`` with a recording backend and return the
     Dynamo graphs (each with ``meta["example_value"]`` on its nodes)."""
-    graphs: list[fx.GraphModule] = []
+    from grouter_pass.inspect.graph_breaks import record_graphs
 
-    def record(gm: fx.GraphModule, example_inputs: list) -> Callable:
-        graphs.append(gm)
-        return gm.forward
-
-    compiled = torch.compile(fn, backend=record, dynamic=dynamic, isolate_recompiles=True)
-    compiled(*args, **kwargs)
-    return graphs
+    return record_graphs(fn, *args, dynamic=dynamic, **kwargs)
 
 
 def nodes_text(nodes: Iterable[fx.Node], *, rename: dict[fx.Node, str] | None = None) -> str:
