@@ -29,6 +29,9 @@ RoutingSource = LearnedRouter | GrouterRouting | PrecomputedRouting | HashRoutin
 ROUTING_SOURCES = (LearnedRouter, GrouterRouting, PrecomputedRouting, HashRouting)
 COMPILERS = ("inductor", "aot_eager", "eager")
 
+# random expert weights the probe may draw per site (bytes); above it, it reads the model's own
+DEFAULT_PROBE_WEIGHT_BUDGET = 256 * 2**20
+
 
 @dataclass(frozen=True, kw_only=True)
 class GrouterConfig:
@@ -49,6 +52,12 @@ class GrouterConfig:
         probe: also compare gradients when proving a site (detection reads specs by running
             the site's subgraphs next to the ``grouter`` ops on random inputs; values are always
             compared). Off saves about a third of the compile-time cost of detection.
+        probe_weight_budget: the most bytes of random expert weights the probe draws for one site
+            (default 256 MiB). Larger layers are probed on the model's own weights, read in place
+            and never written, so detection needs no copy of them; their gradients are then
+            proved by structure (nothing between the weights and the output stops gradients).
+            Weights that cannot tell experts apart (constant, identical upcycled experts) still
+            get random copies, with a warning that names the size.
         verify: on the first call of each compiled graph, also run the original graph on the
             same inputs and raise :class:`~grouter_pass.api.GrouterVerificationError` naming
             every output that differs by more than ``verify_rtol`` / ``verify_atol``.
@@ -76,6 +85,7 @@ class GrouterConfig:
     routing: RoutingSource = field(default_factory=LearnedRouter)
     rewrite_modules: bool = True
     probe: bool = True
+    probe_weight_budget: int = DEFAULT_PROBE_WEIGHT_BUDGET
     verify: bool = False
     verify_rtol: float | None = None
     verify_atol: float | None = None
@@ -108,6 +118,8 @@ class GrouterConfig:
             from grouter_pass.distributed.placement_file import load_placement
 
             object.__setattr__(self, "expert_placement", load_placement(self.expert_placement))
+        if not isinstance(self.probe_weight_budget, int) or self.probe_weight_budget < 0:
+            raise ValueError(f"probe_weight_budget must be a number of bytes >= 0, got {self.probe_weight_budget!r}")
         for name in ("verify_rtol", "verify_atol"):
             v = getattr(self, name)
             if v is not None and not v >= 0:

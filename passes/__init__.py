@@ -38,7 +38,8 @@ GraphPass = Callable[..., fx.GraphModule]
 def detect_gating_sites_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig
                              ) -> fx.GraphModule:
     """Find the sites; record them (and the near-misses) in ``gm.meta`` for the rewrite and report."""
-    sites, rejected = find_gating_sites(gm, probe=config.probe)
+    sites, rejected = find_gating_sites(gm, probe=config.probe, example_inputs=example_inputs,
+                                        probe_weight_budget=config.probe_weight_budget)
     report: PassReport = gm.meta.setdefault("grouter_report", PassReport())
     pairs = []
     for site in sites:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 
+from grouter_pass.config import DEFAULT_PROBE_WEIGHT_BUDGET
 from grouter_pass.passes.dataflow import GraphFacts
 from grouter_pass.passes.detect.anchors import Anchor, find_anchors
 from grouter_pass.passes.detect.experts import ExpertsMatch, match_experts
@@ -46,6 +47,7 @@ from grouter_pass.passes.graph_utils import (
     same_shape,
     shape_of,
 )
+from grouter_pass.passes.probe_weights import ProbeWeights
 from grouter_pass.spec import GatingSpec, NoMatch, SiteReport
 
 log = logging.getLogger(__name__)
@@ -184,7 +186,8 @@ def _output_like(graph: fx.Graph, facts: GraphFacts, out: fx.Node, removed: set[
                    node=out, step="rewrite", partial=True)
 
 
-def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True) -> Site | SiteReport:
+def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True,
+               weights: ProbeWeights | None = None) -> Site | SiteReport:
     """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not."""
     where = module_path(anchor.node)
     routing = analyse_routing(graph, facts, anchor)
@@ -196,7 +199,7 @@ def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: boo
     for cand in routing.candidates:
         key = frozenset(cand.boundary.items())
         if key not in tried:
-            tried[key] = match_experts(graph, facts, routing, cand, check_gradients=probe)
+            tried[key] = match_experts(graph, facts, routing, cand, check_gradients=probe, probe_weights=weights)
         result = tried[key]
         if isinstance(result, NoMatch):
             if best is None or (result.partial and not best.partial):
@@ -252,11 +255,16 @@ def _rejected(result: NoMatch | None, where: str, spec: GatingSpec | None = None
                       step=result.step, node=result.node if isinstance(result.node, str) else "")
 
 
-def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True) -> tuple[list[Site], list[SiteReport]]:
+def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True, example_inputs: Sequence[Any] | None = None,
+                      probe_weight_budget: int = DEFAULT_PROBE_WEIGHT_BUDGET) -> tuple[list[Site], list[SiteReport]]:
     """All rewritable sites of ``gm`` (canonicalized), and reports of the near-misses (candidates
-    that looked like a MoE site but could not be rewritten)."""
+    that looked like a MoE site but could not be rewritten).
+
+    The probe draws random expert weights while they take at most ``probe_weight_budget`` bytes,
+    and reads the model's own (``example_inputs``, attributes of ``gm``) above that."""
     graph = gm.graph
     facts = GraphFacts(graph)
+    weights = ProbeWeights.of(gm, example_inputs, probe_weight_budget)
     sites: list[Site] = []
     rejected: list[SiteReport] = []
     claimed: set[fx.Node] = set()
@@ -265,7 +273,7 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True) -> tuple[list[S
         for anchor in find_anchors(graph, facts):
             if anchor.node in claimed:
                 continue
-            result = match_site(graph, facts, anchor, probe=probe)
+            result = match_site(graph, facts, anchor, probe=probe, weights=weights)
             if isinstance(result, Site):
                 claimed.update(result.gating.region)
                 claimed.update(result.experts.region)

@@ -59,6 +59,7 @@ from grouter_pass.passes.graph_utils import (
     tensor_meta,
 )
 from grouter_pass.passes.probe import ProbeError, Region, concrete, concrete_shape, eager, random_routing
+from grouter_pass.passes.probe_weights import ProbeWeights, blocks_gradients
 from grouter_pass.spec import ActivationSpec, ExpertsSpec, NoMatch
 
 _MAX_READINGS = 600
@@ -411,15 +412,32 @@ class _Probe:
 
     def __init__(self, graph: fx.Graph, facts: GraphFacts, region: list[fx.Node], boundary: dict,
                  routing_inputs: list[fx.Node], x_root: fx.Node, base: fx.Node | None, weights: list[fx.Node],
-                 output: fx.Node, e_route: int, k: int, n_tokens: int, w_dtype: torch.dtype) -> None:
+                 output: fx.Node, e_route: int, k: int, n_tokens: int, w_dtype: torch.dtype,
+                 weights_source: ProbeWeights | None = None) -> None:
         self.inputs = [*routing_inputs, x_root, *([base] if base is not None else []), *weights]
         self.region = Region(graph, region, self.inputs, facts)
+        self.region_nodes = region
         self.boundary, self.routing_inputs = boundary, routing_inputs
         self.x_root, self.base, self.weights, self.output = x_root, base, weights, output
         self.e, self.k, self.n = e_route, k, n_tokens
         self.w_dtype = w_dtype
         self.constant_weights: float | None = None
         self.dev = tensor_meta(x_root).device
+        # one set of expert weights for every trial: the model's own above the memory budget
+        # (read-only, no gradients), else random ones
+        real = weights_source.real(weights, e_route) if weights_source is not None else None
+        self.real_weights = real is not None
+        self.params = real if real is not None else self._random_weights()
+
+    def _random_weights(self) -> list[torch.Tensor]:
+        gen = torch.Generator().manual_seed(1234)
+        params = []
+        for p in self.weights:
+            pt = tensor_meta(p)
+            shape = concrete_shape(p)
+            scale = 1.0 / math.sqrt(max(shape[-1], 1)) if len(shape) >= 2 else 0.2
+            params.append((torch.randn(shape, generator=gen) * scale).to(device=self.dev, dtype=pt.dtype))
+        return params
 
     def make(self, seed: int, ids: torch.Tensor | None = None, w: torch.Tensor | None = None,
              base_zero: bool = False) -> dict[str, Any]:
@@ -438,13 +456,7 @@ class _Probe:
             inputs["base"] = (torch.zeros if base_zero else torch.randn)(concrete_shape(self.base), generator=gen) \
                 .to(device=self.dev, dtype=bt.dtype) if not base_zero else torch.zeros(
                     concrete_shape(self.base), device=self.dev, dtype=bt.dtype)
-        params = []
-        for p in self.weights:
-            pt = tensor_meta(p)
-            shape = concrete_shape(p)
-            scale = 1.0 / math.sqrt(max(shape[-1], 1)) if len(shape) >= 2 else 0.2
-            params.append((torch.randn(shape, generator=gen) * scale).to(device=self.dev, dtype=pt.dtype))
-        inputs["params"] = params
+        inputs["params"] = self.params
         return inputs
 
     def run_region(self, inputs: dict[str, Any], grad: bool = False) -> tuple[torch.Tensor, dict]:
@@ -461,15 +473,16 @@ class _Probe:
             out = self.region.run(vals)[self.output]
         return out, leaves
 
-    @staticmethod
-    def _leaves(inputs: dict[str, Any], grad: bool) -> dict[str, Any]:
+    def _leaves(self, inputs: dict[str, Any], grad: bool) -> dict[str, Any]:
         if not grad:
             return inputs
         out = dict(inputs)
         for key in ("w", "x", "base"):
             if key in out and out[key].is_floating_point():
                 out[key] = out[key].detach().clone().requires_grad_(True)
-        out["params"] = [p.detach().clone().requires_grad_(p.is_floating_point()) for p in inputs["params"]]
+        # the model's own weights never join autograd (their gradients are proved by structure)
+        out["params"] = [p.detach() if self.real_weights else p.detach().requires_grad_(p.is_floating_point())
+                         for p in inputs["params"]]
         return out
 
 
@@ -661,7 +674,8 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @eager
 def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, cand: RoutingCandidate, *,
-                  check_gradients: bool = True) -> ExpertsMatch | NoMatch:
+                  check_gradients: bool = True, probe_weights: ProbeWeights | None = None
+                  ) -> ExpertsMatch | NoMatch:
     """The experts fed by ``cand``'s routing boundary (see the module docstring). Without
     ``check_gradients`` a reading is accepted on forward values alone."""
     boundary = cand.boundary
@@ -731,7 +745,7 @@ def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, 
         try:
             probe = _Probe(graph, facts, facts.in_order(region_nodes | _between([x_op_node], [x_root])),
                            boundary, routing_inputs, x_root, base, weight_nodes, out, routing.num_experts,
-                           routing.top_k, n, w_dtype)
+                           routing.top_k, n, w_dtype, probe_weights)
         except ProbeError as err:
             result = NoMatch("the expert region cannot be run on its own: %s", (err,), node=out, step="probe",
                              partial=True)
@@ -843,7 +857,13 @@ def _flipped(ref: WeightRef, transposed: bool) -> WeightRef:
 def _check_gradients(probe: _Probe, reading: _Reading, parts: dict, trial: dict, e_ffn: int,
                      capacity: _Capacity | None, hidden: int, out: fx.Node, x_value) -> str | None:
     """Every gradient of the region and of the op agree (token states, weights, expert weights).
-    Runs with autograd on whatever the caller's mode (a teacher forward under ``no_grad``)."""
+    Runs with autograd on whatever the caller's mode (a teacher forward under ``no_grad``). On the
+    model's own weights, their gradients are proved by structure: nothing between them and the
+    output stops gradients (the op's own weight gradients are tested against autograd)."""
+    if probe.real_weights:
+        blocker = blocks_gradients(probe.region_nodes, probe.weights)
+        if blocker is not None:
+            return f"{blocker.name} ({blocker.target}) stops the expert weights' gradients"
     with torch.inference_mode(False), torch.enable_grad():
         return _gradient_mismatch(probe, reading, parts, trial, e_ffn, capacity, hidden, out, x_value)
 
