@@ -361,6 +361,8 @@ class PassReport:
     expert_parallel: dict[str, Any] | None = None
     #: Grouter modes under EP: what the step runner needs (routing source, E, k, layout, token input)
     ep_step: dict[str, Any] | None = field(default=None, repr=False)
+    #: grouter op nodes pointed at their Triton twins (``{node: "grouter.moe_experts_triton"}``)
+    kernels: dict[str, str] = field(default_factory=dict)
 
     @property
     def rewritten(self) -> list[SiteReport]:
@@ -368,7 +370,7 @@ class PassReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.rewritten)
+        return bool(self.rewritten) or bool(self.kernels)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"sites": [s.to_dict() for s in self.sites]}
@@ -377,4 +379,6 @@ class PassReport:
             d["unused_inputs"] = list(self.unused_inputs)
         if self.expert_parallel is not None:
             d["expert_parallel"] = dict(self.expert_parallel)
+        if self.kernels:
+            d["kernels"] = dict(self.kernels)
         return d

@@ -28,6 +28,7 @@ from grouter_pass.passes.canonicalize import canonicalize_gating_pass
 from grouter_pass.passes.detect import find_gating_sites
 from grouter_pass.passes.graph_utils import copy_graph_module
 from grouter_pass.passes.rewrite import rewrite_exact_pass, rewrite_shared_pass
+from grouter_pass.passes.select_kernels import select_kernels_pass
 from grouter_pass.spec import PassReport
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ def build_pass_pipeline(config: GrouterConfig) -> list[tuple[str, GraphPass]]:
         ("translate_to_original", translate_to_original_pass),
         # exact mode: each site routes with its own router; Grouter modes: one shared routing
         ("rewrite_exact", rewrite_exact_pass) if config.exact else ("rewrite_shared", rewrite_shared_pass),
+        ("select_kernels", select_kernels_pass),
         ("cleanup", cleanup_pass),
     ]
     known = {name for name, _ in pipeline}
@@ -126,4 +128,5 @@ def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
 
 __all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass",
            "detect_gating_sites_pass", "rewrite_exact_pass", "rewrite_shared_pass", "run_grouter_passes",
+           "select_kernels_pass",
            "translate_to_original_pass"]

@@ -57,9 +57,9 @@ class GrouterPreGradPass(CustomGraphPass):
             gm.recompile()
 
     def uuid(self) -> str:
-        """The pass's source, its config and the kernel choice (``grouter_pass.env``): Inductor
-        maps the grouter ops onto the Triton kernels or keeps the opaque ops by that choice, so
-        a graph cached under one setting must not be reused under another."""
+        """The pass's source, its config and the kernel switches (``grouter_pass.env``): the pass
+        writes the grouter ops or their Triton twins into the graph by those switches, so a graph
+        cached under one setting must not be reused under another."""
         if self._files_hash is None:
             self._files_hash = get_hash_for_files(_pass_source_files()).hex()
         return f"{self._files_hash}-{self.config.fingerprint()}-{env.fingerprint()}"

@@ -1,11 +1,9 @@
 """The ``grouter`` op namespace (``torch.ops.grouter.*``).
 
 Importing this package registers the ops; :mod:`grouter_pass.ops.reference` holds their
-plain-PyTorch semantics. Where CUDA and Triton are present it also registers the ``triton_op``
-forms that let Inductor see the kernels (:mod:`grouter_pass.ops.triton_ops`).
+plain-PyTorch semantics. The ``triton_op`` forms that let Inductor see the kernels
+(:mod:`grouter_pass.ops.triton_ops`) are registered when the graph pass first chooses them.
 """
-
-import torch
 
 from grouter_pass.ops import (  # noqa: F401  (registers the ops)
     dispatch_plan,
@@ -19,9 +17,5 @@ from grouter_pass.ops.dispatch_plan import capacity_keep as capacity_keep_op
 from grouter_pass.ops.dispatch_plan import dispatch_plan as dispatch_plan_op
 from grouter_pass.ops.moe_experts import moe_experts as moe_experts_op
 from grouter_pass.ops.route import route as route_op
-from grouter_pass.ops.triton_ops import register_triton_ops
-
-if torch.cuda.is_available():
-    register_triton_ops()
 
 __all__ = ["capacity_keep_op", "dispatch_plan_op", "moe_experts_op", "route_op"]

@@ -1,6 +1,7 @@
 """Which implementation an op call runs: the Triton kernels or the plain-torch reference.
 
-Why here and not in the ops: the three ops and the Inductor decomposition must agree, and
+Why here and not in the ops: the three ops and the graph pass that picks their Triton twins
+(``passes/select_kernels.py``) must agree, and
 the choice must never change CPU numerics by accident. ``auto`` (default) uses the kernels on
 CUDA tensors when Triton is installed and the configuration is fused
 (:func:`grouter_pass.kernels.moe.unsupported_reason`); on CPU the expert-parallel path of

@@ -4,15 +4,15 @@ Why separate ops: the graph rewrite emits ``grouter::dispatch_plan`` / ``grouter
 opaque ``custom_op``s that run the reference on CPU and call the kernels directly on CUDA. An
 opaque op hides its kernels from Inductor (no fusion with neighbours, no CUDA-graph-friendly
 launch bookkeeping). Here the same computations are registered as ``triton_op``s, whose kernel
-launches go through ``torch.library.wrap_triton``, and Inductor decompositions map the rewrite's
-ops onto them for CUDA tensors (returning ``NotImplemented``, i.e. keep the opaque op, for CPU
-tensors and for configurations the kernels do not fuse).
+launches go through ``torch.library.wrap_triton``. The graph pass chooses between the twins
+where device and dtype are known (``passes/select_kernels.py``), so the choice is part of the
+compiled graph (and of every cache key on it) rather than a global patch of Inductor.
 
-Ops: ``grouter::dispatch_plan_triton``, ``grouter::moe_experts_triton``,
-``grouter::moe_experts_backward_triton`` (schemas of their opaque twins, plus ``allow_tf32``).
+Ops: ``grouter::dispatch_plan_triton``, ``grouter::moe_experts_triton`` (with autograd through
+``grouter::moe_experts_backward_triton``): the schemas of their opaque twins, plus ``allow_tf32``.
 
-:func:`register_triton_ops` registers them once; ``grouter_pass.ops`` calls it on import when
-CUDA and Triton are present, so CPU-only processes never import Triton or Inductor for this.
+:func:`register_triton_ops` registers them once, when the pass first selects them, so processes
+that never compile for CUDA never import Triton for this.
 """
 
 from __future__ import annotations
@@ -22,16 +22,13 @@ from collections.abc import Sequence
 
 import torch
 
-from grouter_pass.ops.kernel_select import allow_tf32, kernels_available_for, use_moe_kernels
-
 log = logging.getLogger(__name__)
 _EMPTY_GRAD = (0,)
 _registered = False
 
 
-def register_triton_ops(*, decompositions: bool = True) -> bool:
-    """Register the ``triton_op``s (and, with ``decompositions``, Inductor's mapping of the
-    opaque ops onto them). Returns False when Triton is not installed. Idempotent."""
+def register_triton_ops() -> bool:
+    """Register the ``triton_op``s. Returns False when Triton is not installed. Idempotent."""
     global _registered
     from grouter_pass.kernels import has_triton
 
@@ -40,25 +37,32 @@ def register_triton_ops(*, decompositions: bool = True) -> bool:
     if not has_triton():
         return False
     _define_ops()
-    if decompositions:
-        _register_decompositions()
     _registered = True
-    log.debug("grouter triton_ops registered (decompositions=%s)", decompositions)
+    log.debug("grouter triton_ops registered")
     return True
 
 
 def _define_ops() -> None:
-    from torch.library import triton_op, wrap_triton
+    from torch.library import custom_op, triton_op, wrap_triton
 
+    from grouter_pass import env
     from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
     from grouter_pass.kernels.moe import moe_experts_backward_triton, moe_experts_triton
+    from grouter_pass.ops.dispatch_plan import _dispatch_plan_fake
+    from grouter_pass.ops.moe_experts import _moe_experts_backward_fake, _moe_experts_fake
 
-    @triton_op("grouter::dispatch_plan_triton", mutates_args=())
+    # Triton's CPU interpreter runs kernels eagerly and cannot trace them with fake tensors, so
+    # there the twins are opaque custom ops with the opaque ops' fake rules (same schemas, same
+    # kernels, the same choice in the graph); compiled kernels get triton_ops Inductor can see.
+    interpreted = env.triton_interpret()
+    define = custom_op if interpreted else triton_op
+
+    @define("grouter::dispatch_plan_triton", mutates_args=())
     def dispatch_plan_triton_op(ids: torch.Tensor, num_experts: int
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         return dispatch_plan_triton(ids, num_experts, wrap=wrap_triton)[:4]
 
-    @triton_op("grouter::moe_experts_triton", mutates_args=())
+    @define("grouter::moe_experts_triton", mutates_args=())
     def moe_experts_triton_op(
         x: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor, offsets: torch.Tensor,
         w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
@@ -70,7 +74,7 @@ def _define_ops() -> None:
                                   up_transposed=up_transposed, down_transposed=down_transposed, out_dtype=out_dtype,
                                   allow_tf32=allow_tf32, wrap=wrap_triton)
 
-    @triton_op("grouter::moe_experts_backward_triton", mutates_args=())
+    @define("grouter::moe_experts_backward_triton", mutates_args=())
     def moe_experts_backward_triton_op(
         grad_out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor,
         offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
@@ -84,31 +88,29 @@ def _define_ops() -> None:
             needs=tuple(needs), allow_tf32=allow_tf32, wrap=wrap_triton)
         return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
 
+    if interpreted:
+        dispatch_plan_triton_op.register_fake(_dispatch_plan_fake)
+        moe_experts_triton_op.register_fake(lambda *a: _moe_experts_fake(*a[:-1]))
+        moe_experts_backward_triton_op.register_fake(lambda *a: _moe_experts_backward_fake(*a[:-1]))
 
-def _register_decompositions() -> None:
-    from torch._inductor.decomposition import register_decomposition
+    def setup_context(ctx, inputs, output):
+        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *flags = inputs
+        ctx.flags = flags[:_N_FLAGS] + [flags[-1]]   # the activation flags and allow_tf32 (not out_dtype)
+        ctx.has_b_up, ctx.has_b_down = b_up is not None, b_down is not None
+        ctx.save_for_backward(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, output[1])
 
-    @register_decomposition(torch.ops.grouter.dispatch_plan.default)
-    def _dispatch_plan(ids, num_experts):
-        if not kernels_available_for(ids):
-            return NotImplemented
-        return torch.ops.grouter.dispatch_plan_triton(ids, num_experts)
+    def backward(ctx, grad_out, grad_h):
+        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        needs = [nig[0], nig[1], nig[5], nig[6], nig[7] and ctx.has_b_up, nig[8] and ctx.has_b_down]
+        grads = torch.ops.grouter.moe_experts_backward_triton(
+            grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs,
+            *ctx.flags)
+        gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
+        return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * (_N_FLAGS + 2)
 
-    @register_decomposition(torch.ops.grouter.moe_experts.default)
-    def _moe_experts(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation, gated,
-                     interleaved, alpha, limit, up_transposed, down_transposed, weight_on_input, out_dtype):
-        if not use_moe_kernels(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input):
-            return NotImplemented
-        return torch.ops.grouter.moe_experts_triton(
-            x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation, gated, interleaved, alpha,
-            limit, up_transposed, down_transposed, weight_on_input, out_dtype, allow_tf32())
+    moe_experts_triton_op.register_autograd(backward, setup_context=setup_context)
 
-    @register_decomposition(torch.ops.grouter.moe_experts_backward.default)
-    def _moe_experts_backward(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs,
-                              activation, gated, interleaved, alpha, limit, up_transposed, down_transposed,
-                              weight_on_input):
-        if not use_moe_kernels(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input):
-            return NotImplemented
-        return torch.ops.grouter.moe_experts_backward_triton(
-            grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs, activation, gated,
-            interleaved, alpha, limit, up_transposed, down_transposed, weight_on_input, allow_tf32())
+
+# activation, gated, interleaved, alpha, limit, up_transposed, down_transposed, weight_on_input
+_N_FLAGS = 8

@@ -91,7 +91,7 @@ def test_op_autograd_runs_the_kernels(monkeypatch):
 
 def test_triton_ops_eager_and_opcheck():
     """The ``triton_op`` forms Inductor uses on CUDA give the same results in eager mode."""
-    assert register_triton_ops(decompositions=False)
+    assert register_triton_ops()
     t, (perm, inv_perm, offsets), kw, dtype = _inputs("fp16_interleaved_one_token")
     args = (t["x"], t["weights"], perm, inv_perm, offsets, t["w_up"], t["w_down"], t["b_up"], t["b_down"])
     flags = (kw["activation"], kw["gated"], kw["interleaved"], 1.0, 0.0, kw["up_transposed"], kw["down_transposed"],
