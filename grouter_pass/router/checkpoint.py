@@ -37,6 +37,8 @@ from grouter_pass.router.network import Grouter
 
 log = logging.getLogger(__name__)
 
+#: safetensors metadata key of the tokenizer fingerprint (``data.tokenizer_fingerprint``)
+TOKENIZER_KEY = "tokenizer"
 CONFIG_FILE, WEIGHTS_FILE, FOLDING_FILE, EXPANDING_FILE = "config.json", "model.safetensors", "folding.json", \
     "expanding.json"
 _FLOAT_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
@@ -151,6 +153,17 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file written by :func:`save_grouter` ({} if none)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is corrupt: safetensors cannot read it ({exc})") from None
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a safetensors file after checking it is complete and float-only.
 
@@ -194,14 +207,18 @@ def save_grouter(grouter: Grouter, path: str | os.PathLike, *, folding: Folding 
     """Write ``grouter`` to the directory ``path`` (created if needed); returns the path.
 
     ``folding`` defaults to ``grouter.folding`` when :func:`~grouter_pass.router.fold.fold_grouter`
-    set it. ``extra`` is stored as safetensors string metadata (e.g. the distillation step).
+    set it. ``extra`` is stored as safetensors string metadata (e.g. the distillation step), and so
+    is ``grouter.tokenizer_fingerprint`` (``"tokenizer"``) when known.
     """
     from safetensors.torch import save
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in grouter.state_dict().items()}
-    meta = {k: str(v) for k, v in (extra or {}).items()}
+    extra = dict(extra or {})
+    if getattr(grouter, "tokenizer_fingerprint", None):
+        extra.setdefault(TOKENIZER_KEY, grouter.tokenizer_fingerprint)
+    meta = {k: str(v) for k, v in extra.items()}
     _write_atomic(out / WEIGHTS_FILE, save(state, metadata=meta or None))
     _write_atomic(out / CONFIG_FILE, grouter.config.to_json().encode())
     folding = folding if folding is not None else getattr(grouter, "folding", None)
@@ -237,7 +254,7 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"Grouter checkpoint not found: {p}")
-    folding, expanding = None, None
+    folding, expanding, tokenizer = None, None, None
     if p.is_dir() or p.suffix == ".safetensors":
         directory = p if p.is_dir() else p.parent
         weights = p / WEIGHTS_FILE if p.is_dir() else p
@@ -263,6 +280,7 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
                                       f"config has num_experts={config.num_experts}")
         if (directory / EXPANDING_FILE).exists():
             expanding = _read_json(directory / EXPANDING_FILE, "expanding record")
+        tokenizer = read_safetensors_metadata(weights).get(TOKENIZER_KEY)
         source = str(weights)
     elif p.suffix in (".pth", ".pt", ".bin"):
         try:
@@ -286,6 +304,7 @@ def load_grouter(path: str | os.PathLike, *, config: GrouterModelConfig | None =
             raise ValueError(f"load_grouter: {exc}") from None
     grouter = build_grouter(state, config, source=source)
     grouter.folding, grouter.expanding = folding, expanding
+    grouter.tokenizer_fingerprint = tokenizer
     if dtype is not None:
         grouter.to(dtype)
     return grouter

@@ -55,11 +55,17 @@ def _tokenizer(args: argparse.Namespace, default: str | None = None):
     return load_tokenizer(args.tokenizer or default or "byte")
 
 
-def _corpus(args: argparse.Namespace, source: str, split: str, tokenizer, max_tokens: int | None = None):
-    from grouter_pass.router.data import load_corpus
+def _corpus(args: argparse.Namespace, source: str, split: str, tokenizer, max_tokens: int | None = None,
+            grouter=None):
+    from grouter_pass.router.data import check_same_tokenizer, load_corpus
 
-    return load_corpus(source, split, tokenizer=tokenizer, max_tokens=max_tokens or args.max_tokens,
-                       text_field=args.text_field)
+    corpus = load_corpus(source, split, tokenizer=tokenizer, max_tokens=max_tokens or args.max_tokens,
+                         text_field=args.text_field)
+    if grouter is not None:   # ids from another tokenizer would be routed as if they were its own
+        check_same_tokenizer(grouter.tokenizer_fingerprint, corpus.tokenizer_fingerprint,
+                             expected_what=f"the Grouter {args.checkpoint}",
+                             got_what=f"the data {source} ({corpus.tokenizer})")
+    return corpus
 
 
 def _check_vocab(grouter, tokenizer) -> None:
@@ -98,11 +104,11 @@ def _grouter_and_tokenizer(args: argparse.Namespace):
     return grouter, tokenizer
 
 
-def _train_val(args: argparse.Namespace, tokenizer):
-    train = _corpus(args, args.data, "train", tokenizer)
+def _train_val(args: argparse.Namespace, tokenizer, grouter=None):
+    train = _corpus(args, args.data, "train", tokenizer, grouter=grouter)
     val_source = args.val_data or args.data
     val = _corpus(args, val_source, "validation" if args.val_data is None else "all", tokenizer,
-                  max_tokens=max(args.eval_tokens, args.seq_len))
+                  max_tokens=max(args.eval_tokens, args.seq_len), grouter=grouter)
     return train, val
 
 
@@ -167,7 +173,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from grouter_pass.router.fold import fold_grouter, greedy_groups, grouter_affinity
 
     grouter, tokenizer = _grouter_and_tokenizer(args)
-    corpus = _corpus(args, args.data, "train", tokenizer)
+    corpus = _corpus(args, args.data, "train", tokenizer, grouter=grouter)
     affinity = grouter_affinity(grouter, _eval_batches(args, corpus))
     groups = greedy_groups(affinity, args.experts)
     folded = fold_grouter(grouter, groups, top_k=args.top_k)
@@ -182,7 +188,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
     from grouter_pass.router.expand import expand_grouter
 
     grouter, tokenizer = _grouter_and_tokenizer(args)
-    corpus = _corpus(args, args.data, "train", tokenizer)
+    corpus = _corpus(args, args.data, "train", tokenizer, grouter=grouter)
     expanded = expand_grouter(grouter, args.experts, _eval_batches(args, corpus), top_k=args.top_k,
                               quantile=args.quantile, seed=args.seed)
     save_grouter(expanded, args.out)
@@ -195,7 +201,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from grouter_pass.router.tuning import TuneConfig, tune
 
     grouter, tokenizer = _grouter_and_tokenizer(args)
-    train, val = _train_val(args, tokenizer)
+    train, val = _train_val(args, tokenizer, grouter)
     cfg = TuneConfig(mode=args.mode, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                      weight_decay=args.weight_decay, warmup=args.warmup, grad_clip=args.grad_clip,
                      bias_rate=args.bias_rate, save_every=args.save_every, eval_tokens=args.eval_tokens, seed=args.seed,
@@ -250,10 +256,15 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  folded from {folding.source_experts} experts: {folding.groups}")
     if grouter.expanding is not None:
         print(f"  expanded from {grouter.expanding['source_experts']} experts")
+    print(f"  distilled on tokenizer: {grouter.tokenizer_fingerprint or 'unknown (not recorded)'}")
     check_compatible(cfg, num_experts=args.expect_experts, top_k=args.expect_top_k)
     if args.tokenizer:
+        from grouter_pass.router.data import check_same_tokenizer, tokenizer_fingerprint
+
         tokenizer = _tokenizer(args)
         _check_vocab(grouter, tokenizer)
+        check_same_tokenizer(grouter.tokenizer_fingerprint, tokenizer_fingerprint(tokenizer),
+                             expected_what=f"the Grouter {args.checkpoint}", got_what=f"--tokenizer {tokenizer.name}")
         print(f"  tokenizer {tokenizer.name}: vocab_size {tokenizer.vocab_size} fits")
     return 0
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -91,6 +92,37 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return list(self._encode(text))
+
+    @property
+    def vocab(self) -> dict[str, int]:
+        """Token string to id, added tokens included (what :func:`tokenizer_fingerprint` hashes)."""
+        return dict(self._tok.get_vocab())
+
+
+# text every tokenizer fingerprint encodes: ASCII prose and code, whitespace runs, accents, CJK,
+# emoji and digits, where tokenizers with the same vocabulary size still disagree
+_FINGERPRINT_TEXT = ("The quick brown fox jumps over the lazy dog.\n    def f(x):\n\treturn x ** 2  # ok\n"
+                     "naïve café, Straße, Ωμέγα, 東京都, 🙂 👍, 1234567890, https://example.com/a?b=c&d=e\n")
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """A short hash that identifies how ``tokenizer`` maps text to ids: its vocabulary size, its
+    end-of-document id, its vocabulary (when it exposes one) and the ids of a fixed text. Two
+    tokenizers with the same vocabulary size but other merges or another token order differ."""
+    h = hashlib.sha256()
+    h.update(json.dumps([tokenizer.vocab_size, tokenizer.eos_id, tokenizer.encode(_FINGERPRINT_TEXT)]).encode())
+    vocab = getattr(tokenizer, "vocab", None)
+    if vocab:
+        h.update(json.dumps(sorted(vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
+
+
+def check_same_tokenizer(expected: str | None, got: str | None, *, expected_what: str, got_what: str) -> None:
+    """Refuse token ids from another tokenizer than the one ``expected`` was made with (both
+    fingerprints known and different); unknown fingerprints (older files) are not refused."""
+    if expected and got and expected != got:
+        raise ValueError(f"tokenizer mismatch: {expected_what} was made with tokenizer {expected} but {got_what} "
+                         f"uses tokenizer {got}; tokenize the data with the tokenizer the Grouter was distilled on")
 
 
 def load_tokenizer(spec: str | os.PathLike | None = "byte") -> Tokenizer:
@@ -255,6 +287,8 @@ class TokenizedCorpus:
     vocab_size: int
     tokenizer: str = "byte"
     source: str = ""
+    #: ``tokenizer_fingerprint`` of the tokenizer that produced ``tokens`` ("" when unknown)
+    tokenizer_fingerprint: str = ""
 
     @property
     def num_tokens(self) -> int:
@@ -274,7 +308,8 @@ class TokenizedCorpus:
         np.ascontiguousarray(self.tokens, dtype=_token_dtype(self.vocab_size)).tofile(out / TOKENS_FILE)
         np.ascontiguousarray(self.doc_offsets, dtype=np.int64).tofile(out / OFFSETS_FILE)
         meta = {"num_tokens": self.num_tokens, "num_documents": self.num_documents, "vocab_size": self.vocab_size,
-                "dtype": _token_dtype(self.vocab_size).name, "tokenizer": self.tokenizer, "source": self.source}
+                "dtype": _token_dtype(self.vocab_size).name, "tokenizer": self.tokenizer, "source": self.source,
+                "tokenizer_fingerprint": self.tokenizer_fingerprint}
         (out / TOKENS_META).write_text(json.dumps(meta, indent=2))
         return out
 
@@ -296,7 +331,8 @@ class TokenizedCorpus:
                                  f"{dt.itemsize} = {count * dt.itemsize}")
         tokens = np.memmap(d / TOKENS_FILE, dtype=dtype, mode="r", shape=(n,)) if n else np.zeros(0, dtype)
         offsets = np.fromfile(d / OFFSETS_FILE, dtype=np.int64)
-        return cls(tokens, offsets, int(meta["vocab_size"]), meta.get("tokenizer", ""), meta.get("source", ""))
+        return cls(tokens, offsets, int(meta["vocab_size"]), meta.get("tokenizer", ""), meta.get("source", ""),
+                   meta.get("tokenizer_fingerprint", ""))
 
 
 def tokenize_documents(docs: Iterator[str] | list[str], tokenizer: Tokenizer, *, max_tokens: int | None = None,
@@ -329,7 +365,8 @@ def tokenize_documents(docs: Iterator[str] | list[str], tokenizer: Tokenizer, *,
     if total == 0:
         raise ValueError(f"empty dataset: {source or 'the corpus'} produced no tokens")
     tokens = np.concatenate(chunks)
-    return TokenizedCorpus(tokens, np.asarray(offsets, dtype=np.int64), tokenizer.vocab_size, tokenizer.name, source)
+    return TokenizedCorpus(tokens, np.asarray(offsets, dtype=np.int64), tokenizer.vocab_size, tokenizer.name, source,
+                           tokenizer_fingerprint(tokenizer))
 
 
 def load_corpus(source: str | os.PathLike, split: str = "train", *, tokenizer: Tokenizer | None = None,

@@ -168,6 +168,7 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     else:
         torch.manual_seed(config.seed)
         grouter = Grouter(model_config)
+    grouter.tokenizer_fingerprint = train.tokenizer_fingerprint or None
     grouter.to(config.device).train()
     optimizer = torch.optim.AdamW(grouter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if loaded is not None:

@@ -143,6 +143,9 @@ class Grouter(nn.Module):
         #: after expanding (see ``fold.py`` / ``expand.py``)
         self.folding = None
         self.expanding: dict | None = None
+        #: the fingerprint of the tokenizer the Grouter was distilled on (``data.tokenizer_fingerprint``;
+        #: None when unknown, e.g. a reference checkpoint): routing other token ids is refused
+        self.tokenizer_fingerprint: str | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -36,7 +36,7 @@ import torch
 
 from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import grouter_fingerprint
-from grouter_pass.router.data import TokenizedCorpus
+from grouter_pass.router.data import TokenizedCorpus, check_same_tokenizer
 from grouter_pass.router.network import Grouter
 from grouter_pass.router.progress import Progress
 
@@ -112,6 +112,8 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     if corpus.vocab_size > grouter.config.vocab_size:
         raise ValueError(f"vocabulary mismatch: the dataset's tokenizer has vocab_size={corpus.vocab_size} but the "
                          f"Grouter's embedding has vocab_size={grouter.config.vocab_size}")
+    check_same_tokenizer(getattr(grouter, "tokenizer_fingerprint", None), corpus.tokenizer_fingerprint,
+                         expected_what="the Grouter", got_what=f"the dataset {directory} ({corpus.tokenizer})")
     cfg = grouter.config
     n, k = corpus.num_tokens, cfg.top_k
     ids_np = ids_dtype_for(cfg.num_experts)
@@ -149,7 +151,8 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     meta = {"format": FORMAT, "version": VERSION, "num_tokens": n, "num_experts": cfg.num_experts, "top_k": k,
             "ids_dtype": ids_np.name, "weights_dtype": weights_dtype, "granularity": granularity, "seq_len": seq_len,
             "scaling_factor": cfg.scaling_factor, "use_selection_bias": cfg.use_selection_bias,
-            "grouter": grouter_fingerprint(grouter), "vocab_size": cfg.vocab_size}
+            "grouter": grouter_fingerprint(grouter), "vocab_size": cfg.vocab_size,
+            "tokenizer": corpus.tokenizer_fingerprint}
     path = directory / f"{name}.json"
     path.write_text(json.dumps(meta, indent=2))
     log.info("pre-dispatched %d tokens (%s, %d windows) into %s", n, granularity, len(windows), directory, extra=RESULT)

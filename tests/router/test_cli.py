@@ -79,6 +79,9 @@ def test_distill_from_a_transformers_directory(tmp_path, text, capsys):
     assert "teacher router: model.layers.0.mlp" in out and "E=8, k=2" in out and "top-k set agreement" in out
     g = load_grouter(tmp_path / "d")
     assert (g.config.num_experts, g.config.top_k, g.config.vocab_size) == (8, 2, 257)
+    from grouter_pass.router.data import ByteTokenizer, tokenizer_fingerprint
+
+    assert g.tokenizer_fingerprint == tokenizer_fingerprint(ByteTokenizer())   # recorded with the Grouter
 
 
 def expect_error(capsys, pattern, *argv):
@@ -278,3 +281,41 @@ def test_help_loads_neither_the_passes_nor_dynamo():
             "assert callable(grouter_pass.routing) and grouter_pass.routing.__name__ == 'routing'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _word_tokenizer(directory, words, reverse=False):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    ids = list(range(len(words)))[::-1] if reverse else list(range(len(words)))
+    vocab = dict(zip(words, ids))
+    vocab["[UNK]"] = len(words)
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def test_a_grouter_refuses_data_from_another_tokenizer_of_the_same_vocabulary_size(tmp_path, text, capsys):
+    from grouter_pass.router.data import load_tokenizer, tokenizer_fingerprint
+
+    words = ["def", "return", "x", "*", "(", ")", ":", *[f"f{i}" for i in range(60)], *map(str, range(60))]
+    tok_a = _word_tokenizer(tmp_path / "a", words)
+    tok_b = _word_tokenizer(tmp_path / "b", words, reverse=True)   # same size, other ids
+    fp_a, fp_b = (tokenizer_fingerprint(load_tokenizer(t)) for t in (tok_a, tok_b))
+    assert fp_a != fp_b and fp_a == tokenizer_fingerprint(load_tokenizer(tok_a))
+    g = tiny_grouter(vocab_size=len(words) + 1)
+    g.tokenizer_fingerprint = fp_a
+    ckpt = save_grouter(g, tmp_path / "g")
+    assert load_grouter(ckpt).tokenizer_fingerprint == fp_a   # kept by save/load
+    expect_error(capsys, f"tokenizer mismatch: the Grouter was made with tokenizer {fp_a} but the dataset",
+                 "predispatch", ckpt, "--data", text, "--tokenizer", tok_b, "--out", tmp_path / "tb", "--no-progress")
+    expect_error(capsys, f"uses tokenizer {fp_b}", "info", ckpt, "--tokenizer", tok_b)
+    rc, out, err = run(capsys, "predispatch", ckpt, "--data", text, "--tokenizer", tok_a, "--out", tmp_path / "ta",
+                       "--no-progress")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "ta" / "routing.json").read_text())["tokenizer"] == fp_a
+    rc, out, err = run(capsys, "info", ckpt)
+    assert f"distilled on tokenizer: {fp_a}" in out
