@@ -35,7 +35,7 @@ Three ways to look:
 |---|---|
 | Python / notebooks | `report = grouter_pass.explain(model, inputs_embeds=x)`; `print(report)`, `report.to_dict()`, `report.to_json()`, `report.to_html()` (a notebook shows the HTML) |
 | command line | `grouter diff my_pkg.my_module:build` (a factory returning `(model, example_inputs)`), `grouter diff path/to/file.py:build`, or `grouter diff --hf-config mixtral` (a tiny random-init transformers model); `--html report.html` writes a self-contained page (side-by-side graphs, changed nodes highlighted, site and parity tables), `--json report.json` (or `--json -`) the machine-readable report; colour only on a terminal; exit status 1 when parity fails |
-| inside any compile | `TORCH_LOGS="grouter"`: one line per gating site; `TORCH_LOGS="grouter_diff"`: the tagged diff of each rewritten graph. Both work with `torch.compile(model, backend="grouter")` and with Inductor's `pre_grad_custom_pass=GrouterPreGradPass()` |
+| inside any compile | `TORCH_LOGS="grouter_pass"`: one line per gating site; `TORCH_LOGS="+grouter_pass.inspect.diff"`: the tagged diff of each rewritten graph. Both work with `torch.compile(model, backend="grouter")` and with Inductor's `pre_grad_custom_pass=GrouterPreGradPass()` |
 
 What the report holds:
 

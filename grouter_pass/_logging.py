@@ -2,14 +2,15 @@
 
 * ``logging.getLogger("grouter_pass")`` (and its children): one INFO summary per compiled graph,
   one line per site, DEBUG for the reasons a candidate is not a site.
-* ``TORCH_LOGS="grouter"``: one line per site during any compile with the pass (the grouter backend
-  or the ``pre_grad_custom_pass``), printed by torch's own log handlers.
-* ``TORCH_LOGS="grouter_diff"``: the unified diff of each rewritten graph.
+* ``TORCH_LOGS="grouter_pass"``: that summary and one line per site during any compile with the
+  pass (the grouter backend or the ``pre_grad_custom_pass``), printed by torch's own handlers;
+  ``"+grouter_pass"``: everything at DEBUG, near-miss reasons and graph diffs included.
+* ``TORCH_LOGS="+grouter_pass.inspect.diff"``: only the unified diff of each rewritten graph
+  (:mod:`grouter_pass.inspect.diff`).
 
-The two short names are top-level modules of the distribution (``grouter``, ``grouter_diff``):
-torch validates ``TORCH_LOGS`` at import time against its registered names and importable
-modules, so a name registered later by a library would be refused; a module name is accepted
-and enables the logger of that name.
+These are the package's own logger names: torch validates ``TORCH_LOGS`` when it is imported,
+against its registered names and importable modules, and a module name enables the logger of
+that name (and of its submodules).
 
 With ``TORCH_TRACE=<dir>`` each compile also records artifacts for ``tlparse``: ``grouter_sites``
 (the pass report as JSON), ``grouter_graph_before`` / ``grouter_graph_after`` / ``grouter_diff``
@@ -29,6 +30,7 @@ from typing import Any
 
 import torch.fx as fx
 
+from grouter_pass.inspect.diff import log_rewrite_diff, rewrite_diff
 from grouter_pass.spec import PassReport
 
 log = logging.getLogger("grouter_pass")
@@ -37,13 +39,6 @@ log = logging.getLogger("grouter_pass")
 #: its own and drops these, so no result is shown twice
 RESULT_ATTR = "grouter_result"
 RESULT = {RESULT_ATTR: True}
-site_log = logging.getLogger("grouter")          # TORCH_LOGS="grouter"
-diff_log = logging.getLogger("grouter_diff")     # TORCH_LOGS="grouter_diff"
-# Off unless asked for: torch gives the two loggers a level when TORCH_LOGS names them (before
-# this runs); otherwise they would inherit an application's root INFO level and dump diffs.
-for _channel in (site_log, diff_log):
-    if _channel.level == logging.NOTSET:
-        _channel.setLevel(logging.WARNING)
 
 
 def trace_artifact(name: str, payload_fn: Callable[[], Any], *, encoding: str = "json") -> None:
@@ -63,14 +58,7 @@ def _trace_report(report: PassReport, before: fx.GraphModule | None, after: fx.G
     if report.changed and before is not None and after is not None:
         trace_artifact("grouter_graph_before", lambda: before.print_readable(print_output=False), encoding="string")
         trace_artifact("grouter_graph_after", lambda: after.print_readable(print_output=False), encoding="string")
-
-        def diff() -> str:
-            from grouter_pass.inspect.graph_text import graph_lines, rewrite_tags, unified_diff
-
-            tags_before, tags_after = rewrite_tags(report)
-            return unified_diff(graph_lines(before, tags_before), graph_lines(after, tags_after))
-
-        trace_artifact("grouter_diff", diff, encoding="string")
+        trace_artifact("grouter_diff", lambda: rewrite_diff(report, before, after), encoding="string")
 
 
 def log_report(report: PassReport, *, before: fx.GraphModule | None = None,
@@ -83,10 +71,5 @@ def log_report(report: PassReport, *, before: fx.GraphModule | None = None,
     log.info("grouter: found %d gating site(s), rewrote %d", len(report.sites), len(rewritten))
     for site in report.sites:
         log.info("grouter:   %s", site.summary())
-        site_log.info("%s", site.summary())
-    if report.changed and before is not None and after is not None and diff_log.isEnabledFor(logging.INFO):
-        from grouter_pass.inspect.graph_text import graph_lines, rewrite_tags, unified_diff
-
-        tags_before, tags_after = rewrite_tags(report)
-        diff_log.info("grouter diff:\n%s", unified_diff(graph_lines(before, tags_before),
-                                                          graph_lines(after, tags_after)))
+    if report.changed and before is not None and after is not None:
+        log_rewrite_diff(report, before, after)

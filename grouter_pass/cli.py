@@ -81,16 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging(verbose: bool) -> None:
-    """Workflow commands report progress at INFO; the pass's own per-graph chatter (and the
-    ``grouter`` / ``grouter_diff`` channels) would repeat what ``grouter diff`` prints, so they
-    stay at WARNING unless ``-v``."""
+    """Workflow commands report progress at INFO; the pass's own per-graph chatter (and its
+    diff channel) would repeat what ``grouter diff`` prints, so it stays at WARNING unless ``-v``."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
     if verbose:
         return
     for handler in logging.getLogger().handlers:
         handler.addFilter(_DropLibraryResults())
-    for name in ("grouter_pass", "grouter", "grouter_diff"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("grouter_pass").setLevel(logging.WARNING)
     for name in ("grouter_pass.router", "grouter_pass.distributed"):
         logging.getLogger(name).setLevel(logging.INFO)
 

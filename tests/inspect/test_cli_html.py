@@ -39,7 +39,7 @@ def _console_messages(stderr: str) -> list[str]:
 def diff_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("diff")
     html, js = out / "report.html", out / "report.json"
-    proc = subprocess.run([sys.executable, "-m", "grouter", "diff", "--hf-config", "mixtral", "--tokens", "4",
+    proc = subprocess.run([sys.executable, "-m", "grouter_pass", "diff", "--hf-config", "mixtral", "--tokens", "4",
                            "--html", str(html), "--json", str(js)],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"})
     return proc, html, js

@@ -1,4 +1,5 @@
-"""``TORCH_LOGS="grouter"`` and ``TORCH_LOGS="grouter_diff"`` during ordinary compiles.
+"""``TORCH_LOGS="grouter_pass"`` and ``TORCH_LOGS="+grouter_pass.inspect.diff"`` during ordinary
+compiles: the package's own logger names, no top-level modules.
 
 torch reads ``TORCH_LOGS`` when it is imported, so each setting runs in a fresh process; both
 front doors run in it: ``backend="grouter"`` and Inductor's ``pre_grad_custom_pass``.
@@ -13,7 +14,7 @@ import textwrap
 import pytest
 
 # torch's log prefix on every line of a message: "I1129 18:38:16.143000 26580 /path/file.py:46] [0/0] "
-PREFIX = re.compile(r"^[IWEDC]\d{4} [\d:.]+ \d+ \S+:\d+\] (\[[^\]]*\] )?", re.M)
+PREFIX = re.compile(r"^[IWEDCV]\d{4} [\d:.]+ \d+ \S+:\d+\] (\[[^\]]*\] )?", re.M)
 
 SCRIPT = textwrap.dedent("""
     import sys
@@ -46,8 +47,8 @@ def _site_lines(text: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_torch_logs_grouter_prints_one_line_per_site_in_both_front_doors():
-    logs = _run("grouter")
+def test_torch_logs_grouter_pass_prints_one_line_per_site_in_both_front_doors():
+    logs = _run("grouter_pass")
     for door, text in logs.items():
         lines = _site_lines(text)
         assert len(lines) == 2, (door, text)
@@ -57,14 +58,20 @@ def test_torch_logs_grouter_prints_one_line_per_site_in_both_front_doors():
 
 
 @pytest.mark.slow
-def test_torch_logs_grouter_diff_prints_the_tagged_diff_in_both_front_doors():
-    logs = _run("grouter_diff")
+def test_torch_logs_diff_channel_prints_the_tagged_diff_in_both_front_doors():
+    logs = _run("+grouter_pass.inspect.diff")
     for door, text in logs.items():
         assert _site_lines(text) == [], door
         assert "--- before\n+++ after" in text, (door, text)
         assert text.count("grouter.route(") == 2
         assert "  # router: blocks.0" in text and "  # experts: blocks.1" in text
         assert "# removed: blocks.0" in text
+
+
+def test_the_distribution_installs_no_top_level_logging_modules():
+    import importlib.util
+
+    assert importlib.util.find_spec("grouter") is None and importlib.util.find_spec("grouter_diff") is None
 
 
 def test_torch_trace_dump_holds_the_rewrite_as_artifacts(tmp_path):

@@ -213,7 +213,7 @@ def test_a_result_is_printed_once_not_also_logged(tmp_path, ckpt, text):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "grouter", "fold", str(ckpt), "--experts", "3", "--top-k", "2",
+    out = subprocess.run([sys.executable, "-m", "grouter_pass", "fold", str(ckpt), "--experts", "3", "--top-k", "2",
                           "--out", str(tmp_path / "f"), "--data", str(text), "--seq-len", "32"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

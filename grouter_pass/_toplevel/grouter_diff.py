@@ -1,1 +1,0 @@
-"""The ``TORCH_LOGS="grouter_diff"`` log channel."""
