@@ -30,6 +30,10 @@ def compile_with_grouter(gm: fx.GraphModule, example_inputs: Sequence[Any], conf
     """Rewrite ``gm`` (a Dynamo graph) and compile it with Inductor (or not, per ``config``)."""
     new_gm, report = run_grouter_passes(gm, example_inputs, config)
     log_report(report, before=gm, after=new_gm)
+    if torch.distributed.is_available():
+        from grouter_pass.integrations.ddp import warn_if_split
+
+        warn_if_split()
     if reports is not None:
         reports.append(report)
     if graphs is not None:

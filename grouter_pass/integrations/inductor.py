@@ -18,6 +18,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
@@ -52,6 +53,10 @@ class GrouterPreGradPass(CustomGraphPass):
         gm = graph.owning_module
         new_gm, report = run_grouter_passes(gm, None, self.config)
         log_report(report, before=gm, after=new_gm)  # gm is still the original here
+        if torch.distributed.is_available():
+            from grouter_pass.integrations.ddp import warn_if_split
+
+            warn_if_split()
         if report.changed:
             replace_graph_contents(graph, new_gm.graph)
             gm.recompile()
