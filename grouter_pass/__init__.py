@@ -64,6 +64,7 @@ def _register_backend_without_entry_point() -> None:
 
 
 _register_backend_without_entry_point()
+_import_module("grouter_pass.integrations.transformers").register_experts_implementation()
 
 __all__ = [
     "ActivationSpec",

@@ -5,28 +5,127 @@ transformers 5 dispatches the experts of most MoE models through ``ExpertsInterf
 breaks per layer). :func:`use_grouter_experts` registers this project's experts function under
 the name ``"grouter"`` (``ALL_EXPERTS_FUNCTIONS.register``) and selects it with the model's own
 ``set_experts_implementation``: the model then captures as one graph, where the pass matches and
-rewrites it as usual. The function computes exactly what transformers' capturable ``grouped_mm``
-path computes (it is that path), so the switch changes no number.
+rewrites it as usual.
+
+The function runs in two ways. Under ``torch.compile`` it is transformers' own ``grouped_mm``
+path, which the graph pass knows how to prove and rewrite. In eager mode it runs the grouter ops
+(``grouter.dispatch_plan`` and ``grouter.moe_experts``: the CPU expert-parallel path, the Triton
+kernels on CUDA) when the layer is one they express, read from the layer's behaviour rather than
+its names: a default gate (``act(gate) * up`` on the two halves, checked by running the layer's
+``_apply_gate``), an activation that matches one of the ops' on a grid of values, no post-expert
+norm and no expert parallelism. Other layers (a custom gate, as gpt-oss's clamped SwiGLU) run
+``grouped_mm`` in eager mode too. Both ways compute the same function (fp32 tolerance).
+
+The name is registered with transformers when both are imported, in either order: right away if
+transformers' MoE module is already loaded, else when it is first imported (a post-import hook
+on that one module), so ``from_pretrained(..., experts_implementation="grouter")`` works right
+after ``import grouter_pass``.
 """
 
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import logging
+import sys
+import weakref
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "grouter"
+_MOE_MODULE = "transformers.integrations.moe"
+_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
+# per experts module: the grouter op arguments its layer maps to, or None (grouped_mm)
+_op_args: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def grouter_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The experts of one transformers MoE layer, written so that Dynamo captures it whole: sort by
-    expert, grouped GEMMs with offsets, weighted combine (transformers' ``grouped_mm`` path)."""
+    """The experts of one transformers MoE layer: under ``torch.compile`` transformers'
+    ``grouped_mm`` path (one capturable graph the pass rewrites), in eager mode the grouter ops
+    where the layer maps onto them (module docstring)."""
     from transformers.integrations.moe import grouped_mm_experts_forward
 
-    return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if torch.compiler.is_compiling():
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    if self not in _op_args:
+        _op_args[self] = _layer_op_args(self)
+    flags = _op_args[self]
+    if flags is None:
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    ids = top_k_index.long()
+    perm, inv_perm, _counts, offsets = torch.ops.grouter.dispatch_plan(ids, self.num_experts)
+    w_up = self.gate_up_proj if self.has_gate else self.up_proj
+    b_up = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
+    b_down = self.down_proj_bias if self.has_bias else None
+    out, _ = torch.ops.grouter.moe_experts(hidden_states, top_k_weights, perm, inv_perm, offsets, w_up,
+                                           self.down_proj, b_up, b_down, **flags)
+    return out.to(hidden_states.dtype)
+
+
+def _layer_op_args(experts: torch.nn.Module) -> dict[str, Any] | None:
+    """The ``moe_experts`` flags that compute what ``experts`` computes, read from how it behaves;
+    None where the ops cannot express it (a reason is logged at DEBUG)."""
+    why = None
+    if getattr(experts, "_is_expert_parallel", False):
+        why = "expert parallel"
+    elif getattr(experts, "has_post_expert_norm", False):
+        why = "a norm after each expert"
+    elif not isinstance(getattr(experts, "num_experts", None), int):
+        why = "no num_experts"
+    if why is None:
+        act_fn = getattr(experts, "act_fn", None)
+        kind = _activation_of(act_fn) if act_fn is not None else None
+        if kind is None:
+            why = f"activation {type(act_fn).__name__} is not one of {_ACTIVATIONS}"
+        elif experts.has_gate and not _default_gate(experts, kind):
+            why = "a custom gate (_apply_gate is not act(gate) * up on the two halves)"
+    if why is not None:
+        log.debug("grouter experts: %s runs grouped_mm in eager mode: %s", type(experts).__name__, why)
+        return None
+    transposed = bool(getattr(experts, "is_transposed", False))
+    return dict(activation=kind, gated=bool(experts.has_gate), interleaved=False, alpha=1.0, limit=0.0,
+                up_transposed=transposed, down_transposed=transposed, weight_on_input=False, out_dtype=None)
+
+
+def _probe_values() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    return torch.cat([torch.linspace(-6, 6, 97), torch.randn(64, generator=gen) * 3]).reshape(1, -1)
+
+
+def _activation_of(act_fn: Any) -> str | None:
+    """Which of the ops' activations ``act_fn`` is, by its values on a grid (fp64)."""
+    from grouter_pass.ops.reference import _act
+
+    x = _probe_values().double()
+    try:
+        with torch.no_grad():
+            y = act_fn(x)
+    except Exception:  # noqa: BLE001 - a callable the ops cannot name
+        return None
+    for kind in _ACTIVATIONS:
+        if isinstance(y, torch.Tensor) and y.shape == x.shape and torch.allclose(y, _act(x, kind), rtol=1e-9,
+                                                                                 atol=1e-12):
+            return kind
+    return None
+
+
+def _default_gate(experts: torch.nn.Module, kind: str) -> bool:
+    """Whether the layer's gate is ``act(gate) * up`` with gate and up the two halves."""
+    from grouter_pass.ops.reference import _act
+
+    x = torch.randn(7, 2 * 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = experts._apply_gate(x)
+    except Exception:  # noqa: BLE001
+        return False
+    gate, up = x.chunk(2, dim=-1)
+    return isinstance(y, torch.Tensor) and y.shape == gate.shape and torch.allclose(y, _act(gate, kind) * up,
+                                                                                    rtol=1e-9, atol=1e-12)
 
 
 def _register() -> None:
@@ -34,6 +133,37 @@ def _register() -> None:
 
     if EXPERTS_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
         ALL_EXPERTS_FUNCTIONS.register(EXPERTS_IMPLEMENTATION, grouter_experts_forward)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds transformers' MoE module with the other finders and registers the experts function
+    once it has run (Python's import system, for this one module only)."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != _MOE_MODULE:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return None
+        self._inner = spec.loader
+        spec.loader = self
+        return spec
+
+    def create_module(self, spec: Any) -> Any:
+        return self._inner.create_module(spec)
+
+    def exec_module(self, module: Any) -> None:
+        self._inner.exec_module(module)
+        sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+        _register()
+
+
+def register_experts_implementation() -> None:
+    """Make ``experts_implementation="grouter"`` known to transformers (now, or on its import)."""
+    if _MOE_MODULE in sys.modules:
+        _register()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())
 
 
 def use_grouter_experts(model: torch.nn.Module) -> list[str]:
