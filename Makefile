@@ -44,6 +44,7 @@ test: $(STAMP) browser
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP)
+	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_sizes.py
 	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_moe_block.py
 
 clean:

@@ -21,12 +21,13 @@ Every phase writes its result under ``--out`` (default ``out/train_grouter/<scal
 skipped when run again; training phases checkpoint and resume. ``--until tune`` stops before the
 target runs.
 
-The process re-executes itself once with two environment settings, both needed on a shared CPU:
-glibc's allocator thresholds pinned (unpinned large frees page-fault back in every step and make
-step times uneven, docs/performance.md), and ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads that
-spin at barriers while other processes hold the cores turn a step of the cpu-scale model from
-~0.4 s into ~15 s (measured on the 2-core machine under load; passive waiting costs nothing
-measurable when the machine is idle). An explicit ``OMP_WAIT_POLICY`` in the environment wins.
+The process re-executes itself once with glibc's allocator thresholds pinned (unpinned large
+frees page-fault back in every step and make step times uneven, docs/performance.md). OpenMP's
+wait policy is left at its default, what users run: ``OMP_WAIT_POLICY=PASSIVE`` makes every short
+parallel region pay a thread wake-up, which slows the many small ATen ops of the baseline arm far
+more than the grouter arms and would bias the per-step times. On a machine shared with other
+jobs, set ``OMP_WAIT_POLICY=PASSIVE`` yourself (spinning threads then crawl) and read the step
+times as loaded.
 """
 
 from __future__ import annotations
@@ -34,8 +35,7 @@ from __future__ import annotations
 import os
 import sys
 
-PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-          "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+PINNED = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 if sys.platform.startswith("linux") and any(os.environ.get(k) != v for k, v in PINNED.items()):
     os.execvpe(sys.executable, [sys.executable, *sys.argv], {**os.environ, **PINNED})
 
