@@ -9,6 +9,8 @@ switches rather than configuration (a configuration is a :class:`~grouter_pass.c
 * ``TRITON_INTERPRET``: Triton's own switch for its CPU interpreter (how the kernel tests run
   without a GPU).
 * ``GROUTER_TRITON_AUTOTUNE``: ``0`` turns the kernels' autotuning off.
+* ``OMP_WAIT_POLICY`` / ``GOMP_SPINCOUNT`` (OpenMP's own): whether idle OpenMP threads sleep,
+  which decides the CPU experts path (:func:`openmp_threads_sleep`).
 
 All are read at each use (except where Triton itself decides at import). :func:`fingerprint` is
 the part of every cache key that depends on them: a graph compiled under one setting is never
@@ -38,6 +40,13 @@ def triton_interpret() -> bool:
 def triton_autotune() -> bool:
     """``GROUTER_TRITON_AUTOTUNE`` (default on)."""
     return os.environ.get("GROUTER_TRITON_AUTOTUNE", "1") != "0"
+
+
+def openmp_threads_sleep() -> bool:
+    """Whether idle OpenMP threads sleep at once (``OMP_WAIT_POLICY=PASSIVE`` or
+    ``GOMP_SPINCOUNT=0``) rather than spin for a while (OpenMP's default)."""
+    return (os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+            or os.environ.get("GOMP_SPINCOUNT", "").strip() == "0")
 
 
 def fingerprint() -> str:

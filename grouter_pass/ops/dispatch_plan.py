@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from grouter_pass import env
 from grouter_pass.ops import reference
 from grouter_pass.ops.cpu_experts import single_threaded_aten
 from grouter_pass.ops.kernel_select import kernels_available_for
@@ -42,10 +43,10 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int
         from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
 
         return dispatch_plan_triton(ids, num_experts)[:4]
-    if ids.device.type == "cpu":
+    if ids.device.type == "cpu" and env.openmp_threads_sleep():
         # A stable sort of S = N*K ids: ATen's parallel radix sort synchronises its threads once
-        # per digit, which on a busy machine costs far more than the ~1 ms the sort takes on
-        # one thread (docs/performance.md).
+        # per digit; where idle threads sleep, each wake-up costs more than the ~1 ms the sort
+        # takes on one thread (docs/performance.md). At OpenMP's default the two are even.
         with single_threaded_aten():
             return reference.dispatch_plan_reference(ids, num_experts)
     return reference.dispatch_plan_reference(ids, num_experts)

@@ -4,8 +4,9 @@ Why here and not in the ops: the three ops and the graph pass that picks their T
 (``passes/select_kernels.py``) must agree, and
 the choice must never change CPU numerics by accident. ``auto`` (default) uses the kernels on
 CUDA tensors when Triton is installed and the configuration is fused
-(:func:`grouter_pass.kernels.moe.unsupported_reason`); on CPU the expert-parallel path of
-:mod:`grouter_pass.ops.cpu_experts` where it applies; the reference otherwise.
+(:func:`grouter_pass.kernels.moe.unsupported_reason`); on CPU the expert-queue path of
+:mod:`grouter_pass.ops.cpu_experts` where it applies and idle OpenMP threads sleep
+(:func:`use_cpu_experts`); the reference otherwise.
 
 Troubleshooting: ``GROUTER_KERNELS=reference`` forces the reference everywhere (escape hatch
 for a suspected kernel or CPU-path bug); ``GROUTER_KERNELS=triton`` also sends CPU tensors to the kernels,
@@ -64,11 +65,18 @@ def use_moe_kernels(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *
 
 def use_cpu_experts(x: torch.Tensor, weights: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *,
                     weight_on_input: bool) -> bool:
-    """Whether ``moe_experts`` on CPU runs the expert-parallel path of
-    :mod:`grouter_pass.ops.cpu_experts` (same numbers as the reference, faster)."""
+    """Whether ``moe_experts`` on CPU runs the expert-queue path of
+    :mod:`grouter_pass.ops.cpu_experts` rather than the reference's multi-threaded ATen calls.
+
+    Chosen by measurement (docs/performance.md, 2 cores, fwd+bwd of one MoE block): where idle
+    OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``), every short parallel region of the
+    reference pays a thread wake-up and the queue path is 1.4-1.9x faster; at OpenMP's default
+    (threads spin a while before sleeping, what users run) the spinning team competes with the
+    queue's threads for the cores and the reference is 1.1-2.4x faster, so it runs there."""
     from grouter_pass.ops import cpu_experts
 
-    return kernels_mode() != "reference" and cpu_experts.supported(x, weights, w_up, w_down, weight_on_input)
+    return (kernels_mode() != "reference" and env.openmp_threads_sleep()
+            and cpu_experts.supported(x, weights, w_up, w_down, weight_on_input))
 
 
 def allow_tf32() -> bool:

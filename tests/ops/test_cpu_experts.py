@@ -63,15 +63,21 @@ def test_unsupported_configurations_are_declined():
     assert not C.supported(x.bfloat16(), w, wu.bfloat16(), wd.bfloat16(), False)  # fp32 weights: fp32 combine
 
 
-def test_op_uses_cpu_path_unless_reference_forced(monkeypatch):
+def test_op_uses_cpu_path_where_openmp_threads_sleep_unless_reference_forced(monkeypatch):
     args, kw = _inputs("swiglu")
     calls = []
     real = C.moe_experts_cpu
     monkeypatch.setattr(C, "moe_experts_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
     flags = dict(kw, weight_on_input=False, out_dtype=None)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     torch.ops.grouter.moe_experts(*args, **flags)
     assert calls == [1]
     monkeypatch.setenv("GROUTER_KERNELS", "reference")
+    torch.ops.grouter.moe_experts(*args, **flags)
+    assert calls == [1]
+    monkeypatch.delenv("GROUTER_KERNELS")
+    monkeypatch.delenv("OMP_WAIT_POLICY")   # OpenMP's default: spinning threads, the reference is faster
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     torch.ops.grouter.moe_experts(*args, **flags)
     assert calls == [1]
 
