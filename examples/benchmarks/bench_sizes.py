@@ -113,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5, help="timed calls per row")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # every row compiles the same transformers code objects (with different backends): without
+    # room for them, Dynamo stops compiling after 8 and later rows would silently run eager
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"torch {torch.__version__}, {args.threads} threads, OMP_WAIT_POLICY="
           f"{os.environ.get('OMP_WAIT_POLICY', 'default')}, code {commit or '?'}; load before {load():.2f}")
