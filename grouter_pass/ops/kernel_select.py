@@ -68,11 +68,12 @@ def use_cpu_experts(x: torch.Tensor, weights: torch.Tensor, w_up: torch.Tensor, 
     """Whether ``moe_experts`` on CPU runs the expert-queue path of
     :mod:`grouter_pass.ops.cpu_experts` rather than the reference's multi-threaded ATen calls.
 
-    Chosen by measurement (docs/performance.md, 2 cores, fwd+bwd of one MoE block): where idle
-    OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``), every short parallel region of the
-    reference pays a thread wake-up and the queue path is 1.4-1.9x faster; at OpenMP's default
-    (threads spin a while before sleeping, what users run) the spinning team competes with the
-    queue's threads for the cores and the reference is 1.1-2.4x faster, so it runs there."""
+    Chosen by measurement (``examples/benchmarks/bench_cpu_paths.py``, docs/performance.md, 2
+    cores, fwd+bwd of one MoE block): where idle OpenMP threads sleep (``OMP_WAIT_POLICY=PASSIVE``)
+    every short parallel region of the reference pays a thread wake-up and the queue path is
+    1.4-2.3x faster; at OpenMP's default (threads spin a while before sleeping, what users run)
+    the spinning team competes with the queue's threads for the cores: the reference is 1.8x
+    faster on small blocks and within 5% on larger ones, so it runs there."""
     from grouter_pass.ops import cpu_experts
 
     return (kernels_mode() != "reference" and env.openmp_threads_sleep()
