@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import grouter_pass  # noqa: E402
 from grouter_pass import GrouterConfig, PrecomputedRouting, apply_grouter  # noqa: E402
 from grouter_pass.router import Grouter, GrouterModelConfig  # noqa: E402
-from grouter_pass.testing.timing import time_interleaved  # noqa: E402
+from grouter_pass.testing.timing import lm_training_step, time_interleaved  # noqa: E402
 
 SIZES = {   # layers, E, k, H, I, batch, seq
     "demo": (2, 16, 4, 128, 64, 4, 256),
@@ -69,18 +69,6 @@ def token_ids(size: str, data: str) -> torch.Tensor:
     return torch.from_numpy(corpus.tokens[: batch * seq].astype("int64")).reshape(batch, seq)
 
 
-def step_fn(model, ids, context=None):
-    def step():
-        model.zero_grad(set_to_none=True)
-        if context is None:
-            loss = model(ids, labels=ids).loss
-        else:
-            with context():
-                loss = model(ids, labels=ids).loss
-        loss.backward()
-    return step
-
-
 def rows_for(size: str, ids: torch.Tensor) -> dict:
     _, e, k, *_ = SIZES[size]
     torch.manual_seed(1)
@@ -89,12 +77,13 @@ def rows_for(size: str, ids: torch.Tensor) -> dict:
     with torch.no_grad():
         weights, expert_ids = grouter.route(ids)
     return {
-        "compile + aux": step_fn(torch.compile(make_model(size, aux=True)), ids),
-        "exact + aux": step_fn(apply_grouter(make_model(size, aux=True)), ids),
-        "compile": step_fn(torch.compile(make_model(size, aux=False)), ids),
-        "exact": step_fn(apply_grouter(make_model(size, aux=False)), ids),
-        "precomputed": step_fn(apply_grouter(make_model(size, aux=False), GrouterConfig(routing=PrecomputedRouting())),
-                               ids, lambda: grouter_pass.routing(weights, expert_ids)),
+        "compile + aux": lm_training_step(torch.compile(make_model(size, aux=True)), ids),
+        "exact + aux": lm_training_step(apply_grouter(make_model(size, aux=True)), ids),
+        "compile": lm_training_step(torch.compile(make_model(size, aux=False)), ids),
+        "exact": lm_training_step(apply_grouter(make_model(size, aux=False)), ids),
+        "precomputed": lm_training_step(
+            apply_grouter(make_model(size, aux=False), GrouterConfig(routing=PrecomputedRouting())), ids,
+            lambda: grouter_pass.routing(weights, expert_ids)),
     }
 
 

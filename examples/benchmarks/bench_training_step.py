@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import grouter_pass  # noqa: E402
 from grouter_pass import GrouterConfig, GrouterRouting, PrecomputedRouting, apply_grouter  # noqa: E402
 from grouter_pass.router import Grouter, GrouterModelConfig  # noqa: E402
-from grouter_pass.testing.timing import time_interleaved  # noqa: E402
+from grouter_pass.testing.timing import lm_training_step, time_interleaved  # noqa: E402
 
 
 def make_model(args: argparse.Namespace, aux: bool) -> torch.nn.Module:
@@ -47,18 +47,6 @@ def make_model(args: argparse.Namespace, aux: bool) -> torch.nn.Module:
         norm_topk_prob=True, output_router_logits=aux, router_aux_loss_coef=0.01, max_position_embeddings=4096)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).train()
-
-
-def step_fn(model, ids, context=None):
-    def step():
-        model.zero_grad(set_to_none=True)
-        if context is None:
-            loss = model(ids, labels=ids).loss
-        else:
-            with context():
-                loss = model(ids, labels=ids).loss
-        loss.backward()
-    return step
 
 
 def main() -> None:
@@ -85,11 +73,11 @@ def main() -> None:
         weights, expert_ids = grouter.route(ids)
 
     rows = {
-        "hf grouped_mm + compile": step_fn(torch.compile(make_model(args, aux=True)), ids),
-        "grouter exact": step_fn(apply_grouter(make_model(args, aux=True)), ids),
-        "grouter online": step_fn(apply_grouter(make_model(args, aux=False),
+        "hf grouped_mm + compile": lm_training_step(torch.compile(make_model(args, aux=True)), ids),
+        "grouter exact": lm_training_step(apply_grouter(make_model(args, aux=True)), ids),
+        "grouter online": lm_training_step(apply_grouter(make_model(args, aux=False),
                                                 GrouterConfig(routing=GrouterRouting(grouter=grouter))), ids),
-        "grouter precomputed": step_fn(apply_grouter(make_model(args, aux=False),
+        "grouter precomputed": lm_training_step(apply_grouter(make_model(args, aux=False),
                                                      GrouterConfig(routing=PrecomputedRouting())), ids,
                                        lambda: grouter_pass.routing(weights, expert_ids)),
     }

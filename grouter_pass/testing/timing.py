@@ -24,3 +24,17 @@ def time_interleaved(steps: dict[str, Callable[[], object]], *, warmup: int, ite
             step()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def lm_training_step(model: Callable, ids: object, context: Callable | None = None) -> Callable[[], None]:
+    """One causal-LM training step on ``ids`` (labels = inputs: gradients cleared, forward, loss,
+    backward), optionally inside ``context()`` (e.g. the per-batch routing of a Grouter mode)."""
+    import contextlib
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        with context() if context is not None else contextlib.nullcontext():
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+
+    return step
