@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -100,25 +101,30 @@ _ACT_ARGS = ("activation", "gated", "interleaved", "alpha", "limit", "up_transpo
              "weight_on_input")
 
 
-def _setup_context(ctx, inputs, output):
-    x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *rest = inputs
-    ctx.kw = dict(zip(_ACT_ARGS, rest[: len(_ACT_ARGS)]))
-    ctx.has_b_up, ctx.has_b_down = b_up is not None, b_down is not None
-    ctx.save_for_backward(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, output[1])
+def register_experts_autograd(op: Any, backward_op: Any, extra_args: tuple[str, ...] = ()) -> None:
+    """Autograd for an experts op with ``moe_experts``' schema (the 9 tensors, ``_ACT_ARGS``,
+    ``out_dtype``) plus ``extra_args``: ``backward_op`` (``moe_experts_backward``' schema plus the
+    same ``extra_args``) computes the gradients that are needed. The opaque op and its Triton twin
+    (``triton_ops.py``, with ``allow_tf32``) share it."""
 
+    def setup_context(ctx, inputs, output):
+        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *rest = inputs
+        ctx.kw = dict(zip(_ACT_ARGS, rest[: len(_ACT_ARGS)]))
+        ctx.kw.update(zip(extra_args, rest[len(_ACT_ARGS) + 1:]))   # after out_dtype
+        ctx.n_flags = len(rest)
+        ctx.has_b_up, ctx.has_b_down = b_up is not None, b_down is not None
+        ctx.save_for_backward(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, output[1])
 
-def _backward(ctx, grad_out, grad_h):
-    x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h = ctx.saved_tensors
-    nig = ctx.needs_input_grad
-    needs = [nig[0], nig[1], nig[5], nig[6], nig[7] and ctx.has_b_up, nig[8] and ctx.has_b_down]
-    grads = torch.ops.grouter.moe_experts_backward(
-        grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs=needs,
-        **ctx.kw)
-    gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
-    return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * 9
+    def backward(ctx, grad_out, grad_h):
+        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h = ctx.saved_tensors
+        nig = ctx.needs_input_grad
+        needs = [nig[0], nig[1], nig[5], nig[6], nig[7] and ctx.has_b_up, nig[8] and ctx.has_b_down]
+        grads = backward_op(grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
+                            h, needs=needs, **ctx.kw)
+        gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
+        return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * ctx.n_flags
 
-
-moe_experts.register_autograd(_backward, setup_context=_setup_context)
+    op.register_autograd(backward, setup_context=setup_context)
 
 
 @torch.library.custom_op("grouter::moe_experts_backward", mutates_args=())
@@ -171,3 +177,6 @@ def _moe_experts_backward_fake(grad_out, x, weights, perm, inv_perm, offsets, w_
     like = (x, weights, w_up, w_down, b_up, b_down)
     return tuple(torch.empty_like(t) if (need and t is not None) else x.new_empty(_EMPTY_GRAD)
                  for t, need in zip(like, needs))
+
+
+register_experts_autograd(moe_experts, torch.ops.grouter.moe_experts_backward)

@@ -49,7 +49,7 @@ def _define_ops() -> None:
     from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
     from grouter_pass.kernels.moe import moe_experts_backward_triton, moe_experts_triton
     from grouter_pass.ops.dispatch_plan import _dispatch_plan_fake
-    from grouter_pass.ops.moe_experts import _moe_experts_backward_fake, _moe_experts_fake
+    from grouter_pass.ops.moe_experts import _moe_experts_backward_fake, _moe_experts_fake, register_experts_autograd
 
     # Triton's CPU interpreter runs kernels eagerly and cannot trace them with fake tensors, so
     # there the twins are opaque custom ops with the opaque ops' fake rules (same schemas, same
@@ -93,24 +93,5 @@ def _define_ops() -> None:
         moe_experts_triton_op.register_fake(lambda *a: _moe_experts_fake(*a[:-1]))
         moe_experts_backward_triton_op.register_fake(lambda *a: _moe_experts_backward_fake(*a[:-1]))
 
-    def setup_context(ctx, inputs, output):
-        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *flags = inputs
-        ctx.flags = flags[:_N_FLAGS] + [flags[-1]]   # the activation flags and allow_tf32 (not out_dtype)
-        ctx.has_b_up, ctx.has_b_down = b_up is not None, b_down is not None
-        ctx.save_for_backward(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, output[1])
-
-    def backward(ctx, grad_out, grad_h):
-        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        needs = [nig[0], nig[1], nig[5], nig[6], nig[7] and ctx.has_b_up, nig[8] and ctx.has_b_down]
-        grads = torch.ops.grouter.moe_experts_backward_triton(
-            grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs,
-            *ctx.flags)
-        gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
-        return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * (_N_FLAGS + 2)
-
-    moe_experts_triton_op.register_autograd(backward, setup_context=setup_context)
-
-
-# activation, gated, interleaved, alpha, limit, up_transposed, down_transposed, weight_on_input
-_N_FLAGS = 8
+    register_experts_autograd(moe_experts_triton_op, torch.ops.grouter.moe_experts_backward_triton,
+                              extra_args=("allow_tf32",))
