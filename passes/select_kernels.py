@@ -24,11 +24,8 @@ from grouter_pass.passes.graph_utils import tensor_meta
 
 log = logging.getLogger(__name__)
 
-# moe_experts' arguments after the tensors: activation, gated, interleaved, alpha, limit,
-# up_transposed, down_transposed, weight_on_input, out_dtype
-_MOE_ARGS = ("x", "weights", "perm", "inv_perm", "offsets", "w_up", "w_down", "b_up", "b_down", "activation",
-             "gated", "interleaved", "alpha", "limit", "up_transposed", "down_transposed", "weight_on_input",
-             "out_dtype")
+# the opaque op's argument names, in schema order (its Triton twin takes them, then allow_tf32)
+_MOE_ARGS = tuple(a.name for a in torch.ops.grouter.moe_experts.default._schema.arguments)
 
 
 def _bound(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
