@@ -11,10 +11,10 @@ The function runs in two ways. Under ``torch.compile`` it is transformers' own `
 path, which the graph pass knows how to prove and rewrite. In eager mode it runs the grouter ops
 (``grouter.dispatch_plan`` and ``grouter.moe_experts``: the CPU expert-parallel path, the Triton
 kernels on CUDA) when the layer is one they express, read from the layer's behaviour rather than
-its names: a default gate (``act(gate) * up`` on the two halves, checked by running the layer's
-``_apply_gate``), an activation that matches one of the ops' on a grid of values, no post-expert
-norm and no expert parallelism. Other layers (a custom gate, as gpt-oss's clamped SwiGLU) run
-``grouped_mm`` in eager mode too. Both ways compute the same function (fp32 tolerance).
+its names: a gate ``act(gate) * up`` (gate and up as the two halves or alternating columns,
+checked by running the layer's ``_apply_gate``), an activation that matches one of the ops' on a
+grid of values, no post-expert norm and no expert parallelism. Other layers (a custom gate, as
+gpt-oss's clamped SwiGLU) run ``grouped_mm`` in eager mode too. Both ways compute the same function (fp32 tolerance).
 
 The name is registered with transformers when both are imported, in either order: right away if
 transformers' MoE module is already loaded, else when it is first imported (a post-import hook
@@ -69,7 +69,7 @@ def grouter_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
 def _layer_op_args(experts: torch.nn.Module) -> dict[str, Any] | None:
     """The ``moe_experts`` flags that compute what ``experts`` computes, read from how it behaves;
     None where the ops cannot express it (a reason is logged at DEBUG)."""
-    why = None
+    why, layout = None, "concat"
     if getattr(experts, "_is_expert_parallel", False):
         why = "expert parallel"
     elif getattr(experts, "has_post_expert_norm", False):
@@ -81,14 +81,16 @@ def _layer_op_args(experts: torch.nn.Module) -> dict[str, Any] | None:
         kind = _activation_of(act_fn) if act_fn is not None else None
         if kind is None:
             why = f"activation {type(act_fn).__name__} is not one of {_ACTIVATIONS}"
-        elif experts.has_gate and not _default_gate(experts, kind):
-            why = "a custom gate (_apply_gate is not act(gate) * up on the two halves)"
+        elif experts.has_gate:
+            layout = _gate_layout(experts, kind)
+            if layout is None:
+                why = "a custom gate (_apply_gate is not act(gate) * up, gate and up as halves or alternating)"
     if why is not None:
         log.debug("grouter experts: %s runs grouped_mm in eager mode: %s", type(experts).__name__, why)
         return None
     transposed = bool(getattr(experts, "is_transposed", False))
-    return dict(activation=kind, gated=bool(experts.has_gate), interleaved=False, alpha=1.0, limit=0.0,
-                up_transposed=transposed, down_transposed=transposed, weight_on_input=False, out_dtype=None)
+    return dict(activation=kind, gated=bool(experts.has_gate), interleaved=layout == "interleaved", alpha=1.0,
+                limit=0.0, up_transposed=transposed, down_transposed=transposed, weight_on_input=False, out_dtype=None)
 
 
 def _probe_values() -> torch.Tensor:
@@ -113,8 +115,10 @@ def _activation_of(act_fn: Any) -> str | None:
     return None
 
 
-def _default_gate(experts: torch.nn.Module, kind: str) -> bool:
-    """Whether the layer's gate is ``act(gate) * up`` with gate and up the two halves."""
+def _gate_layout(experts: torch.nn.Module, kind: str) -> str | None:
+    """How the layer's gate reads its ``[S, 2F]`` input, found by running it: ``"concat"`` for
+    ``act(gate) * up`` with gate and up the two halves, ``"interleaved"`` for alternating columns;
+    None for any other function."""
     from grouter_pass.ops.reference import _act
 
     x = torch.randn(7, 2 * 11, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -122,10 +126,12 @@ def _default_gate(experts: torch.nn.Module, kind: str) -> bool:
         with torch.no_grad():
             y = experts._apply_gate(x)
     except Exception:  # noqa: BLE001
-        return False
-    gate, up = x.chunk(2, dim=-1)
-    return isinstance(y, torch.Tensor) and y.shape == gate.shape and torch.allclose(y, _act(gate, kind) * up,
-                                                                                    rtol=1e-9, atol=1e-12)
+        return None
+    for layout, (gate, up) in (("concat", x.chunk(2, dim=-1)), ("interleaved", (x[:, ::2], x[:, 1::2]))):
+        if isinstance(y, torch.Tensor) and y.shape == gate.shape and torch.allclose(y, _act(gate, kind) * up,
+                                                                                    rtol=1e-9, atol=1e-12):
+            return layout
+    return None
 
 
 def _register() -> None:

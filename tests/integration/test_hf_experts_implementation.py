@@ -56,3 +56,32 @@ def test_eager_mode_runs_the_grouter_ops_and_matches_grouped_mm(model_type, runs
     assert got_grads.keys() == want_grads.keys()
     for name, g in got_grads.items():
         torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_gate_layout_is_read_from_the_layer_not_its_class():
+    """A layer whose gate reads gate and up from alternating columns runs the ops with the
+    interleaved layout (found by running its ``_apply_gate``) and still matches ``grouped_mm``."""
+    import types
+
+    import torch.nn.functional as F
+
+    def interleaved_gate(self, gate_up):
+        return F.silu(gate_up[..., ::2]) * gate_up[..., 1::2]
+
+    ids = tiny_token_ids()
+    results = {}
+    for impl in ("grouped_mm", "grouter"):
+        model = tiny_hf_moe("qwen3_moe", experts_implementation=impl)
+        for module in model.modules():
+            if hasattr(module, "gate_up_proj"):
+                module._apply_gate = types.MethodType(interleaved_gate, module)
+        with _CountOps() as counted:
+            logits = model(ids).logits
+            logits.float().pow(2).mean().backward()
+        results[impl] = (logits.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None},
+                         counted.calls)
+    (want, want_grads, _), (got, got_grads, calls) = results["grouped_mm"], results["grouter"]
+    assert calls == model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
