@@ -156,9 +156,11 @@ def _gemm_operands(n: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 def router_of(node: fx.Node, e: int, facts: GraphFacts, limit: int = 400) -> tuple[fx.Node, fx.Node] | None:
     """``(logits, the hidden state the router reads)``: the latest GEMM among ``node`` and its
-    ancestors with E output columns and one operand that is model state with a dim of E."""
-    best = None
-    for n in [node, *ancestors([node])][:limit]:
+    ``limit`` latest ancestors with E output columns and one operand that is model state with a
+    dim of E. Walked latest first (graph order), so the answer does not depend on set order and
+    the nearest router is never cut off by the limit in a deep model."""
+    nearest = sorted(ancestors([node]), key=facts.position.__getitem__, reverse=True)[: limit - 1]
+    for n in [node, *nearest]:
         ops = _gemm_operands(n)
         s = shape_of(n)
         if ops is None or s is None or not s or not same_size(s[-1], e):
@@ -169,10 +171,8 @@ def router_of(node: fx.Node, e: int, facts: GraphFacts, limit: int = 400) -> tup
             ws = shape_of(w)
             if w in facts.state_derived and act not in facts.state_derived and ws is not None and any(
                     same_size(d, e) for d in ws):
-                if best is None or facts.position[n] > facts.position[best[0]]:
-                    best = (n, act)
-                break
-    return best
+                return n, act
+    return None
 
 
 # ------------------------------------------------------------------------------------------------

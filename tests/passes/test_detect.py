@@ -7,7 +7,9 @@ what the pass sees, shows up as a readable diff (``EXPECTTEST_ACCEPT=1`` regener
 
 from expecttest import assert_expected_inline
 
+from grouter_pass.passes.canonicalize import canonicalize_gating_pass
 from grouter_pass.spec import compact_repr
+from grouter_pass.testing.graphs import capture_graphs
 from grouter_pass.testing.graphs import gating_site_text
 from tests.passes.conftest import detected
 
@@ -126,3 +128,20 @@ def test_gpt_oss_dynamic_shapes_keep_runtime_activation_parameters():
     gm, sites, rejected = detected("gpt_oss", dynamic=True)
     assert len(sites) == 2 and not rejected
     assert set(sites[0].experts.runtime_scalars) == {"alpha", "limit"}
+
+
+def test_every_layer_of_a_deep_model_finds_its_own_router():
+    """The router is the nearest qualifying GEMM upstream of the selection, however deep the model:
+    with hundreds of earlier nodes (attention projections whose head dim equals E among them) a
+    search cut off in set order found another GEMM for some layers, differently on every run."""
+    from grouter_pass.passes.detect import find_gating_sites
+    from grouter_pass.testing.models import tiny_hf_moe, tiny_token_ids
+
+    model = tiny_hf_moe("qwen3_moe", num_hidden_layers=8)
+    (gm,) = capture_graphs(model, tiny_token_ids())
+    canonicalize_gating_pass(gm)
+    sites, rejected = find_gating_sites(gm)
+    assert not rejected, [r.summary() for r in rejected]
+    assert [s.module_path for s in sites] == [f"model.layers.{i}.mlp" for i in range(8)]
+    routers = [s.gating.router for s in sites]
+    assert len(set(routers)) == 8 and all(f"layers_modules_{i}_" in str(r.args[1]) for i, r in enumerate(routers))
