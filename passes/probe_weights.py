@@ -28,10 +28,6 @@ from grouter_pass.passes.probe import concrete_shape
 
 log = logging.getLogger(__name__)
 
-# ops after which a value no longer carries gradients to what it was computed from
-_GRADIENT_BLOCKERS = ("detach", "detach_", "_set_grad_enabled", "requires_grad_", "autograd_function_apply",
-                      "set_grad_enabled", "no_grad", "stop_gradient")
-
 
 @dataclass(frozen=True)
 class ProbeWeights:
@@ -87,22 +83,6 @@ class ProbeWeights:
         log.debug("grouter: probing on the model's own expert weights (%.1f MB of random copies avoided)",
                   need / 2**20)
         return tensors
-
-
-def blocks_gradients(region: Sequence[fx.Node], sources: Sequence[fx.Node]) -> fx.Node | None:
-    """A node of ``region`` computed from ``sources`` that stops gradients flowing back to them."""
-    reached = set(sources)
-    for n in region:
-        if n in reached:
-            continue
-        if any(isinstance(a, fx.Node) and a in reached for a in n.all_input_nodes):
-            reached.add(n)
-            name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
-            if any(b == str(name).split(".")[-1] for b in _GRADIENT_BLOCKERS):
-                return n
-        elif n.op == "call_function" and getattr(n.target, "__name__", "") in ("_set_grad_enabled",):
-            return n   # a grad-mode switch anywhere in the region: its effect is not local
-    return None
 
 
 def _readable(v: Any) -> bool:

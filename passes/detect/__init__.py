@@ -31,7 +31,7 @@ import torch.fx as fx
 from grouter_pass.config import DEFAULT_PROBE_WEIGHT_BUDGET
 from grouter_pass.passes.dataflow import GraphFacts
 from grouter_pass.passes.detect.anchors import Anchor, find_anchors
-from grouter_pass.passes.detect.experts import ExpertsMatch, match_experts
+from grouter_pass.passes.detect.experts import ExpertsMatch, GradientProofs, match_experts
 from grouter_pass.passes.detect.routing import (
     Relation,
     RoutingCandidate,
@@ -187,8 +187,9 @@ def _output_like(graph: fx.Graph, facts: GraphFacts, out: fx.Node, removed: set[
 
 
 def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True,
-               weights: ProbeWeights | None = None) -> Site | SiteReport:
-    """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not."""
+               weights: ProbeWeights | None = None, gradient_proofs: GradientProofs | None = None) -> Site | SiteReport:
+    """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not.
+    ``gradient_proofs`` carries the probe's gradient comparisons from one site of a graph to the next."""
     where = module_path(anchor.node)
     routing = analyse_routing(graph, facts, anchor)
     if isinstance(routing, NoMatch):
@@ -199,7 +200,8 @@ def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: boo
     for cand in routing.candidates:
         key = frozenset(cand.boundary.items())
         if key not in tried:
-            tried[key] = match_experts(graph, facts, routing, cand, check_gradients=probe, probe_weights=weights)
+            tried[key] = match_experts(graph, facts, routing, cand, check_gradients=probe, probe_weights=weights,
+                                       gradient_proofs=gradient_proofs)
         result = tried[key]
         if isinstance(result, NoMatch):
             if best is None or (result.partial and not best.partial):
@@ -269,11 +271,12 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True, example_inputs:
     rejected: list[SiteReport] = []
     claimed: set[fx.Node] = set()
     reported: set[str] = set()
+    proofs: GradientProofs = {}   # the layers of one model repeat one expert region: compare its gradients once
     with torch.random.fork_rng(devices=[]):
         for anchor in find_anchors(graph, facts):
             if anchor.node in claimed:
                 continue
-            result = match_site(graph, facts, anchor, probe=probe, weights=weights)
+            result = match_site(graph, facts, anchor, probe=probe, weights=weights, gradient_proofs=proofs)
             if isinstance(result, Site):
                 claimed.update(result.gating.region)
                 claimed.update(result.experts.region)

@@ -31,6 +31,7 @@ per-slot weights, dense experts on every token, one-hot einsums, slot buffers, l
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -58,11 +59,17 @@ from grouter_pass.passes.graph_utils import (
     target_name,
     tensor_meta,
 )
+from grouter_pass.passes.gradient_proof import blocks_gradients, gradients_follow_values, region_fingerprint
 from grouter_pass.passes.probe import ProbeError, Region, concrete, concrete_shape, eager, random_routing
-from grouter_pass.passes.probe_weights import ProbeWeights, blocks_gradients
+from grouter_pass.passes.probe_weights import ProbeWeights
 from grouter_pass.spec import ActivationSpec, ExpertsSpec, NoMatch
 
+log = logging.getLogger(__name__)
+
 _MAX_READINGS = 600
+
+#: gradient comparisons already made in one graph: region fingerprint and reading -> the mismatch or None
+GradientProofs = dict[tuple, "str | None"]
 
 
 @dataclass
@@ -674,10 +681,11 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @eager
 def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, cand: RoutingCandidate, *,
-                  check_gradients: bool = True, probe_weights: ProbeWeights | None = None
-                  ) -> ExpertsMatch | NoMatch:
+                  check_gradients: bool = True, probe_weights: ProbeWeights | None = None,
+                  gradient_proofs: GradientProofs | None = None) -> ExpertsMatch | NoMatch:
     """The experts fed by ``cand``'s routing boundary (see the module docstring). Without
-    ``check_gradients`` a reading is accepted on forward values alone."""
+    ``check_gradients`` a reading is accepted on forward values alone; ``gradient_proofs`` holds
+    the gradient comparisons of earlier sites of the same graph, by region fingerprint."""
     boundary = cand.boundary
     hidden_node = routing.router_input
     hidden = shape_of(hidden_node)[-1] if shape_of(hidden_node) else None
@@ -752,7 +760,7 @@ def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, 
             continue
         probe.constant_weights = cand.constant_weights
         result = _search(probe, facts, routing, cand, mats, biases, e_ffn, hidden, out, x_root, x_op_node, base,
-                         region_nodes, weights, check_gradients)
+                         region_nodes, weights, check_gradients, gradient_proofs)
         if isinstance(result, ExpertsMatch):
             return result
     return result
@@ -787,7 +795,9 @@ def _token_roles(tokens: list[fx.Node], router_input: fx.Node) -> tuple[list[tup
 def _search(probe: _Probe, facts: GraphFacts, routing: RoutingAnalysis, cand: RoutingCandidate,
             mats: list[WeightRef], biases: list[WeightRef], e_ffn: int, hidden: int, out: fx.Node,
             x_root: fx.Node, x_op_node: fx.Node, base: fx.Node | None, region_nodes: set,
-            weights: list[tuple[fx.Node, bool]], check_gradients: bool = True) -> ExpertsMatch | NoMatch:
+            weights: list[tuple[fx.Node, bool]], check_gradients: bool = True,
+            gradient_proofs: GradientProofs | None = None) -> ExpertsMatch | NoMatch:
+    gradient_proofs = {} if gradient_proofs is None else gradient_proofs
     region_list = facts.in_order(region_nodes)
     consts = _clamped_constants(region_list)
     acts = _activation_candidates(region_list, consts)
@@ -836,8 +846,8 @@ def _search(probe: _Probe, facts: GraphFacts, routing: RoutingAnalysis, cand: Ro
                 break
         if not ok:
             continue
-        bad = _check_gradients(probe, reading, parts, trials[1], e_ffn, capacity, hidden, out, x_value) \
-            if check_gradients else None
+        bad = _check_gradients(probe, reading, parts, trials[1], e_ffn, capacity, hidden, out, x_value,
+                               gradient_proofs) if check_gradients else None
         if bad is not None:
             last_err = bad
             continue
@@ -855,17 +865,39 @@ def _flipped(ref: WeightRef, transposed: bool) -> WeightRef:
 
 
 def _check_gradients(probe: _Probe, reading: _Reading, parts: dict, trial: dict, e_ffn: int,
-                     capacity: _Capacity | None, hidden: int, out: fx.Node, x_value) -> str | None:
+                     capacity: _Capacity | None, hidden: int, out: fx.Node, x_value,
+                     proofs: GradientProofs) -> str | None:
     """Every gradient of the region and of the op agree (token states, weights, expert weights).
-    Runs with autograd on whatever the caller's mode (a teacher forward under ``no_grad``). On the
-    model's own weights, their gradients are proved by structure: nothing between them and the
-    output stops gradients (the op's own weight gradients are tested against autograd)."""
+
+    Where the region is built only from library ops with no gradient blocker, the forward match
+    already proves it (``passes/gradient_proof.py``); otherwise the gradients are compared by
+    value, with autograd on whatever the caller's mode (a teacher forward under ``no_grad``). On
+    the model's own weights, their gradients are always proved by structure: nothing between
+    them and the output stops gradients (the op's own weight gradients are tested against
+    autograd). A region with the fingerprint of one compared before (another layer of the same
+    model) takes that comparison's answer from ``proofs``."""
     if probe.real_weights:
         blocker = blocks_gradients(probe.region_nodes, probe.weights)
         if blocker is not None:
             return f"{blocker.name} ({blocker.target}) stops the expert weights' gradients"
+    sources = [probe.x_root, *probe.routing_inputs, *([probe.base] if probe.base is not None else []), *probe.weights]
+    why = gradients_follow_values(probe.region_nodes, sources)
+    if why is None:
+        log.debug("grouter: the expert region at %s is built from library ops only: gradients follow from the "
+                  "forward match", out.name)
+        return None
+    fingerprint = region_fingerprint(probe.region_nodes)
+    key = None if fingerprint is None else (fingerprint, reading, e_ffn, repr(capacity), hidden)
+    if key is not None and key in proofs:
+        log.debug("grouter: the expert region at %s has the code and shapes of one compared before: %s", out.name,
+                  "its gradients agreed" if proofs[key] is None else proofs[key])
+        return proofs[key]
+    log.debug("grouter: comparing the expert region's gradients by value at %s: %s", out.name, why)
     with torch.inference_mode(False), torch.enable_grad():
-        return _gradient_mismatch(probe, reading, parts, trial, e_ffn, capacity, hidden, out, x_value)
+        result = _gradient_mismatch(probe, reading, parts, trial, e_ffn, capacity, hidden, out, x_value)
+    if key is not None:
+        proofs[key] = result
+    return result
 
 
 def _gradient_mismatch(probe: _Probe, reading: _Reading, parts: dict, trial: dict, e_ffn: int,

@@ -108,7 +108,7 @@ def test_identical_experts_get_random_copies_with_a_warning_naming_the_size(capl
 
 
 def test_a_detach_between_the_weights_and_the_output_is_found():
-    from grouter_pass.passes.probe_weights import blocks_gradients
+    from grouter_pass.passes.gradient_proof import blocks_gradients
 
     g = torch.fx.Graph()
     w = g.placeholder("w")
