@@ -45,6 +45,7 @@ from grouter_pass.numerics import compare_max, default_tolerance
 from grouter_pass.ops import reference
 from grouter_pass.passes.dataflow import GraphFacts, data_inputs, scalar_value
 from grouter_pass.passes.detect.routing import Relation, RoutingAnalysis, RoutingCandidate
+from grouter_pass.passes.gradient_proof import blocks_gradients, gradients_follow_values, region_fingerprint
 from grouter_pass.passes.graph_utils import (
     ancestors,
     descendants,
@@ -59,7 +60,6 @@ from grouter_pass.passes.graph_utils import (
     target_name,
     tensor_meta,
 )
-from grouter_pass.passes.gradient_proof import blocks_gradients, gradients_follow_values, region_fingerprint
 from grouter_pass.passes.probe import ProbeError, Region, concrete, concrete_shape, eager, random_routing
 from grouter_pass.passes.probe_weights import ProbeWeights
 from grouter_pass.spec import ActivationSpec, ExpertsSpec, NoMatch

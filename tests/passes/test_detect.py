@@ -9,8 +9,7 @@ from expecttest import assert_expected_inline
 
 from grouter_pass.passes.canonicalize import canonicalize_gating_pass
 from grouter_pass.spec import compact_repr
-from grouter_pass.testing.graphs import capture_graphs
-from grouter_pass.testing.graphs import gating_site_text
+from grouter_pass.testing.graphs import capture_graphs, gating_site_text
 from tests.passes.conftest import detected
 
 
