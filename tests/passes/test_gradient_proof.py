@@ -10,6 +10,7 @@ from grouter_pass.config import GrouterConfig
 from grouter_pass.passes import run_grouter_passes
 from grouter_pass.passes.gradient_proof import gradients_follow_values
 from grouter_pass.testing.graphs import capture_graphs
+from tests.passes.conftest import SlotGatherExperts
 
 
 class _ScaledSiLU(torch.autograd.Function):
@@ -48,25 +49,6 @@ _custom_silu.register_autograd(_custom_silu_backward, setup_context=lambda ctx, 
                                ctx.save_for_backward(inputs[0]))
 
 
-class _GatherExperts(torch.nn.Module):
-    """Per-slot gathered expert weights with ``bmm``; ``act`` is the experts' activation."""
-
-    def __init__(self, act, hidden=64, ffn=48, experts=8, top_k=2):
-        super().__init__()
-        self.act, self.top_k = act, top_k
-        self.router = torch.nn.Linear(hidden, experts, bias=False)
-        self.w_in = torch.nn.Parameter(torch.randn(experts, ffn, hidden) * 0.1)
-        self.w_out = torch.nn.Parameter(torch.randn(experts, hidden, ffn) * 0.1)
-
-    def forward(self, x):
-        w, ids = torch.topk(torch.softmax(self.router(x), dim=-1), self.top_k, dim=-1)
-        flat = ids.reshape(-1)
-        xs = x.repeat_interleave(self.top_k, dim=0)
-        h = self.act(torch.bmm(self.w_in[flat], xs.unsqueeze(-1)).squeeze(-1))
-        y = torch.bmm(self.w_out[flat], h.unsqueeze(-1)).squeeze(-1)
-        return (y.view(-1, self.top_k, x.shape[-1]) * w.unsqueeze(-1)).sum(1)
-
-
 class _SiLUModule(torch.nn.Module):
     def forward(self, x):
         return F.silu(x)
@@ -74,7 +56,7 @@ class _SiLUModule(torch.nn.Module):
 
 def _region(act):
     """The whole captured graph (every node) and its placeholders."""
-    (gm,) = capture_graphs(_GatherExperts(act), torch.randn(10, 64))
+    (gm,) = capture_graphs(SlotGatherExperts(act), torch.randn(10, 64))
     nodes = list(gm.graph.nodes)
     return nodes, [n for n in nodes if n.op == "placeholder"]
 
@@ -84,7 +66,7 @@ def test_a_region_of_library_ops_needs_no_gradient_comparison():
 
 
 def test_a_region_built_by_torch_fx_symbolic_trace_with_a_module_call_is_compared():
-    gm = torch.fx.symbolic_trace(_GatherExperts(_SiLUModule()))
+    gm = torch.fx.symbolic_trace(SlotGatherExperts(_SiLUModule()))
     nodes = list(gm.graph.nodes)
     why = gradients_follow_values(nodes, [n for n in nodes if n.op == "placeholder"])
     assert why is not None and "call_module" in why, why
@@ -108,7 +90,7 @@ def test_a_detach_is_named_as_the_reason():
                          ids=["autograd_function", "custom_op"])
 def test_a_custom_backward_that_is_not_the_derivative_is_not_rewritten(act):
     """The forward is exactly SiLU, so only the gradient comparison can tell the op apart."""
-    (gm,) = capture_graphs(_GatherExperts(act), torch.randn(10, 64))
+    (gm,) = capture_graphs(SlotGatherExperts(act), torch.randn(10, 64))
     new_gm, report = run_grouter_passes(gm, None, GrouterConfig())
     (site,) = report.sites
     assert new_gm is gm and not site.rewritten, site.summary()
@@ -116,7 +98,7 @@ def test_a_custom_backward_that_is_not_the_derivative_is_not_rewritten(act):
 
 
 def test_a_correct_custom_backward_is_rewritten():
-    (gm,) = capture_graphs(_GatherExperts(lambda x: _ScaledSiLU.apply(x, 1.0)), torch.randn(10, 64))
+    (gm,) = capture_graphs(SlotGatherExperts(lambda x: _ScaledSiLU.apply(x, 1.0)), torch.randn(10, 64))
     _, report = run_grouter_passes(gm, None, GrouterConfig())
     assert [s.rewritten for s in report.sites] == [True], [s.summary() for s in report.sites]
 
@@ -124,7 +106,7 @@ def test_a_correct_custom_backward_is_rewritten():
 class _TwoLayers(torch.nn.Module):
     def __init__(self, first, second):
         super().__init__()
-        self.layers = torch.nn.ModuleList([_GatherExperts(first), _GatherExperts(second)])
+        self.layers = torch.nn.ModuleList([SlotGatherExperts(first), SlotGatherExperts(second)])
 
     def forward(self, x):
         for layer in self.layers:

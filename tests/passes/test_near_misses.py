@@ -18,6 +18,7 @@ from grouter_pass.passes import run_grouter_passes
 from grouter_pass.testing.graphs import capture_graphs
 from grouter_pass.testing.models import DenseMLPModel, tiny_hf_moe, tiny_token_ids
 from grouter_pass.testing.parity import check_parity
+from tests.passes.conftest import SlotGatherExperts
 
 
 def _route_with(variant):
@@ -81,27 +82,8 @@ def test_unusual_gating_is_read_by_meaning_and_rewritten_exactly(variant, family
     assert report.sites[0].gating.describe() == describe
 
 
-class _MishExperts(torch.nn.Module):
-    """A MoE block whose experts use an activation the experts op does not have (Mish)."""
-
-    def __init__(self, hidden=64, ffn=48, experts=8, top_k=2):
-        super().__init__()
-        self.top_k = top_k
-        self.router = torch.nn.Linear(hidden, experts, bias=False)
-        self.w_in = torch.nn.Parameter(torch.randn(experts, ffn, hidden) * 0.1)
-        self.w_out = torch.nn.Parameter(torch.randn(experts, hidden, ffn) * 0.1)
-
-    def forward(self, x):
-        w, ids = torch.topk(torch.softmax(self.router(x), dim=-1), self.top_k, dim=-1)
-        flat = ids.reshape(-1)
-        xs = x.repeat_interleave(self.top_k, dim=0)
-        h = F.mish(torch.bmm(self.w_in[flat], xs.unsqueeze(-1)).squeeze(-1))
-        y = torch.bmm(self.w_out[flat], h.unsqueeze(-1)).squeeze(-1)
-        return (y.view(-1, self.top_k, x.shape[-1]) * w.unsqueeze(-1)).sum(1)
-
-
 def test_unsupported_experts_are_left_unchanged_with_the_step_and_node(grouter_logs):
-    graphs = capture_graphs(_MishExperts(), torch.randn(10, 64))
+    graphs = capture_graphs(SlotGatherExperts(F.mish), torch.randn(10, 64))   # an activation the op lacks
     gm = graphs[0]
     new_gm, report = run_grouter_passes(gm, None, GrouterConfig())
     assert new_gm is gm, "nothing may change when no site is rewritten"
