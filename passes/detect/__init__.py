@@ -35,6 +35,7 @@ from grouter_pass.passes.detect.experts import ExpertsMatch, GradientProofs, mat
 from grouter_pass.passes.detect.routing import (
     Relation,
     RoutingCandidate,
+    RoutingReadings,
     analyse_routing,
     check_route_op,
     family_of,
@@ -187,11 +188,13 @@ def _output_like(graph: fx.Graph, facts: GraphFacts, out: fx.Node, removed: set[
 
 
 def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True,
-               weights: ProbeWeights | None = None, gradient_proofs: GradientProofs | None = None) -> Site | SiteReport:
+               weights: ProbeWeights | None = None, gradient_proofs: GradientProofs | None = None,
+               routing_readings: RoutingReadings | None = None) -> Site | SiteReport:
     """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not.
-    ``gradient_proofs`` carries the probe's gradient comparisons from one site of a graph to the next."""
+    ``gradient_proofs`` and ``routing_readings`` carry the probe's gradient comparisons and the
+    routing syntheses from one site of a graph to the next (the layers of a model repeat them)."""
     where = module_path(anchor.node)
-    routing = analyse_routing(graph, facts, anchor)
+    routing = analyse_routing(graph, facts, anchor, readings=routing_readings)
     if isinstance(routing, NoMatch):
         return _rejected(routing, where)
     tried: dict[frozenset, Any] = {}
@@ -272,11 +275,13 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True, example_inputs:
     claimed: set[fx.Node] = set()
     reported: set[str] = set()
     proofs: GradientProofs = {}   # the layers of one model repeat one expert region: compare its gradients once
+    readings: RoutingReadings = {}   # ... and one gating: synthesise its readings once
     with torch.random.fork_rng(devices=[]):
         for anchor in find_anchors(graph, facts):
             if anchor.node in claimed:
                 continue
-            result = match_site(graph, facts, anchor, probe=probe, weights=weights, gradient_proofs=proofs)
+            result = match_site(graph, facts, anchor, probe=probe, weights=weights, gradient_proofs=proofs,
+                                routing_readings=readings)
             if isinstance(result, Site):
                 claimed.update(result.gating.region)
                 claimed.update(result.experts.region)

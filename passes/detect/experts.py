@@ -45,7 +45,8 @@ from grouter_pass.numerics import compare_max, default_tolerance
 from grouter_pass.ops import reference
 from grouter_pass.passes.dataflow import GraphFacts, data_inputs, scalar_value
 from grouter_pass.passes.detect.routing import Relation, RoutingAnalysis, RoutingCandidate
-from grouter_pass.passes.gradient_proof import blocks_gradients, gradients_follow_values, region_fingerprint
+from grouter_pass.passes.fingerprint import region_fingerprint
+from grouter_pass.passes.gradient_proof import blocks_gradients, gradients_follow_values
 from grouter_pass.passes.graph_utils import (
     ancestors,
     descendants,

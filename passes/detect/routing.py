@@ -22,12 +22,19 @@ by running the graph, what the site's gating computes:
    routing (weights, ids) is recorded with that relation. The experts side is then the part of
    the graph fed by these nodes, so it can be probed with any routing.
 
+The synthesis is most of the detection's time on a deep model, and its layers repeat one gating:
+a gating whose region has the fingerprint of one synthesised before in the graph (same ops,
+constants, shapes; ``passes/fingerprint.py``) takes that one's readings, node for node. Every
+reading is still proved on its own site (``check_route_op``, the experts probe).
+
 When no spec reproduces the region (hash routing, an unknown transformation of the weights,
 sampling), the gating is *kept* as the model wrote it and only the experts are rewritten.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import operator
 from dataclasses import dataclass, field
@@ -40,6 +47,7 @@ from grouter_pass.numerics import compare_max
 from grouter_pass.ops import reference
 from grouter_pass.passes.dataflow import GraphFacts, data_inputs, has_data_dependent_shape, scalar_value
 from grouter_pass.passes.detect.anchors import Anchor
+from grouter_pass.passes.fingerprint import RegionSignature, region_signature
 from grouter_pass.passes.graph_utils import (
     ancestors,
     descendants,
@@ -55,6 +63,8 @@ from grouter_pass.passes.graph_utils import (
 )
 from grouter_pass.passes.probe import ProbeError, Region, concrete_shape, eager, random_routing
 from grouter_pass.spec import GatingSpec, NoMatch
+
+log = logging.getLogger(__name__)
 
 _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _EINSUM = (torch.einsum, torch.functional.einsum)
@@ -658,6 +668,90 @@ class _Synthesizer:
         return out
 
 
+@dataclass
+class SharedSynthesis:
+    """The readings one gating of a graph synthesised, in terms of its signature's nodes: per cut
+    (by the cut's place in the signature) and the kept readings per family."""
+
+    signature: RegionSignature
+    at_cut: dict[int, list[RoutingCandidate]] = field(default_factory=dict)
+    kept: dict[str, list[RoutingCandidate]] = field(default_factory=dict)
+
+
+#: routing syntheses already made in one graph: routing fingerprint -> the first gating's readings
+RoutingReadings = dict[tuple, SharedSynthesis]
+
+
+class _ReusingSynthesizer:
+    """A synthesizer that answers from an earlier gating with the same fingerprint where it can:
+    the same code on the same random logits gives the same values, so the same readings, with
+    each node replaced by its counterpart. The first gating of a fingerprint records; the others
+    map. A cut the first gating never reached is synthesised here (and not recorded)."""
+
+    def __init__(self, synth: _Synthesizer, signature: RegionSignature, shared: SharedSynthesis,
+                 facts: GraphFacts) -> None:
+        self.synth, self.signature, self.shared, self.facts = synth, signature, shared, facts
+        self.index = {n: i for i, n in enumerate(signature.nodes)}
+        self.recording = shared.signature is signature
+        self.to_here = None if self.recording else shared.signature.mapping_to(signature)
+
+    def candidates_at(self, cut: fx.Node) -> list[RoutingCandidate]:
+        where = self.index.get(cut)
+        if where is None:
+            return self.synth.candidates_at(cut)
+        if self.recording:
+            return self.shared.at_cut.setdefault(where, self.synth.candidates_at(cut))
+        known = self.shared.at_cut.get(where)
+        mapped = None if known is None else self._mapped(known)
+        return mapped if mapped is not None else self.synth.candidates_at(cut)
+
+    def kept_candidates(self, family: str) -> list[RoutingCandidate]:
+        if self.recording:
+            return self.shared.kept.setdefault(family, self.synth.kept_candidates(family))
+        known = self.shared.kept.get(family)
+        mapped = None if known is None else self._mapped(known)
+        return mapped if mapped is not None else self.synth.kept_candidates(family)
+
+    def _mapped(self, cands: list[RoutingCandidate]) -> list[RoutingCandidate] | None:
+        to, position = self.to_here, self.facts.position
+        at_depth = {position[n]: n for n in self.shared.signature.nodes}
+
+        def node(n: fx.Node | None) -> fx.Node | None:
+            return None if n is None else to[n]
+
+        out = []
+        try:
+            for c in cands:
+                out.append(dataclasses.replace(
+                    c, cut=node(c.cut), bias=node(c.bias),
+                    runtime_scalars={k: to[v] for k, v in c.runtime_scalars.items()},
+                    boundary={to[n]: r for n, r in c.boundary.items()},
+                    depth=position[to[at_depth[c.depth]]],
+                    weights_node=node(c.weights_node), ids_node=node(c.ids_node)))
+        except KeyError:   # a reading names a node outside the signature: synthesise afresh
+            return None
+        return out
+
+
+def _routing_signature(analysis: RoutingAnalysis, region: Region, roots: list[fx.Node], facts: GraphFacts
+                       ) -> RegionSignature | None:
+    """The routing's fingerprint: the region as it is run (with what ``Region`` pulls in), by
+    value (its constants and scalars decide the readings), and where the anchor, the roots and
+    the side inputs sit in it."""
+    nodes = facts.in_order(set(analysis.region) | set(region.nodes))
+    sig = region_signature(nodes, by_value=True)
+    if sig is None:
+        return None
+    index = {n: i for i, n in enumerate(sig.nodes)}
+    anchor = analysis.anchor
+    places = [index.get(n) for n in (*roots, *analysis.side_inputs, anchor.node, anchor.selection_input, *anchor.ids)]
+    if any(p is None for p in places):
+        return None
+    extra = (anchor.kind, anchor.sorted, analysis.num_experts, analysis.top_k, len(roots), len(analysis.side_inputs),
+             tuple(places))
+    return RegionSignature((*sig.key, extra), sig.nodes)
+
+
 _SCORE_OPS = {"softmax": ("softmax", "Tensor.softmax"), "sigmoid": ("sigmoid", "Tensor.sigmoid")}
 
 
@@ -762,8 +856,10 @@ def _trial_values(analysis: RoutingAnalysis, region: Region, facts: GraphFacts, 
 
 
 @eager
-def analyse_routing(graph: fx.Graph, facts: GraphFacts, anchor: Anchor) -> RoutingAnalysis | NoMatch:
-    """Router, routing region, recorded values and the ordered readings of the gating."""
+def analyse_routing(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *,
+                    readings: RoutingReadings | None = None) -> RoutingAnalysis | NoMatch:
+    """Router, routing region, recorded values and the ordered readings of the gating.
+    ``readings`` carries the syntheses of earlier gatings of the same graph, by fingerprint."""
     lookup = anchor.kind == "lookup"
     if lookup:
         found = _router_for_lookup(anchor, facts)
@@ -791,7 +887,14 @@ def analyse_routing(graph: fx.Graph, facts: GraphFacts, anchor: Anchor) -> Routi
     except (ProbeError, RuntimeError, ValueError, IndexError) as err:
         return NoMatch("the routing could not be run on random logits: %s", (err,), node=anchor.node, step="probe",
                        partial=True)
-    synth = _Synthesizer(analysis, values, facts)
+    synth: Any = _Synthesizer(analysis, values, facts)
+    signature = _routing_signature(analysis, region, roots, facts) if readings is not None else None
+    if signature is not None:
+        shared = readings.setdefault(signature.key, SharedSynthesis(signature))
+        if shared.signature is not signature:
+            log.debug("grouter: the gating at %s has the code and shapes of the one at %s: its readings carry over",
+                      anchor.node.name, shared.signature.nodes[0].name)
+        synth = _ReusingSynthesizer(synth, signature, shared, facts)
     spine = []
     if not lookup:
         upstream = ancestors([anchor.selection_input])
@@ -810,8 +913,8 @@ class _LazyCandidates:
     """The readings of a gating, produced cut by cut as they are asked for (most sites are read
     at the first cut; the later ones cost synthesis only when the first readings fail)."""
 
-    def __init__(self, synth: _Synthesizer, spine: list[fx.Node], anchor: Anchor, region: list[fx.Node],
-                 kept_family: str) -> None:
+    def __init__(self, synth: _Synthesizer | _ReusingSynthesizer, spine: list[fx.Node], anchor: Anchor,
+                 region: list[fx.Node], kept_family: str) -> None:
         self.synth, self.spine, self.anchor, self.region, self.kept_family = synth, spine, anchor, region, kept_family
         self.done: list[RoutingCandidate] = []
         self._next_cut = 0
@@ -930,6 +1033,6 @@ def _router_for_lookup(anchor: Anchor, facts: GraphFacts) -> tuple[fx.Node, fx.N
     return None
 
 
-__all__ = ["Relation", "RoutingAnalysis", "RoutingCandidate", "analyse_routing", "check_route_op", "family_of",
-           "router_of"]
+__all__ = ["Relation", "RoutingAnalysis", "RoutingCandidate", "RoutingReadings", "SharedSynthesis",
+           "analyse_routing", "check_route_op", "family_of", "router_of"]
 
