@@ -810,12 +810,20 @@ def _search(probe: _Probe, facts: GraphFacts, routing: RoutingAnalysis, cand: Ro
                        partial=True)
     if isinstance(capacity, NoMatch):
         return capacity
+    # two random routings: the first screens every reading; the second is compared where a
+    # reading passed the first, inside the gradient comparison when that runs (the region's and
+    # the op's forward at full size are then computed once, not twice)
     trials = [probe.make(seed, base_zero=False) for seed in (0, 1)]
-    try:
-        outs = [probe.run_region(t)[0] for t in trials]
-    except Exception as err:  # noqa: BLE001 - the region itself failed on valid routing
+    outs: list[torch.Tensor | None] = [None, None]
+
+    def region_failed(err: Exception) -> NoMatch:
         return NoMatch("the expert region failed on random routing: %s", (err,), node=out, step="probe",
                        partial=True)
+
+    try:
+        outs[0] = probe.run_region(trials[0])[0]
+    except Exception as err:  # noqa: BLE001 - the region itself failed on valid routing
+        return region_failed(err)
 
     def x_value(inputs: dict, grad: bool = False) -> torch.Tensor:
         if x_op_node is x_root:
@@ -833,20 +841,29 @@ def _search(probe: _Probe, facts: GraphFacts, routing: RoutingAnalysis, cand: Ro
                  "down": _flipped(mats[reading.down], reading.down_t),
                  "up_bias": [biases[i] for i in reading.up_bias],
                  "down_bias": biases[reading.down_bias] if reading.down_bias is not None else None}
-        ok = True
-        for t, got in zip(trials, outs):
+        def forward_matches(i: int) -> bool:
+            nonlocal last_err
             try:
                 with torch.no_grad():
-                    ref = _op_reference(reading, parts, t, probe, x_value(t), e_ffn, capacity, hidden, out)
+                    ref = _op_reference(reading, parts, trials[i], probe, x_value(trials[i]), e_ffn, capacity,
+                                        hidden, out)
             except (RuntimeError, ValueError, IndexError) as err:
                 last_err = err
-                ok = False
-                break
-            if not _same(got, ref):
-                ok = False
-                break
-        if not ok:
+                return False
+            return _same(outs[i], ref)
+
+        if not forward_matches(0):
             continue
+        compare = check_gradients and _gradients_by_value(probe, reading, e_ffn, capacity, hidden,
+                                                         gradient_proofs)
+        if not compare:   # the second routing's forward on its own
+            if outs[1] is None:
+                try:
+                    outs[1] = probe.run_region(trials[1])[0]
+                except Exception as err:  # noqa: BLE001 - the region itself failed on valid routing
+                    return region_failed(err)
+            if not forward_matches(1):
+                continue
         bad = _check_gradients(probe, reading, parts, trials[1], e_ffn, capacity, hidden, out, x_value,
                                gradient_proofs) if check_gradients else None
         if bad is not None:
@@ -865,6 +882,32 @@ def _flipped(ref: WeightRef, transposed: bool) -> WeightRef:
     return WeightRef(ref.nodes, transposed)
 
 
+def _gradient_route(probe: _Probe, reading: _Reading, e_ffn: int, capacity: _Capacity | None, hidden: int,
+                    proofs: GradientProofs) -> tuple[str, Any]:
+    """How a reading's gradients are proved: ``("blocked", why)``, ``("follows", None)`` (library
+    ops only: the forward match proves them), ``("known", result)`` (a region with this one's
+    fingerprint was compared before) or ``("compare", (why, key))`` (by value, now)."""
+    if probe.real_weights:
+        blocker = blocks_gradients(probe.region_nodes, probe.weights)
+        if blocker is not None:
+            return "blocked", f"{blocker.name} ({blocker.target}) stops the expert weights' gradients"
+    sources = [probe.x_root, *probe.routing_inputs, *([probe.base] if probe.base is not None else []), *probe.weights]
+    why = gradients_follow_values(probe.region_nodes, sources)
+    if why is None:
+        return "follows", None
+    fingerprint = region_fingerprint(probe.region_nodes)
+    key = None if fingerprint is None else (fingerprint, reading, e_ffn, repr(capacity), hidden)
+    if key is not None and key in proofs:
+        return "known", proofs[key]
+    return "compare", (why, key)
+
+
+def _gradients_by_value(probe: _Probe, reading: _Reading, e_ffn: int, capacity: _Capacity | None, hidden: int,
+                        proofs: GradientProofs) -> bool:
+    """Whether :func:`_check_gradients` will run the region and the op with autograd."""
+    return _gradient_route(probe, reading, e_ffn, capacity, hidden, proofs)[0] == "compare"
+
+
 def _check_gradients(probe: _Probe, reading: _Reading, parts: dict, trial: dict, e_ffn: int,
                      capacity: _Capacity | None, hidden: int, out: fx.Node, x_value,
                      proofs: GradientProofs) -> str | None:
@@ -872,33 +915,33 @@ def _check_gradients(probe: _Probe, reading: _Reading, parts: dict, trial: dict,
 
     Where the region is built only from library ops with no gradient blocker, the forward match
     already proves it (``passes/gradient_proof.py``); otherwise the gradients are compared by
-    value, with autograd on whatever the caller's mode (a teacher forward under ``no_grad``). On
-    the model's own weights, their gradients are always proved by structure: nothing between
-    them and the output stops gradients (the op's own weight gradients are tested against
-    autograd). A region with the fingerprint of one compared before (another layer of the same
-    model) takes that comparison's answer from ``proofs``."""
-    if probe.real_weights:
-        blocker = blocks_gradients(probe.region_nodes, probe.weights)
-        if blocker is not None:
-            return f"{blocker.name} ({blocker.target}) stops the expert weights' gradients"
-    sources = [probe.x_root, *probe.routing_inputs, *([probe.base] if probe.base is not None else []), *probe.weights]
-    why = gradients_follow_values(probe.region_nodes, sources)
-    if why is None:
+    value, with autograd on whatever the caller's mode (a teacher forward under ``no_grad``), and
+    the forward values of ``trial`` with them. On the model's own weights, their gradients are
+    always proved by structure: nothing between them and the output stops gradients (the op's
+    own weight gradients are tested against autograd). A region with the fingerprint of one
+    compared before (another layer of the same model) takes that comparison's answer from
+    ``proofs``."""
+    route, detail = _gradient_route(probe, reading, e_ffn, capacity, hidden, proofs)
+    if route == "blocked":
+        return detail
+    if route == "follows":
         log.debug("grouter: the expert region at %s is built from library ops only: gradients follow from the "
                   "forward match", out.name)
         return None
-    fingerprint = region_fingerprint(probe.region_nodes)
-    key = None if fingerprint is None else (fingerprint, reading, e_ffn, repr(capacity), hidden)
-    if key is not None and key in proofs:
+    if route == "known":
         log.debug("grouter: the expert region at %s has the code and shapes of one compared before: %s", out.name,
-                  "its gradients agreed" if proofs[key] is None else proofs[key])
-        return proofs[key]
+                  "its gradients agreed" if detail is None else detail)
+        return detail
+    why, key = detail
     log.debug("grouter: comparing the expert region's gradients by value at %s: %s", out.name, why)
     with torch.inference_mode(False), torch.enable_grad():
         result = _gradient_mismatch(probe, reading, parts, trial, e_ffn, capacity, hidden, out, x_value)
-    if key is not None:
+    if key is not None and result != _SECOND_ROUTING_DIFFERS:   # a value mismatch is this site's, not the code's
         proofs[key] = result
     return result
+
+
+_SECOND_ROUTING_DIFFERS = "the values differ on a second random routing"
 
 
 def _gradient_mismatch(probe: _Probe, reading: _Reading, parts: dict, trial: dict, e_ffn: int,
@@ -915,6 +958,8 @@ def _gradient_mismatch(probe: _Probe, reading: _Reading, parts: dict, trial: dic
     targets2 = [leaves2["x"], leaves2["w"], *[p for p in leaves2["params"] if p.requires_grad]]
     if "base" in leaves2:
         targets2.append(leaves2["base"])
+    if not _same(got.detach(), ref.detach()):
+        return _SECOND_ROUTING_DIFFERS
     have = torch.autograd.grad((ref * cot).sum(), targets2, allow_unused=True)
     names = ["x", "weights"] + [f"expert weight {i}" for i in range(len(targets) - 2)]
     largest = max((g.abs().max().item() for g in want if g is not None and g.numel()), default=0.0)

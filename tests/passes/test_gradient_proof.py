@@ -131,3 +131,27 @@ def test_a_layer_with_another_backward_is_compared_on_its_own():
                            torch.randn(10, 64))
     _, report = run_grouter_passes(gm, None, GrouterConfig())
     assert [s.rewritten for s in report.sites] == [True, False], [s.summary() for s in report.sites]
+
+
+@pytest.mark.parametrize("act,runs", [(F.silu, ["capacity", "trial", "trial"]),
+                                      (lambda x: _ScaledSiLU.apply(x, 1.0), ["capacity", "trial", "gradients"])],
+                         ids=["library_ops", "autograd_function"])
+def test_the_region_runs_once_per_routing(monkeypatch, act, runs):
+    """Capacity, then two random routings: where gradients are compared by value, the second
+    routing's forward is compared in the same run (at full size the region's forward is most of
+    the probe's time, so it is not run twice)."""
+    from grouter_pass.passes.detect import experts
+
+    seen = []
+    original = experts._Probe.run_region
+
+    def counted(self, inputs, grad=False):
+        seen.append("gradients" if grad else "capacity" if float(inputs["w"].count_nonzero()) == inputs["w"].shape[0]
+                    else "trial")
+        return original(self, inputs, grad)
+
+    monkeypatch.setattr(experts._Probe, "run_region", counted)
+    (gm,) = capture_graphs(SlotGatherExperts(act), torch.randn(10, 64))
+    _, report = run_grouter_passes(gm, None, GrouterConfig())
+    assert [s.rewritten for s in report.sites] == [True]
+    assert seen == runs
