@@ -548,14 +548,23 @@ def rewrite_loop_blocks(model: nn.Module) -> list[LoopBlockRewrite]:
 
     Blocks with the same structure (class and parameter shapes: the layers of one model) are
     analysed once; each further block is still proven equal on its own weights before its
-    forward is replaced."""
+    forward is replaced. A block whose structure traced without a graph break, or did not run on
+    a ``[B, T, H]`` input at all, is not traced again for the next layer (a trace per block was
+    most of this step's time on deep models): such blocks are left to the graph pass, which
+    proves each site on its own."""
     reports = []
     analysed: dict[tuple, _Analysis | None] = {}
+    settled: dict[tuple, str] = {}   # structure -> the first block of it: one graph, or not runnable
     for cand in find_loop_block_candidates(model):
         key = _structure_key(cand.block)
+        if key in settled:
+            log.debug("grouter: %s: left to the graph pass, as %s of the same structure", cand.path, settled[key])
+            continue
         report = rewrite_loop_block(cand, reuse=analysed.get(key))
         if report.rewritten and key not in analysed:
             analysed[key] = report._analysis
+        if report.graph_breaks_before <= 0:
+            settled[key] = cand.path
         if report.gating is None:
             # not an MoE block after all (e.g. attention: a Linear next to [E, ...] weights), or
             # one the graph pass handles because it has no graph break: nothing to tell the user
