@@ -15,6 +15,7 @@ Usage::
 
     python examples/train_grouter.py --scale smoke            # < 1 min, what CI runs
     python examples/train_grouter.py --scale cpu              # about an hour on 2 cores
+    python examples/train_grouter.py --scale paper-cpu        # source on 10x the target's tokens
     python examples/train_grouter.py --scale gpu              # CUDA
 
 Every phase writes its result under ``--out`` (default ``out/train_grouter/<scale>``) and is

@@ -133,6 +133,8 @@ class Pipeline:
         self.vocab_size = ByteTokenizer.vocab_size
         s = dataclasses.asdict(scale)
         data = {k: s[k] for k in ("train_tokens", "validation_tokens")}
+        if scale.source_fraction != 0.5:   # only when set: older results stay valid
+            data["source_fraction"] = scale.source_fraction
         source = {**data, "model": s["model"], "source_train": s["source_train"], "source_seed": s["source_seed"],
                   "backend": s["baseline_backend"]}
         dist = {**source, "grouter": s["grouter"], "distill": s["distill"]}
@@ -173,22 +175,35 @@ class Pipeline:
     # --------------------------------------------------------------------------------- phases
 
     def data(self) -> dict[str, Any]:
-        """Tokenize the stdlib corpus; cut the train split in two at a document boundary."""
+        """Tokenize the stdlib corpus; cut the train split in two at a document boundary, the
+        source part holding ``source_fraction`` of it."""
         if (done := self._done("data")) is not None:
             return done
         t0 = time.perf_counter()
-        train = load_corpus("stdlib", "train", max_tokens=self.scale.train_tokens)
-        val = load_corpus("stdlib", "validation", max_tokens=self.scale.validation_tokens)
-        cut = int(np.searchsorted(train.doc_offsets, train.num_tokens // 2))
+        sc = self.scale
+        train = load_corpus("stdlib", "train", max_tokens=sc.train_tokens)
+        val = load_corpus("stdlib", "validation", max_tokens=sc.validation_tokens)
+        cut = int(np.searchsorted(train.doc_offsets, round(train.num_tokens * sc.source_fraction)))
+        if not 0 < cut < train.num_documents:
+            raise ValueError(f"source_fraction={sc.source_fraction} of {train.num_tokens:,} tokens in "
+                             f"{train.num_documents} documents leaves one part empty")
         a = int(train.doc_offsets[cut])
-        halves = {"source": TokenizedCorpus(train.tokens[:a], train.doc_offsets[:cut + 1], train.vocab_size,
-                                            train.tokenizer, "stdlib train, first half"),
-                  "target": TokenizedCorpus(train.tokens[a:], train.doc_offsets[cut:] - a, train.vocab_size,
-                                            train.tokenizer, "stdlib train, second half")}
-        for name, corpus in (*halves.items(), ("validation", val)):
+        parts = {"source": TokenizedCorpus(train.tokens[:a], train.doc_offsets[:cut + 1], train.vocab_size,
+                                           train.tokenizer, f"stdlib train, first {sc.source_fraction:.3g}"),
+                 "target": TokenizedCorpus(train.tokens[a:], train.doc_offsets[cut:] - a, train.vocab_size,
+                                           train.tokenizer, f"stdlib train, last {1 - sc.source_fraction:.3g}")}
+        for name, corpus in (*parts.items(), ("validation", val)):
             corpus.save(self.out / "data" / name)
-        result = {name: {"tokens": c.num_tokens, "documents": c.num_documents}
-                  for name, c in (*halves.items(), ("validation", val))}
+        result: dict[str, Any] = {name: {"tokens": c.num_tokens, "documents": c.num_documents}
+                                  for name, c in (*parts.items(), ("validation", val))}
+        # what each side trains on: a budget beyond its part's tokens would re-read them (epochs)
+        for name, cfg in (("source", sc.source_train), ("target", sc.target_train)):
+            budget = cfg.steps * cfg.tokens_per_step
+            result[name]["trained_tokens"] = budget
+            if budget > result[name]["tokens"]:
+                log.warning("data: the %s trains on %s tokens but its part holds %s: it re-reads them", name,
+                            f"{budget:,}", f"{result[name]['tokens']:,}")
+        result["source_to_target_tokens"] = result["source"]["trained_tokens"] / result["target"]["trained_tokens"]
         log.info("data: %s", result)
         return self._finish("data", result, t0)
 
@@ -235,7 +250,7 @@ class Pipeline:
         return self._finish("distill", result, t0)
 
     def tune(self) -> dict[str, Any]:
-        """Tune the Grouter's score layer for balance on the target half of the corpus."""
+        """Tune the Grouter's score layer for balance on the target part of the corpus."""
         if (done := self._done("tune")) is not None:
             return done
         t0 = time.perf_counter()
@@ -382,6 +397,7 @@ class Pipeline:
                         "grouter_parameters": prior["distill"]["grouter_parameters"]},
             "tune": {"maxvio_raw": prior["tune"]["maxvio_raw"], "maxvio_tuned": prior["tune"]["maxvio_tuned"]},
             "data": prior["data"],
+            "source_to_target_tokens": prior["data"].get("source_to_target_tokens"),
             "phase_seconds": {p: prior[p]["seconds"] for p in prior} | {"targets": res["seconds"]},
             "files": {k: str(v) for k, v in files.items()},
             "settings": _jsonable(self.scale.to_dict()),
@@ -541,7 +557,8 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"- **Training-step throughput ratio** (median step baseline / Grouter): "
         f"{_fmt(s['throughput_ratio'], '.3f')}; one Grouter forward on a training batch alone takes "
         f"{s['grouter_route_ms']:.1f} ms.",
-        f"- Source model: final validation loss {_fmt(s['source']['final_val_loss'])}; distilled from "
+        f"- Source model: final validation loss {_fmt(s['source']['final_val_loss'])}, trained on "
+        f"{_fmt(s.get('source_to_target_tokens'), '.1f')}x the target's tokens; distilled from "
         f"`{s['distill']['teacher_module']}`: {_fmt((s['distill']['eval'] or {}).get('kl'))} KL, top-k overlap "
         f"{_fmt((s['distill']['eval'] or {}).get('topk_overlap'), '.1%')}; tuning MaxVio "
         f"{_fmt(s['tune']['maxvio_raw'], '.3f')} (raw) -> {_fmt(s['tune']['maxvio_tuned'], '.3f')} (tuned).",

@@ -10,6 +10,9 @@ Sizes are chosen for the machine each scale targets:
 * ``cpu``: a ~0.9M-parameter Qwen3-MoE (4 layers, 16 experts, top-2, sequences of 256 bytes),
   compiled with Inductor; sized for an hour on 2 shared cores, it takes about 25 minutes once
   OpenMP threads wait passively (``train_grouter.py`` sets that).
+* ``paper-cpu``: the ``cpu`` model in the paper's regime: the source is pre-trained on about ten
+  times the target's token budget (~20.5M tokens vs ~2M; the paper distils from a source that saw
+  far more data than its target's budget), from disjoint halves of the corpus.
 * ``gpu``: the same code on CUDA, a ~118M-parameter model (8 layers, 64 experts, top-8, ~19M
   active per token) on the whole stdlib corpus (~30M byte tokens). Not run yet.
 
@@ -99,9 +102,10 @@ class Scale:
         distill, tune: Grouter distillation and balance tuning (``grouter_pass.router``).
         source_seed, target_seed: initialisation seeds; both target arms use ``target_seed``.
         train_tokens, validation_tokens: caps on the tokenized stdlib corpus. The train split is
-            cut at a document boundary into a source half (source pre-training, distillation) and
-            a target half (tuning, target training): the Grouter is tuned on "target data", as in
+            cut at a document boundary into a source part (source pre-training, distillation) and
+            a target part (tuning, target training): the Grouter is tuned on "target data", as in
             the paper, and the target never re-reads the source's tokens.
+        source_fraction: the source part's share of ``train_tokens`` (0.5: halves).
         baseline_backend: ``torch.compile`` backend of the learned-router runs (source and
             baseline); ``"none"`` runs them eagerly (smoke: Dynamo tracing alone would take most
             of its minute).
@@ -127,7 +131,12 @@ class Scale:
     grouter_compiler: str = "inductor"
     threads: int = 2
     target_gate_scale: float | None = None
+    source_fraction: float = 0.5
     notes: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.source_fraction < 1.0:
+            raise ValueError(f"source_fraction={self.source_fraction} must lie strictly between 0 and 1")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (what changes the result); compared on resume."""
@@ -181,6 +190,15 @@ def _cpu() -> Scale:
     )
 
 
+def _paper_cpu() -> Scale:
+    # The cpu model and target budget (1000 x 8 x 256 = 2.05M tokens); the source trains on 10x
+    # that (5000 x 16 x 256 = 20.5M tokens), each of its tokens seen once: a 0.905 share of 23M
+    # corpus tokens is 20.8M for the source and 2.2M for the target.
+    cpu = _cpu()
+    source = dataclasses.replace(cpu.source_train, steps=5000, batch_size=16, eval_every=250, save_every=100)
+    return cpu.replace(name="paper-cpu", source_train=source, train_tokens=23_000_000, source_fraction=0.905)
+
+
 def _gpu() -> Scale:
     # The stdlib corpus holds ~30M byte tokens, so the halves are ~15M each: the source sees its
     # half about once (450 x 32K tokens), the targets see theirs about twice (900 steps).
@@ -200,7 +218,7 @@ def _gpu() -> Scale:
     )
 
 
-SCALES = {"smoke": _smoke, "cpu": _cpu, "gpu": _gpu}
+SCALES = {"smoke": _smoke, "cpu": _cpu, "paper-cpu": _paper_cpu, "gpu": _gpu}
 
 
 def get_scale(name: str) -> Scale:

@@ -152,3 +152,35 @@ def test_max_violation_and_step_median() -> None:
              {"seconds": 2.0, "counted": 1.0}]
     assert metrics.median_step_seconds(times) == 2.0
     assert metrics.median_step_seconds(times[:1]) is None
+
+
+def test_the_data_phase_cuts_the_source_share_at_a_document_boundary(tmp_path) -> None:
+    from grouter_training.pipeline import Pipeline, RunOptions
+    from grouter_training.scales import get_scale
+
+    from grouter_pass.router import TokenizedCorpus
+
+    scale = get_scale("smoke").replace(source_fraction=0.8)
+    result = Pipeline(scale, RunOptions(out_dir=tmp_path, progress=False)).data()
+    source, target = (TokenizedCorpus.load(tmp_path / "data" / n) for n in ("source", "target"))
+    total = source.num_tokens + target.num_tokens
+    assert total == scale.train_tokens
+    # the cut is the first document boundary at or after 80% of the tokens
+    assert source.doc_offsets[-2] < 0.8 * total <= source.num_tokens
+    cfg_s, cfg_t = scale.source_train, scale.target_train
+    assert result["source_to_target_tokens"] == pytest.approx(
+        cfg_s.steps * cfg_s.tokens_per_step / (cfg_t.steps * cfg_t.tokens_per_step))
+    with pytest.raises(ValueError, match="source_fraction=1.0"):
+        scale.replace(source_fraction=1.0)
+
+
+def test_the_paper_regime_trains_the_source_on_ten_times_the_target_budget_without_repeats() -> None:
+    from grouter_training.scales import get_scale
+
+    scale = get_scale("paper-cpu")
+    src, tgt = scale.source_train, scale.target_train
+    source_budget, target_budget = src.steps * src.tokens_per_step, tgt.steps * tgt.tokens_per_step
+    assert source_budget >= 10 * target_budget and source_budget >= 20_000_000
+    assert source_budget <= scale.train_tokens * scale.source_fraction   # each source token seen once
+    assert target_budget <= scale.train_tokens * (1 - scale.source_fraction)
+    assert scale.model == get_scale("cpu").model and tgt == get_scale("cpu").target_train
