@@ -264,6 +264,30 @@ class HashRouting:
         table = torch.rand(vocab_size, num_experts, generator=gen).argsort(dim=-1)[:, :top_k]
         return cls(table=table)
 
+    @classmethod
+    def balanced(cls, token_counts: torch.Tensor, num_experts: int, top_k: int) -> HashRouting:
+        """A Balanced HashLayer: token ids in order of decreasing frequency, each given the
+        ``top_k`` experts least loaded so far, so that every expert serves about as many tokens of
+        the corpus ``token_counts`` were counted on (a random table only balances token *ids*;
+        natural text is far from uniform over ids).
+
+        Args:
+            token_counts: ``[vocab]`` occurrences of each token id (a sample of the training data).
+        """
+        if token_counts.dim() != 1 or token_counts.is_complex() or bool((token_counts < 0).any()):
+            raise ValueError(f"token_counts must be a [vocab] tensor of non-negative counts, got "
+                             f"{token_counts.dtype} {list(token_counts.shape)}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k={top_k} must be between 1 and num_experts={num_experts}")
+        counts = token_counts.double()
+        load = torch.zeros(num_experts, dtype=torch.float64)
+        table = torch.empty(counts.numel(), top_k, dtype=torch.int64)
+        for token in torch.argsort(counts, descending=True, stable=True).tolist():
+            chosen = torch.argsort(load, stable=True)[:top_k]
+            table[token] = chosen
+            load[chosen] += counts[token]
+        return cls(table=table)
+
     @property
     def num_experts(self) -> int:
         return int(self.table.max()) + 1 if self.table.numel() else 0

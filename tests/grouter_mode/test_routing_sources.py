@@ -334,3 +334,28 @@ def test_precomputed_k_mismatch_names_the_routing_k_and_the_model_k():
         with pytest.raises(ValueError, match=r"has k=3 experts per token \(ids \[6, 3\], weights \[6, 3\]\) "
                                              r"but the model's MoE layers use k=2"):
             source.compute(torch.randn(6, 8), 6, 2)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_balanced_hash_table_balances_the_tokens_it_was_counted_on(seed):
+    """Zipf-like counts: the balanced table's busiest expert carries at most the mean plus the
+    heaviest token's count, far below a random table's; every row holds k distinct experts."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, e, k = 300, 16, 2
+    counts = (1e4 / torch.arange(1, vocab + 1).double() ** 1.1)[torch.randperm(vocab, generator=gen)].round()
+    table = HashRouting.balanced(counts, e, k).table
+    assert table.shape == (vocab, k) and all(len(set(row)) == k for row in table.tolist())
+    load = torch.zeros(e, dtype=torch.float64).index_add_(0, table.reshape(-1), counts.repeat_interleave(k))
+    mean = counts.sum() * k / e
+    assert load.max() <= mean + counts.max()
+    random_table = HashRouting.random(vocab, e, k, seed=seed).table
+    random_load = torch.zeros(e, dtype=torch.float64).index_add_(0, random_table.reshape(-1),
+                                                                 counts.repeat_interleave(k))
+    assert load.max() - load.min() < (random_load.max() - random_load.min()) / 2
+
+
+def test_a_balanced_hash_table_names_bad_counts():
+    with pytest.raises(ValueError, match=r"non-negative counts, got torch.float32 \[2, 3\]"):
+        HashRouting.balanced(torch.ones(2, 3), 4, 2)
+    with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
+        HashRouting.balanced(torch.ones(10), 4, 5)
