@@ -55,7 +55,7 @@ from grouter_training.scales import SCALES, get_scale  # noqa: E402
 
 log = logging.getLogger("train_grouter")
 
-PHASES = ("data", "source", "distill", "tune", "targets", "report")
+PHASES = ("data", "source", "distill", "tune", "tune_random", "targets", "report")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -110,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                       grouter_impl=args.grouter_impl, command=command)
     pipe = Pipeline(scale, opts)
     log.info("scale %s on %s, %d threads, output %s", scale.name, device, torch.get_num_threads(), out)
-    for phase in PHASES[:-1]:
+    if args.until != "report" and args.until not in pipe.phases():
+        raise SystemExit(f"--until {args.until}: scale {scale.name} has no such phase (its phases: "
+                         f"{', '.join(pipe.phases())}, report)")
+    for phase in pipe.phases():
         getattr(pipe, phase)()
         if phase == args.until:
             log.info("stopping after phase %s (--until)", phase)

@@ -82,6 +82,14 @@ def causal_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), input_ids[:, 1:].reshape(-1))
 
 
+def router_z_loss(router_logits: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """ST-MoE's router z-loss: mean over layers and tokens of ``logsumexp(logits)^2`` (in fp32),
+    which keeps the router logits small. ``router_logits``: one ``[tokens, E]`` tensor per layer."""
+    if not router_logits:
+        raise ValueError("the z-loss needs the router logits: build the model with output_router_logits=True")
+    return torch.stack([torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]).mean()
+
+
 def learned_router_load(output: Any, top_k: int, num_experts: int) -> torch.Tensor | None:
     """``[L, E]`` assignments of each layer's learned router in ``output.router_logits``."""
     logits = getattr(output, "router_logits", None)
@@ -105,6 +113,8 @@ class LMRun:
         params_fn: the optimizer's parameters, asked after the first forward.
         load_fn: per-step expert assignments (for MaxVio over the run), or None.
         aux_loss_coef: subtracted from ``loss`` to log the pure cross-entropy.
+        z_loss_coef: weight of the router z-loss (ST-MoE: the mean squared log-sum-exp of each
+            layer's router logits) added to the loss; needs ``output_router_logits``.
     """
 
     name: str
@@ -116,6 +126,7 @@ class LMRun:
     params_fn: ParamsFn
     load_fn: LoadFn | None = None
     aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     step: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)       # step, tokens, val_loss
@@ -185,6 +196,9 @@ class LMRun:
         t0 = time.perf_counter()
         out = self.compiled(input_ids=input_ids, labels=input_ids)
         loss = out.loss
+        z = router_z_loss(out.router_logits) if self.z_loss_coef else None
+        if z is not None:
+            loss = loss + self.z_loss_coef * z
         loss.backward()
         self._ensure_optimizer()
         assert self.optimizer is not None
@@ -204,8 +218,10 @@ class LMRun:
         aux = getattr(out, "aux_loss", None)
         aux_value = float(aux.detach()) if aux is not None else 0.0
         value = float(loss.detach())
+        z_value = float(z.detach()) if z is not None else 0.0
         record = {"step": self.step, "tokens": self.step * cfg.tokens_per_step, "loss": value,
-                  "ce": value - self.aux_loss_coef * aux_value, "aux": aux_value}
+                  "ce": value - self.aux_loss_coef * aux_value - self.z_loss_coef * z_value, "aux": aux_value,
+                  "z": z_value}
         self.train_log.append(record)
         self.step_times.append({"step": self.step, "seconds": seconds,
                                 "counted": float(self._steps_since_start > cfg.timing_skip)})

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -108,3 +109,43 @@ def load_fractions(load: torch.Tensor) -> torch.Tensor:
     """``[L, E]`` share of each layer's assignments that each expert receives (rows sum to 1)."""
     load = load.double()
     return load / load.sum(-1, keepdim=True).clamp_min(1)
+
+
+def mean_and_error(values: Sequence[float | None]) -> dict[str, Any]:
+    """Mean and standard error of the mean over seeds (``None`` values, e.g. a loss never
+    reached, are counted apart and left out); one value has no error."""
+    xs = [float(v) for v in values if v is not None]
+    out: dict[str, Any] = {"values": list(values), "n": len(xs), "missing": len(values) - len(xs),
+                           "mean": None, "se": None}
+    if xs:
+        mean = sum(xs) / len(xs)
+        out["mean"] = mean
+        if len(xs) > 1:
+            var = sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)
+            out["se"] = math.sqrt(var / len(xs))
+    return out
+
+
+def arm_statistics(seeds: dict[str, dict[str, dict[str, Any]]], arms: Sequence[str], baseline: str = "baseline"
+                   ) -> dict[str, Any]:
+    """Per arm of ``arms`` (in that order), over seeds (each arm compared with the baseline of its
+    own seed): final validation loss, equal-data gap, data utilisation, step-time ratio, MaxVio
+    on validation."""
+    out: dict[str, Any] = {}
+    for arm in arms:
+        finals, gaps, ratios, speed, maxvio = [], [], [], [], []
+        for runs in seeds.values():
+            run, base = runs[arm], runs[baseline]
+            final = max(run["curve"], key=lambda c: c["tokens"])["val_loss"]
+            base_final = max(base["curve"], key=lambda c: c["tokens"])["val_loss"]
+            finals.append(final)
+            gaps.append(base_final - final)
+            ratios.append(data_utilisation(base["curve"], run["curve"]).ratio)
+            t_arm, t_base = median_step_seconds(run["step_times"]), median_step_seconds(base["step_times"])
+            speed.append(t_base / t_arm if t_arm and t_base else None)
+            load = load_summary(torch.as_tensor(run["val_load"])) if run.get("val_load") is not None else None
+            maxvio.append(load["mean"] if load else None)
+        out[arm] = {"final_val_loss": mean_and_error(finals), "equal_data_gap": mean_and_error(gaps),
+                    "data_utilisation_ratio": mean_and_error(ratios), "throughput_ratio": mean_and_error(speed),
+                    "maxvio_validation": mean_and_error(maxvio)}
+    return out

@@ -6,10 +6,13 @@
     source   train a Qwen3-MoE with its learned router + aux loss      -> out/source/model
     distill  Grouter <- the source's first MoE router (detection pass)  -> out/distill
     tune     the Grouter's score layer for balance on target tokens     -> out/tune
-    targets  a fresh Qwen3-MoE twice, interleaved, same tokens and init -> out/targets/result.json
+    tune_random  a random-init Grouter, tuned the same way (if an arm uses it) -> out/tune_random
+    targets  a fresh Qwen3-MoE per arm, interleaved, same tokens and init, per seed
+                                                                        -> out/targets/result.json
                baseline: learned router + aux loss, torch.compile
                grouter:  apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter)))
-    report   curves, heatmaps, ratios                                   -> CSV, PNG, summary.json/.md
+               others (``arms.ARMS``): z-loss, untuned / random Grouter, balanced hash
+    report   curves, heatmaps, ratios; every arm's mean ± s.e.           -> CSV, PNG, summary.json/.md
 
 A phase is done when its ``result.json`` exists; it records the settings that produced it, and a
 result made with other settings is refused rather than mixed in (``--no-resume`` recomputes).
@@ -43,8 +46,10 @@ from grouter_pass.router import (
     load_source_model,
     tune,
 )
+from grouter_pass.routing import HashRouting
 
 from . import metrics, plots
+from .arms import ARMS, DEFAULT_ARMS, ArmSpec
 from .lm import (
     GrouterHookedLM,
     LMRun,
@@ -143,7 +148,13 @@ class Pipeline:
                    "grouter_compiler": s["grouter_compiler"], "grouter_impl": options.grouter_impl}
         if scale.target_gate_scale is not None:   # only when set: older results stay valid
             targets["target_gate_scale"] = scale.target_gate_scale
-        self.settings = {"data": data, "source": source, "distill": dist, "tune": tun, "targets": targets}
+        # what one arm's checkpoint depends on: not on which other arms or seeds run beside it,
+        # so adding an arm later keeps the finished ones
+        self.arm_settings = dict(targets)
+        targets = {**targets, "arms": list(scale.arms), "seeds": list(scale.target_seeds)}
+        random_tune = {**tun, "random_grouter_seed": scale.source_seed + 1000}
+        self.settings = {"data": data, "source": source, "distill": dist, "tune": tun, "tune_random": random_tune,
+                         "targets": targets}
         self.timings: dict[str, float] = {}
 
     # -------------------------------------------------------------------------------- helpers
@@ -153,7 +164,10 @@ class Pipeline:
         if not (self.opts.resume and path.is_file()):
             return None
         result = json.loads(path.read_text())
-        diff = _settings_diff(result.get("settings", {}), _jsonable(self.settings[phase]))
+        saved = result.get("settings", {})
+        if phase == "targets" and "target_seed" in saved:   # made before arms and seeds were settings
+            saved = {"arms": list(DEFAULT_ARMS), "seeds": [saved["target_seed"]], **saved}
+        diff = _settings_diff(saved, _jsonable(self.settings[phase]))
         if diff:
             raise ValueError(f"{path} was made with other settings ({'; '.join(diff)}); use another --out directory "
                              "or --no-resume")
@@ -262,64 +276,122 @@ class Pipeline:
         log.info("tune: %s", res)
         return self._finish("tune", result, t0)
 
+    def tune_random(self) -> dict[str, Any]:
+        """A Grouter of the same architecture from a random initialisation, tuned for balance on
+        the target part like the distilled one (the ``random_grouter`` arm's router)."""
+        if (done := self._done("tune_random")) is not None:
+            return done
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings["tune_random"]["random_grouter_seed"])
+            grouter = Grouter(self.scale.grouter)
+        grouter, res = tune(grouter, self.corpus("target"), self.corpus("validation"),
+                            _on_device(self.scale.tune, self.device), out_dir=self.out / "tune_random",
+                            resume=self.opts.resume, progress=self.opts.progress)
+        result = {"maxvio_raw": res.max_vio_before if res else None, "maxvio_tuned": res.max_vio_after if res else None}
+        log.info("tune_random: %s", res)
+        return self._finish("tune_random", result, t0)
+
+    def _grouter(self, which: str) -> Grouter:
+        """The frozen Grouter an arm routes with: ``tuned``, ``raw`` or ``random``."""
+        where = {"tuned": "tune", "raw": "distill", "random": "tune_random"}[which]
+        grouter = load_grouter(self.out / where).to(self.device).eval()
+        if self.scale.target_gate_scale is not None:
+            grouter.config = grouter.config.replace(scaling_factor=self.scale.target_gate_scale)
+        for p in grouter.parameters():
+            p.requires_grad_(False)
+        return grouter
+
+    def _hash_routing(self) -> HashRouting:
+        """A balanced hash table from the token frequencies of the target part."""
+        tokens = torch.as_tensor(np.asarray(self.corpus("target").tokens[:4_000_000], dtype=np.int64))
+        counts = torch.bincount(tokens, minlength=self.vocab_size)
+        return HashRouting.balanced(counts, self.scale.model.num_experts, self.scale.model.top_k)
+
+    def _arm(self, name: str, spec: ArmSpec, seed: int, run_dir: Path, routers: dict[str, Any]
+             ) -> tuple[LMRun, torch.nn.Module]:
+        """One arm's model (the seed's initialisation), its training callable and its run."""
+        sc, cfg = self.scale, self.scale.target_train
+        e, k, n_layers = sc.model.num_experts, sc.model.top_k, sc.model.num_layers
+        aux = cfg.aux_loss_coef if spec.aux_loss else 0.0
+        model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=seed, aux_loss_coef=aux,
+                             learned_router=spec.learned).to(self.device)
+        settings = {**self.arm_settings, "arm": name, "seed": seed}
+        if spec.learned:
+            return LMRun(name, model, _compile(model, sc.baseline_backend), cfg, run_dir, settings,
+                         params_fn=lambda _c, m: m.parameters(),
+                         load_fn=lambda _ids, out: learned_router_load(out, k, e), aux_loss_coef=aux,
+                         z_loss_coef=spec.z_loss_coef, device=self.device), model
+        if spec.routing == "hash":
+            from grouter_pass import GrouterConfig, apply_grouter, trainable_parameters
+
+            table = routers.setdefault("hash", self._hash_routing())
+            compiled = apply_grouter(model, GrouterConfig(routing=table, compiler=sc.grouter_compiler))
+            return LMRun(name, model, compiled, cfg, run_dir, settings,
+                         params_fn=lambda c, _m: trainable_parameters(c),
+                         load_fn=lambda ids, _out: _hash_load(table, ids, n_layers, e), device=self.device), model
+        grouter = routers.setdefault(spec.grouter, self._grouter(spec.grouter))
+        if self.opts.grouter_impl == "pass":
+            compiled, params = compile_grouter_arm(model, grouter, sc.grouter_compiler)
+        else:
+            compiled, params = hooked_grouter_arm(model, grouter, sc.baseline_backend)
+        return LMRun(name, model, compiled, cfg, run_dir, settings, params_fn=params,
+                     load_fn=lambda ids, _out: grouter_load(grouter, ids, n_layers), device=self.device), model
+
+    def _val_load(self, spec: ArmSpec, run: LMRun, model: torch.nn.Module, val: list[torch.Tensor]) -> Any:
+        """``[L, E]`` expert assignments of a trained arm on the validation batches."""
+        sc = self.scale
+        with torch.no_grad():
+            if spec.learned:
+                model.eval()
+                return sum(learned_router_load(model(input_ids=ids), sc.model.top_k, sc.model.num_experts)
+                           for ids in val)
+            return sum(run.load_fn(ids, None) for ids in val)
+
     def targets(self) -> dict[str, Any]:
-        """Train the target twice, interleaved: learned router + aux loss, and the Grouter."""
+        """Train the target arms (``Scale.arms``), interleaved on the same batches, once per seed."""
         if (done := self._done("targets")) is not None:
             return done
         t0 = time.perf_counter()
         sc, cfg = self.scale, self.scale.target_train
         self.code_version = code_version()   # at the start: the checkout may change during the run
-        torch._dynamo.reset()
-        e, k, n_layers = sc.model.num_experts, sc.model.top_k, sc.model.num_layers
-        grouter = load_grouter(self.out / "tune").to(self.device).eval()
-        if sc.target_gate_scale is not None:
-            grouter.config = grouter.config.replace(scaling_factor=sc.target_gate_scale)
-        self.grouter_gate = {"causal": grouter.config.causal, "scaling_factor": grouter.config.scaling_factor}
-        for p in grouter.parameters():
-            p.requires_grad_(False)
-
-        base_model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=sc.target_seed,
-                                  aux_loss_coef=cfg.aux_loss_coef, learned_router=True).to(self.device)
-        g_model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=sc.target_seed,
-                               aux_loss_coef=0.0, learned_router=False).to(self.device)
-        _check_same_init(base_model, g_model)
-
-        base_compiled = _compile(base_model, sc.baseline_backend)
-        if self.opts.grouter_impl == "pass":
-            g_compiled, g_params = compile_grouter_arm(g_model, grouter, sc.grouter_compiler)
-        else:
-            g_compiled, g_params = hooked_grouter_arm(g_model, grouter, sc.baseline_backend)
-        settings = self.settings["targets"]
-        base = LMRun("baseline", base_model, base_compiled, cfg, self.out / "targets" / "baseline", settings,
-                     params_fn=lambda _c, m: m.parameters(),
-                     load_fn=lambda _ids, out: learned_router_load(out, k, e), aux_loss_coef=cfg.aux_loss_coef,
-                     device=self.device)
-        grt = LMRun("grouter", g_model, g_compiled, cfg, self.out / "targets" / "grouter", settings,
-                    params_fn=g_params, load_fn=lambda ids, _out: grouter_load(grouter, ids, n_layers),
-                    device=self.device)
-        if self.opts.resume:
-            base.try_resume()
-            grt.try_resume()
-        batches = PackedBatches(self.corpus("target"), cfg.seq_len, cfg.batch_size, seed=cfg.data_seed)
+        routers: dict[str, Any] = {}
+        seeds: dict[str, Any] = {}
         val = self._val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        train_interleaved([base, grt], batches, val, progress=self.opts.progress, desc="targets")
-
-        # final expert load on the validation tokens, per layer
-        with torch.no_grad():
-            base_model.eval()
-            val_load_base = sum(learned_router_load(base_model(input_ids=ids), k, e) for ids in val)
-            val_load_grt = sum(grouter_load(grouter, ids, n_layers) for ids in val)
-        parity = self._parity(grt, g_model, grouter, val[0])
-        # both optimizers exist now (a run resumed at its last step had not built one yet; the
-        # Grouter arm's parameters are only known after a forward, which _parity made)
-        base._ensure_optimizer()
-        grt._ensure_optimizer()
-        router_params = sum(p.numel() for n, p in g_model.named_parameters() if n.endswith("mlp.gate.weight"))
+        for i, seed in enumerate(sc.target_seeds):
+            torch._dynamo.reset()
+            # the first seed keeps the layout of two-arm runs (out/targets/<arm>)
+            where = self.out / "targets" if i == 0 else self.out / "targets" / f"seed{seed}"
+            arms = {name: self._arm(name, ARMS[name], seed, where / name, routers) for name in sc.arms}
+            first = next(iter(arms.values()))[1]
+            for _, model in arms.values():
+                _check_same_init(first, model)
+            runs = [run for run, _ in arms.values()]
+            if self.opts.resume:
+                for run in runs:
+                    run.try_resume()
+            batches = PackedBatches(self.corpus("target"), cfg.seq_len, cfg.batch_size, seed=cfg.data_seed + i)
+            train_interleaved(runs, batches, val, progress=self.opts.progress, desc=f"targets, seed {seed}")
+            val_load = {name: self._val_load(ARMS[name], run, model, val) for name, (run, model) in arms.items()}
+            for run in runs:   # every optimizer exists now (a run resumed at its last step had none)
+                run._ensure_optimizer()
+            seeds[str(seed)] = {name: {"curve": run.curve, "train_log": run.train_log, "step_times": run.step_times,
+                                       "run_load": run.run_load, "trainable_parameters": run.num_trainable,
+                                       "val_load": val_load[name]}
+                                for name, (run, _) in arms.items()}
+            if i == 0:
+                grt, g_model = arms["grouter"]
+                parity = self._parity(grt, g_model, routers["tuned"], val[0])
+                base_model = arms["baseline"][1]
+                router_params = sum(p.numel() for n, p in g_model.named_parameters() if n.endswith("mlp.gate.weight"))
+        first_seed = seeds[str(sc.target_seeds[0])]
+        tuned = routers["tuned"]
+        self.grouter_gate = {"causal": tuned.config.causal, "scaling_factor": tuned.config.scaling_factor}
         result = {
-            "runs": {run.name: {"curve": run.curve, "train_log": run.train_log, "step_times": run.step_times,
-                                "run_load": run.run_load, "trainable_parameters": run.num_trainable}
-                     for run in (base, grt)},
-            "val_load": {"baseline": val_load_base, "grouter": val_load_grt},
+            "runs": {name: {k: v for k, v in r.items() if k != "val_load"} for name, r in first_seed.items()
+                     if name in DEFAULT_ARMS},
+            "val_load": {name: first_seed[name]["val_load"] for name in DEFAULT_ARMS},
+            "arms": {name: ARMS[name].label for name in sc.arms}, "seeds": seeds,
             "parity": parity, "router_parameters": router_params,
             "model_parameters": sum(p.numel() for p in base_model.parameters()),
             "grouter_impl": self.opts.grouter_impl, "grouter_gate": self.grouter_gate,
@@ -373,8 +445,18 @@ class Pipeline:
             "expert_load_png": plots.plot_heatmaps(self.out / "expert_load.png", val_load,
                                                    title="expert load on validation tokens, final models"),
         }
+        arms = None
+        if "seeds" in res:   # every arm, every seed
+            order = [a for a in self.scale.arms if a in res["arms"]] + [a for a in res["arms"]
+                                                                        if a not in self.scale.arms]
+            per_arm = {arm: [res["seeds"][seed][arm]["curve"] for seed in res["seeds"]] for arm in order}
+            files["arms_csv"] = plots.write_arm_curves_csv(self.out / "val_loss_arms.csv", per_arm)
+            files["arms_png"] = plots.plot_arm_bands(self.out / "val_loss_arms.png", per_arm, title=title)
+            arms = {"labels": res["arms"], "order": order, "seeds": [int(x) for x in res["seeds"]],
+                    "statistics": metrics.arm_statistics(res["seeds"], order)}
         summary = {
-            "scale": self.scale.name, "command": res.get("command") or command, "device": str(self.device),
+            "scale": self.scale.name, "arms": arms,
+            "command": res.get("command") or command, "device": str(self.device),
             "machine": machine_info(self.device), "grouter_impl": res["grouter_impl"],
             "grouter_gate": res.get("grouter_gate"), "code_version": res.get("code_version"),
             "final_val_loss": final, "equal_data_gap": final["baseline"] - final["grouter"],
@@ -427,12 +509,25 @@ class Pipeline:
                     times.append((time.perf_counter() - t) * 1e3)
         return statistics.median(times)
 
+    def phases(self) -> list[str]:
+        """The training phases this scale's arms need, in order (the report follows them)."""
+        phases = ["data", "source", "distill", "tune"]
+        if any(ARMS[a].grouter == "random" for a in self.scale.arms):
+            phases.append("tune_random")
+        return [*phases, "targets"]
+
     def run_all(self, command: str) -> dict[str, Any]:
-        for phase in ("data", "source", "distill", "tune", "targets"):
+        for phase in self.phases():
             t = time.perf_counter()
             getattr(self, phase)()
             self.timings[phase] = time.perf_counter() - t
         return self.report(command)
+
+
+def _hash_load(table: HashRouting, input_ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tensor:
+    """``[L, E]`` assignments when ``table`` routes every one of ``num_layers`` layers."""
+    ids = table.compute(input_ids.cpu())[1]
+    return torch.bincount(ids.reshape(-1), minlength=num_experts).expand(num_layers, -1).clone()
 
 
 def _on_device(config: Any, device: torch.device) -> Any:
@@ -566,4 +661,29 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"|diff| = {par['abs_diff']:.2e}.",
         "",
     ]
+    if s.get("arms"):
+        lines += arms_markdown(s["arms"])
     return "\n".join(lines)
+
+
+def _mean_se(stat: dict[str, Any], spec: str) -> str:
+    if stat["mean"] is None:
+        return "not reached" if stat["missing"] else "n/a"
+    text = format(stat["mean"], spec) + (f" ± {format(stat['se'], spec)}" if stat["se"] is not None else "")
+    return text + (f" ({stat['missing']} of {stat['n'] + stat['missing']} not reached)" if stat["missing"] else "")
+
+
+def arms_markdown(arms: dict[str, Any]) -> list[str]:
+    """Every arm over every seed: mean ± standard error, each arm against its seed's baseline."""
+    seeds = arms["seeds"]
+    lines = [f"### Every arm, {len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): "
+             "mean ± standard error", "",
+             "| arm | final validation loss | equal-data gap (baseline - arm) | data utilisation (tokens to the "
+             "baseline's final loss, fraction) | step-time ratio (baseline / arm) | MaxVio, validation |",
+             "|---|---|---|---|---|---|"]
+    for arm in arms["order"]:
+        st = arms["statistics"][arm]
+        lines.append(f"| {arm}: {arms['labels'][arm]} | {_mean_se(st['final_val_loss'], '.4f')} | "
+                     f"{_mean_se(st['equal_data_gap'], '+.4f')} | {_mean_se(st['data_utilisation_ratio'], '.3f')} | "
+                     f"{_mean_se(st['throughput_ratio'], '.3f')} | {_mean_se(st['maxvio_validation'], '.3f')} |")
+    return [*lines, ""]

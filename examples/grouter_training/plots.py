@@ -41,16 +41,16 @@ def write_curves_csv(path: Path, curves: dict[str, Sequence[dict[str, float]]]) 
 
 def write_train_log_csv(path: Path, logs: dict[str, Sequence[dict[str, float]]],
                         times: dict[str, Sequence[dict[str, float]]]) -> Path:
-    """One row per (run, step): training loss, its cross-entropy part, aux loss, step seconds."""
+    """One row per (run, step): training loss, its cross-entropy part, aux and z-loss, step seconds."""
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["run", "step", "tokens", "loss", "ce", "aux", "step_seconds", "timed"])
+        w.writerow(["run", "step", "tokens", "loss", "ce", "aux", "z", "step_seconds", "timed"])
         for name, rows in logs.items():
             secs = {int(t["step"]): t for t in times.get(name, [])}
             for r in rows:
                 t = secs.get(int(r["step"]), {"seconds": float("nan"), "counted": 0.0})
                 w.writerow([name, int(r["step"]), int(r["tokens"]), f"{r['loss']:.6f}", f"{r['ce']:.6f}",
-                            f"{r['aux']:.6f}", f"{t['seconds']:.5f}", int(t["counted"])])
+                            f"{r['aux']:.6f}", f"{r.get('z', 0.0):.6f}", f"{t['seconds']:.5f}", int(t["counted"])])
     return path
 
 
@@ -116,5 +116,58 @@ def plot_heatmaps(path: Path, loads: dict[str, torch.Tensor], *, title: str = ""
     if title:
         fig.suptitle(title, fontsize=10, y=1.04)
     fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _by_tokens(curves: Sequence[Sequence[dict[str, float]]]) -> tuple[list[float], list[list[float]]]:
+    """The evaluation points all seeds share, and each seed's loss there."""
+    common = sorted(set.intersection(*[{c["tokens"] for c in curve} for curve in curves]))
+    rows = [[next(c["val_loss"] for c in curve if c["tokens"] == t) for curve in curves] for t in common]
+    return common, rows
+
+
+def write_arm_curves_csv(path: Path, curves: dict[str, Sequence[Sequence[dict[str, float]]]]) -> Path:
+    """One row per (arm, evaluation): every seed's validation loss, their mean and standard error."""
+    import statistics
+
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        n_seeds = max(len(c) for c in curves.values())
+        w.writerow(["arm", "tokens", *[f"seed_{i}" for i in range(n_seeds)], "mean", "se"])
+        for arm, per_seed in curves.items():
+            tokens, rows = _by_tokens(per_seed)
+            for t, vals in zip(tokens, rows):
+                se = statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else 0.0
+                w.writerow([arm, int(t), *[f"{v:.6f}" for v in vals], f"{statistics.fmean(vals):.6f}", f"{se:.6f}"])
+    return path
+
+
+def plot_arm_bands(path: Path, curves: dict[str, Sequence[Sequence[dict[str, float]]]], *, title: str = "") -> Path:
+    """Validation loss vs tokens per arm: the mean over seeds with a band of one standard error."""
+    import statistics
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.2, 4.6), dpi=100)
+    lows = []
+    for arm, per_seed in curves.items():
+        tokens, rows = _by_tokens(per_seed)
+        mean = [statistics.fmean(v) for v in rows]
+        se = [statistics.stdev(v) / len(v) ** 0.5 if len(v) > 1 else 0.0 for v in rows]
+        x = [t / 1e6 for t in tokens]
+        (line,) = ax.plot(x, mean, marker="o", markersize=2, label=f"{arm} (n={len(per_seed)})")
+        ax.fill_between(x, [m - s for m, s in zip(mean, se)], [m + s for m, s in zip(mean, se)],
+                        color=line.get_color(), alpha=0.2)
+        lows += [m for t, m in zip(tokens, mean) if t > 0]
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation loss (nats / byte), mean ± s.e. over seeds")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if lows:
+        top, low = max(lows), min(lows)
+        ax.set_ylim(low - 0.05 * (top - low + 1e-3), top + 0.05 * (top - low + 1e-3))
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
     return path

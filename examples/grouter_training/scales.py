@@ -28,6 +28,8 @@ from typing import Any
 
 from grouter_pass.router import DistillConfig, GrouterModelConfig, TuneConfig
 
+from .arms import ARMS, DEFAULT_ARMS, check_arms
+
 
 @dataclass(frozen=True, kw_only=True)
 class MoEModelConfig:
@@ -106,6 +108,9 @@ class Scale:
             a target part (tuning, target training): the Grouter is tuned on "target data", as in
             the paper, and the target never re-reads the source's tokens.
         source_fraction: the source part's share of ``train_tokens`` (0.5: halves).
+        arms: the target arms (names of ``arms.ARMS``), trained interleaved on the same batches.
+        seeds: target initialisation seeds, one interleaved run of every arm each (empty: only
+            ``target_seed``); seed ``i`` of the list also reads the batches in its own order.
         baseline_backend: ``torch.compile`` backend of the learned-router runs (source and
             baseline); ``"none"`` runs them eagerly (smoke: Dynamo tracing alone would take most
             of its minute).
@@ -132,11 +137,20 @@ class Scale:
     threads: int = 2
     target_gate_scale: float | None = None
     source_fraction: float = 0.5
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    seeds: tuple[int, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.source_fraction < 1.0:
             raise ValueError(f"source_fraction={self.source_fraction} must lie strictly between 0 and 1")
+        check_arms(tuple(self.arms))
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {list(self.seeds)} repeat a seed")
+
+    @property
+    def target_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seeds) or (self.target_seed,)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able settings (what changes the result); compared on resume."""
@@ -165,6 +179,7 @@ def _smoke() -> Scale:
         distill=DistillConfig(steps=4, batch_size=2, seq_len=32, lr=3e-3, warmup=1, save_every=2, eval_tokens=128),
         tune=TuneConfig(steps=2, batch_size=2, seq_len=32, save_every=1, eval_tokens=128),
         train_tokens=40_000, validation_tokens=4_096, baseline_backend="none", grouter_compiler="eager",
+        arms=tuple(ARMS), seeds=(2, 3),
         # one thread: at this size two threads only wait for each other, badly so on shared cores
         threads=1,
     )
@@ -196,7 +211,8 @@ def _paper_cpu() -> Scale:
     # corpus tokens is 20.8M for the source and 2.2M for the target.
     cpu = _cpu()
     source = dataclasses.replace(cpu.source_train, steps=5000, batch_size=16, eval_every=250, save_every=100)
-    return cpu.replace(name="paper-cpu", source_train=source, train_tokens=23_000_000, source_fraction=0.905)
+    return cpu.replace(name="paper-cpu", source_train=source, train_tokens=23_000_000, source_fraction=0.905,
+                       arms=tuple(ARMS), seeds=(2, 3, 4))
 
 
 def _gpu() -> Scale:

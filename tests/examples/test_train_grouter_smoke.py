@@ -110,12 +110,53 @@ def test_smoke_rerun_skips_finished_phases_and_refuses_other_settings(smoke_run,
     out, _ = smoke_run
     caplog.set_level(logging.INFO, logger="grouter_training")
     pipe = Pipeline(get_scale("smoke"), RunOptions(out_dir=out, progress=False))
-    for phase in ("data", "source", "distill", "tune", "targets"):
+    for phase in ("data", "source", "distill", "tune", "tune_random", "targets"):
         assert getattr(pipe, phase)()["settings"], phase
         assert f"phase {phase}: done earlier" in caplog.text, phase
     other = Pipeline(get_scale("smoke").replace(target_seed=99), RunOptions(out_dir=out, progress=False))
     with pytest.raises(ValueError, match="target_seed: 2 -> 99"):
         other.targets()
+    fewer = Pipeline(get_scale("smoke").replace(arms=("baseline", "grouter")), RunOptions(out_dir=out, progress=False))
+    with pytest.raises(ValueError, match="arms: .* -> \\['baseline', 'grouter'\\]"):
+        fewer.targets()
+
+
+def test_smoke_trains_every_arm_for_every_seed(smoke_run) -> None:
+    """Each arm is what its name says: learned arms train their routers (and only the z-loss arm
+    has a z-loss), frozen arms leave the router weights out; every seed ran every arm."""
+    from grouter_training.arms import ARMS
+    from grouter_training.scales import get_scale
+
+    out, _ = smoke_run
+    s = json.loads((out / "summary.json").read_text())
+    scale = get_scale("smoke")
+    assert set(ARMS) == set(scale.arms) and s["arms"]["seeds"] == list(scale.target_seeds) and len(scale.seeds) >= 2
+    stats = s["arms"]["statistics"]
+    assert s["arms"]["order"] == list(scale.arms) and set(stats) == set(scale.arms)
+    for arm, st in stats.items():
+        assert st["final_val_loss"]["n"] == len(scale.target_seeds), arm
+        assert st["final_val_loss"]["se"] is not None and st["final_val_loss"]["se"] >= 0, arm
+    assert stats["baseline"]["equal_data_gap"]["mean"] == 0.0
+    res = json.loads((out / "targets" / "result.json").read_text())
+    router = res["router_parameters"]
+    for seed, runs in res["seeds"].items():
+        base = runs["baseline"]["trainable_parameters"]
+        for arm, run in runs.items():
+            frozen = not ARMS[arm].learned
+            assert run["trainable_parameters"] == base - (router if frozen else 0), (seed, arm)
+            zs = [r["z"] for r in run["train_log"]]
+            assert (min(zs) > 0) if ARMS[arm].z_loss_coef else (max(zs) == 0), (seed, arm)
+    # a checkpoint per arm and seed, the first seed where two-arm runs always kept theirs
+    first, *others = scale.target_seeds
+    for arm in scale.arms:
+        assert (out / "targets" / arm / "checkpoint.pt").is_file(), arm
+        for seed in others:
+            assert (out / "targets" / f"seed{seed}" / arm / "checkpoint.pt").is_file(), (seed, arm)
+    with (out / "val_loss_arms.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["arm"] for r in rows} == set(scale.arms) and all(r["seed_1"] for r in rows)
+    assert (out / "val_loss_arms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Every arm, 2 seeds" in (out / "summary.md").read_text()
 
 
 # ------------------------------------------------------------------------------------ metrics
