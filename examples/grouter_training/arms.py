@@ -19,8 +19,9 @@ class ArmSpec:
         routing: ``"learned"`` (the model's own router, trained), ``"grouter"`` (a frozen Grouter
             routes every layer, through the graph pass) or ``"hash"`` (a balanced hash table).
         grouter: which Grouter: ``"tuned"`` (distilled, then tuned for balance), ``"raw"``
-            (distilled only) or ``"random"`` (random initialisation, tuned for balance like
-            ``"tuned"``: the control for "any frozen, balanced routing").
+            (distilled only), ``"random"`` (random initialisation, tuned for balance like
+            ``"tuned"``: the control for "any frozen, balanced routing") or ``"bidirectional"``
+            (distilled and tuned, attending to the whole sequence as the reference code does).
         aux_loss: the learned router's balance loss weight is the scale's ``aux_loss_coef``.
         z_loss_coef: router z-loss weight (learned routers only).
     """
@@ -43,6 +44,8 @@ ARMS: dict[str, ArmSpec] = {
     "grouter_raw": ArmSpec("Grouter, distilled, not tuned (frozen)", "grouter", grouter="raw"),
     "random_grouter": ArmSpec("random Grouter, tuned for balance (frozen)", "grouter", grouter="random"),
     "hash": ArmSpec("balanced hash routing (frozen)", "hash"),
+    "grouter_bidir": ArmSpec("bidirectional Grouter, distilled and tuned (frozen)", "grouter",
+                             grouter="bidirectional"),
 }
 
 #: the two arms every scale runs (the report's headline compares them)

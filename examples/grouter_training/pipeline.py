@@ -7,11 +7,13 @@
     distill  Grouter <- the source's first MoE router (detection pass)  -> out/distill
     tune     the Grouter's score layer for balance on target tokens     -> out/tune
     tune_random  a random-init Grouter, tuned the same way (if an arm uses it) -> out/tune_random
+    distill_bidir, tune_bidir  the same with a bidirectional Grouter (if an arm uses it)
     targets  a fresh Qwen3-MoE per arm, interleaved, same tokens and init, per seed
                                                                         -> out/targets/result.json
                baseline: learned router + aux loss, torch.compile
                grouter:  apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter)))
-               others (``arms.ARMS``): z-loss, untuned / random Grouter, balanced hash
+               others (``arms.ARMS``): z-loss, untuned / random / bidirectional Grouter, balanced hash;
+               the leak test: Grouter arms evaluated with routing from each prefix alone
     report   curves, heatmaps, ratios; every arm's mean ± s.e.           -> CSV, PNG, summary.json/.md
 
 A phase is done when its ``result.json`` exists; it records the settings that produced it, and a
@@ -27,6 +29,7 @@ import logging
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,9 @@ from .scales import Scale
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
+#: the phases that make each kind of frozen Grouter, the last one holding it
+GROUTER_PHASES = {"tuned": ("distill", "tune"), "raw": ("distill",), "random": ("tune_random",),
+                  "bidirectional": ("distill_bidir", "tune_bidir")}
 GROUTER_IMPLS = ("pass", "hooks")
 
 
@@ -153,7 +159,9 @@ class Pipeline:
         self.arm_settings = dict(targets)
         targets = {**targets, "arms": list(scale.arms), "seeds": list(scale.target_seeds)}
         random_tune = {**tun, "random_grouter_seed": scale.source_seed + 1000}
+        dist_bidir = {**dist, "grouter": {**s["grouter"], "causal": False}}
         self.settings = {"data": data, "source": source, "distill": dist, "tune": tun, "tune_random": random_tune,
+                         "distill_bidir": dist_bidir, "tune_bidir": {**dist_bidir, "tune": s["tune"]},
                          "targets": targets}
         self.timings: dict[str, float] = {}
 
@@ -248,53 +256,61 @@ class Pipeline:
 
     def distill(self) -> dict[str, Any]:
         """Distill a Grouter from the source's first MoE router (found by the detection pass)."""
-        if (done := self._done("distill")) is not None:
+        return self._distill("distill", self.scale.grouter)
+
+    def distill_bidir(self) -> dict[str, Any]:
+        """The same distillation with a bidirectional Grouter (the reference code's default): the
+        routing of position t then depends on the tokens after t."""
+        return self._distill("distill_bidir", self.scale.grouter.replace(causal=False))
+
+    def tune(self) -> dict[str, Any]:
+        """Tune the Grouter's score layer for balance on the target part of the corpus."""
+        return self._tune("tune", lambda: load_grouter(self.out / "distill"))
+
+    def tune_bidir(self) -> dict[str, Any]:
+        """Tune the bidirectional Grouter like the causal one."""
+        return self._tune("tune_bidir", lambda: load_grouter(self.out / "distill_bidir"))
+
+    def tune_random(self) -> dict[str, Any]:
+        """A Grouter of the same architecture from a random initialisation, tuned for balance on
+        the target part like the distilled one (the ``random_grouter`` arm's router)."""
+        def random_grouter() -> Grouter:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings["tune_random"]["random_grouter_seed"])
+                return Grouter(self.scale.grouter)
+
+        return self._tune("tune_random", random_grouter)
+
+    def _distill(self, phase: str, config: Any) -> dict[str, Any]:
+        if (done := self._done(phase)) is not None:
             return done
         t0 = time.perf_counter()
         torch._dynamo.reset()
         source = load_source_model(self.out / "source" / "model").to(self.device)
         teacher = RouterTeacher(source)
-        grouter, ev = distill(teacher, self.scale.grouter, self.corpus("source"), self.corpus("validation"),
-                              _on_device(self.scale.distill, self.device), out_dir=self.out / "distill",
+        grouter, ev = distill(teacher, config, self.corpus("source"), self.corpus("validation"),
+                              _on_device(self.scale.distill, self.device), out_dir=self.out / phase,
                               resume=self.opts.resume, progress=self.opts.progress)
         result = {"teacher_module": teacher.module_path, "teacher_family": teacher.family,
                   "grouter_parameters": sum(p.numel() for p in grouter.parameters()),
                   "eval": dataclasses.asdict(ev) if ev is not None else None}
-        log.info("distill: teacher %s; %s", teacher.module_path, ev)
-        return self._finish("distill", result, t0)
+        log.info("%s: teacher %s; %s", phase, teacher.module_path, ev)
+        return self._finish(phase, result, t0)
 
-    def tune(self) -> dict[str, Any]:
-        """Tune the Grouter's score layer for balance on the target part of the corpus."""
-        if (done := self._done("tune")) is not None:
+    def _tune(self, phase: str, initial: Callable[[], Grouter]) -> dict[str, Any]:
+        if (done := self._done(phase)) is not None:
             return done
         t0 = time.perf_counter()
-        grouter = load_grouter(self.out / "distill")
-        grouter, res = tune(grouter, self.corpus("target"), self.corpus("validation"),
-                            _on_device(self.scale.tune, self.device), out_dir=self.out / "tune",
+        grouter, res = tune(initial(), self.corpus("target"), self.corpus("validation"),
+                            _on_device(self.scale.tune, self.device), out_dir=self.out / phase,
                             resume=self.opts.resume, progress=self.opts.progress)
         result = {"maxvio_raw": res.max_vio_before if res else None, "maxvio_tuned": res.max_vio_after if res else None}
-        log.info("tune: %s", res)
-        return self._finish("tune", result, t0)
-
-    def tune_random(self) -> dict[str, Any]:
-        """A Grouter of the same architecture from a random initialisation, tuned for balance on
-        the target part like the distilled one (the ``random_grouter`` arm's router)."""
-        if (done := self._done("tune_random")) is not None:
-            return done
-        t0 = time.perf_counter()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings["tune_random"]["random_grouter_seed"])
-            grouter = Grouter(self.scale.grouter)
-        grouter, res = tune(grouter, self.corpus("target"), self.corpus("validation"),
-                            _on_device(self.scale.tune, self.device), out_dir=self.out / "tune_random",
-                            resume=self.opts.resume, progress=self.opts.progress)
-        result = {"maxvio_raw": res.max_vio_before if res else None, "maxvio_tuned": res.max_vio_after if res else None}
-        log.info("tune_random: %s", res)
-        return self._finish("tune_random", result, t0)
+        log.info("%s: %s", phase, res)
+        return self._finish(phase, result, t0)
 
     def _grouter(self, which: str) -> Grouter:
-        """The frozen Grouter an arm routes with: ``tuned``, ``raw`` or ``random``."""
-        where = {"tuned": "tune", "raw": "distill", "random": "tune_random"}[which]
+        """The frozen Grouter an arm routes with (a key of ``GROUTER_PHASES``)."""
+        where = GROUTER_PHASES[which][-1]
         grouter = load_grouter(self.out / where).to(self.device).eval()
         if self.scale.target_gate_scale is not None:
             grouter.config = grouter.config.replace(scaling_factor=self.scale.target_gate_scale)
@@ -382,6 +398,8 @@ class Pipeline:
             if i == 0:
                 grt, g_model = arms["grouter"]
                 parity = self._parity(grt, g_model, routers["tuned"], val[0])
+                leak = {name: self._leak_test(model, routers[ARMS[name].grouter], val[: sc.leak_test_batches])
+                        for name, (_, model) in arms.items() if ARMS[name].grouter in ("tuned", "bidirectional")}
                 base_model = arms["baseline"][1]
                 router_params = sum(p.numel() for n, p in g_model.named_parameters() if n.endswith("mlp.gate.weight"))
         first_seed = seeds[str(sc.target_seeds[0])]
@@ -392,12 +410,30 @@ class Pipeline:
                      if name in DEFAULT_ARMS},
             "val_load": {name: first_seed[name]["val_load"] for name in DEFAULT_ARMS},
             "arms": {name: ARMS[name].label for name in sc.arms}, "seeds": seeds,
-            "parity": parity, "router_parameters": router_params,
+            "parity": parity, "leak_test": leak, "router_parameters": router_params,
             "model_parameters": sum(p.numel() for p in base_model.parameters()),
             "grouter_impl": self.opts.grouter_impl, "grouter_gate": self.grouter_gate,
             "code_version": self.code_version, "command": self.opts.command,
         }
         return self._finish("targets", result, t0)
+
+    def _leak_test(self, model: torch.nn.Module, grouter: Grouter, batches: list[torch.Tensor]) -> dict[str, Any]:
+        """Validation loss of a trained Grouter arm with the routing it trained with, and with the
+        routing its Grouter gives each position from the prefix up to it alone. A bidirectional
+        Grouter's routing at t reads token t+1 (the label): a target that learned to read the
+        label through its routing loses that with prefix routing, and the loss jumps. A causal
+        Grouter's two routings are the same (the control)."""
+        from .lm import causal_lm_loss
+
+        def mean_loss(router: Any) -> float:
+            call = grouter_reference_model(model, router)
+            return sum(float(causal_lm_loss(call(ids), ids)) for ids in batches) / len(batches)
+
+        full, prefix = mean_loss(grouter), mean_loss(PrefixRouter(grouter))
+        log.info("leak test (%s Grouter): %.4f with its training routing, %.4f with prefix-only routing",
+                 "causal" if grouter.config.causal else "bidirectional", full, prefix)
+        return {"causal": grouter.config.causal, "training_routing": full, "prefix_routing": prefix,
+                "jump": prefix - full, "tokens": sum(b.numel() for b in batches)}
 
     def _parity(self, run: LMRun, model: torch.nn.Module, grouter: Grouter, ids: torch.Tensor) -> dict[str, float]:
         """Validation loss of the trained Grouter arm through its compiled callable vs the
@@ -455,7 +491,7 @@ class Pipeline:
             arms = {"labels": res["arms"], "order": order, "seeds": [int(x) for x in res["seeds"]],
                     "statistics": metrics.arm_statistics(res["seeds"], order)}
         summary = {
-            "scale": self.scale.name, "arms": arms,
+            "scale": self.scale.name, "arms": arms, "leak_test": res.get("leak_test"),
             "command": res.get("command") or command, "device": str(self.device),
             "machine": machine_info(self.device), "grouter_impl": res["grouter_impl"],
             "grouter_gate": res.get("grouter_gate"), "code_version": res.get("code_version"),
@@ -512,8 +548,8 @@ class Pipeline:
     def phases(self) -> list[str]:
         """The training phases this scale's arms need, in order (the report follows them)."""
         phases = ["data", "source", "distill", "tune"]
-        if any(ARMS[a].grouter == "random" for a in self.scale.arms):
-            phases.append("tune_random")
+        for arm in self.scale.arms:
+            phases += [p for p in GROUTER_PHASES.get(ARMS[arm].grouter, ()) if p not in phases]
         return [*phases, "targets"]
 
     def run_all(self, command: str) -> dict[str, Any]:
@@ -522,6 +558,26 @@ class Pipeline:
             getattr(self, phase)()
             self.timings[phase] = time.perf_counter() - t
         return self.report(command)
+
+
+class PrefixRouter:
+    """What a Grouter routes position t to when it sees only ``tokens[: t + 1]``: one Grouter
+    forward per prefix (an evaluation, not a training path). For a causal Grouter this is its
+    ordinary routing."""
+
+    def __init__(self, grouter: Grouter) -> None:
+        self.grouter, self.config = grouter, grouter.config
+
+    def route_flat(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, s = input_ids.shape
+        k = self.config.top_k
+        weights = torch.empty(b, s, k, dtype=torch.float32, device=input_ids.device)
+        ids = torch.empty(b, s, k, dtype=torch.int64, device=input_ids.device)
+        with torch.no_grad():
+            for t in range(s):
+                w, i = self.grouter.route(input_ids[:, : t + 1])
+                weights[:, t], ids[:, t] = w[:, t], i[:, t]
+        return weights.reshape(-1, k), ids.reshape(-1, k)
 
 
 def _hash_load(table: HashRouting, input_ids: torch.Tensor, num_layers: int, num_experts: int) -> torch.Tensor:
@@ -663,7 +719,23 @@ def summary_markdown(s: dict[str, Any]) -> str:
     ]
     if s.get("arms"):
         lines += arms_markdown(s["arms"])
+    if s.get("leak_test"):
+        lines += leak_markdown(s["leak_test"])
     return "\n".join(lines)
+
+
+def leak_markdown(leak: dict[str, Any]) -> list[str]:
+    """The leak test: each Grouter arm's validation loss with its training routing and with
+    routing computed from each position's prefix alone (first seed)."""
+    lines = ["### Leak test: routing from the prefix alone (first seed)", "",
+             "| arm | Grouter | with its training routing | with prefix-only routing | jump | tokens |",
+             "|---|---|---|---|---|---|"]
+    for arm, t in leak.items():
+        lines.append(f"| {arm} | {'causal' if t['causal'] else 'bidirectional'} | {t['training_routing']:.4f} | "
+                     f"{t['prefix_routing']:.4f} | {t['jump']:+.4f} | {t['tokens']:,} |")
+    return [*lines, "", "A bidirectional Grouter routes position t with token t+1 (the label) in view; a jump "
+            "means the target learned to read it through its routing. A causal Grouter shows none by "
+            "construction.", ""]
 
 
 def _mean_se(stat: dict[str, Any], spec: str) -> str:

@@ -109,6 +109,7 @@ class Scale:
             the paper, and the target never re-reads the source's tokens.
         source_fraction: the source part's share of ``train_tokens`` (0.5: halves).
         arms: the target arms (names of ``arms.ARMS``), trained interleaved on the same batches.
+        leak_test_batches: validation batches of the leak test (the first seed's Grouter arms).
         seeds: target initialisation seeds, one interleaved run of every arm each (empty: only
             ``target_seed``); seed ``i`` of the list also reads the batches in its own order.
         baseline_backend: ``torch.compile`` backend of the learned-router runs (source and
@@ -139,6 +140,7 @@ class Scale:
     source_fraction: float = 0.5
     arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: tuple[int, ...] = ()
+    leak_test_batches: int = 2
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -19,6 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train_grouter.py"
@@ -225,3 +226,38 @@ def test_the_paper_regime_trains_the_source_on_ten_times_the_target_budget_witho
     assert source_budget <= scale.train_tokens * scale.source_fraction   # each source token seen once
     assert target_budget <= scale.train_tokens * (1 - scale.source_fraction)
     assert scale.model == get_scale("cpu").model and tgt == get_scale("cpu").target_train
+
+
+def test_smoke_leak_test_separates_causal_from_bidirectional_routing(smoke_run) -> None:
+    """The causal Grouter's prefix-only routing is its training routing (no jump at all); the
+    bidirectional one's differs (its routing at t reads t+1), so its two losses differ."""
+    out, _ = smoke_run
+    leak = json.loads((out / "summary.json").read_text())["leak_test"]
+    assert set(leak) == {"grouter", "grouter_bidir"}
+    assert leak["grouter"]["causal"] and not leak["grouter_bidir"]["causal"]
+    assert abs(leak["grouter"]["jump"]) < 1e-5, leak["grouter"]
+    assert abs(leak["grouter_bidir"]["jump"]) > 1e-5, leak["grouter_bidir"]
+    for t in leak.values():
+        assert 0 < t["training_routing"] < math.log(257) + 0.2 and t["tokens"] > 0
+    assert "Leak test" in (out / "summary.md").read_text()
+
+
+def test_prefix_routing_of_a_causal_grouter_is_its_routing_and_of_a_bidirectional_one_is_not() -> None:
+    from grouter_training.pipeline import PrefixRouter
+
+    from grouter_pass.router import Grouter, GrouterModelConfig
+
+    ids = torch.randint(0, 257, (2, 12), generator=torch.Generator().manual_seed(0))
+    for causal in (True, False):
+        torch.manual_seed(0)
+        g = Grouter(GrouterModelConfig(vocab_size=257, num_experts=8, top_k=2, hidden_size=16, num_heads=2,
+                                       num_layers=1, intermediate_size=32, causal=causal)).eval()
+        with torch.no_grad():
+            w, i = g.route_flat(ids)
+        pw, pi = PrefixRouter(g).route_flat(ids)
+        # the last position sees the whole sequence either way
+        assert torch.equal(pi.reshape(2, 12, 2)[:, -1], i.reshape(2, 12, 2)[:, -1])
+        if causal:
+            assert torch.equal(pi, i) and torch.allclose(pw, w, atol=1e-6)
+        else:
+            assert not torch.allclose(pw, w, atol=1e-4)
