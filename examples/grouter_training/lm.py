@@ -15,6 +15,7 @@ training losses, step times, expert load.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -115,6 +116,9 @@ class LMRun:
         aux_loss_coef: subtracted from ``loss`` to log the pure cross-entropy.
         z_loss_coef: weight of the router z-loss (ST-MoE: the mean squared log-sum-exp of each
             layer's router logits) added to the loss; needs ``output_router_logits``.
+        routing_fn: pre-dispatch: ``input_ids -> (weights, ids)`` computed *before* the timed
+            step, as if the routing were stored with the data, and delivered to the compiled
+            callable with ``grouter_pass.routing`` (for ``PrecomputedRouting`` arms).
     """
 
     name: str
@@ -127,6 +131,7 @@ class LMRun:
     load_fn: LoadFn | None = None
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
+    routing_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     step: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)       # step, tokens, val_loss
@@ -193,8 +198,10 @@ class LMRun:
         """One optimizer step on ``input_ids [B, S]`` (already on the device); times it."""
         cfg = self.config
         self.model.train()
+        delivered = self._delivered(input_ids)   # pre-dispatched routing: computed before the clock starts
         t0 = time.perf_counter()
-        out = self.compiled(input_ids=input_ids, labels=input_ids)
+        with delivered:
+            out = self.compiled(input_ids=input_ids, labels=input_ids)
         loss = out.loss
         z = router_z_loss(out.router_logits) if self.z_loss_coef else None
         if z is not None:
@@ -231,6 +238,16 @@ class LMRun:
                 self.run_load = load if self.run_load is None else self.run_load + load
         return record
 
+    def _delivered(self, input_ids: torch.Tensor) -> Any:
+        """The context that hands this batch's pre-dispatched routing to the compiled callable."""
+        if self.routing_fn is None:
+            return contextlib.nullcontext()
+        from grouter_pass import routing
+
+        with torch.no_grad():
+            weights, ids = self.routing_fn(input_ids)
+        return routing(weights, ids)
+
     def evaluate(self, batches: Sequence[torch.Tensor]) -> float:
         """Mean validation cross-entropy through the *compiled* callable.
 
@@ -240,7 +257,8 @@ class LMRun:
         """
         total = 0.0
         for ids in batches:
-            out = self.compiled(input_ids=ids, labels=ids)
+            with self._delivered(ids):
+                out = self.compiled(input_ids=ids, labels=ids)
             total += float(causal_lm_loss(out.logits.detach(), ids))
             del out
         return total / len(batches)

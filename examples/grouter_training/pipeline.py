@@ -11,7 +11,8 @@
     targets  a fresh Qwen3-MoE per arm, interleaved, same tokens and init, per seed
                                                                         -> out/targets/result.json
                baseline: learned router + aux loss, torch.compile
-               grouter:  apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter)))
+               grouter:  apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter))), or with
+                         ``Scale.predispatch`` PrecomputedRouting fed grouter.route(batch) before the step
                others (``arms.ARMS``): z-loss, untuned / random / bidirectional Grouter, balanced hash;
                the leak test: Grouter arms evaluated with routing from each prefix alone
     report   curves, heatmaps, ratios; every arm's mean ± s.e.           -> CSV, PNG, summary.json/.md
@@ -108,19 +109,24 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
-def compile_grouter_arm(model: torch.nn.Module, grouter: Grouter, compiler: str) -> tuple[Any, Any]:
-    """The Grouter arm through the graph pass: ``(compiled, params_fn)``.
+def compile_grouter_arm(model: torch.nn.Module, grouter: Grouter, compiler: str, *, predispatch: bool = False
+                        ) -> tuple[Any, Any]:
+    """The Grouter arm through the graph pass: ``(compiled, params_fn)``; with ``predispatch``
+    the graph reads routing delivered with each batch (``PrecomputedRouting``) instead of
+    running the Grouter inside the step.
 
     ``params_fn`` is :func:`grouter_pass.trainable_parameters`, asked after the first forward:
     the rewrite has then removed every router linear, and the router weights are left out of
     the optimizer (they would get ``None`` gradients anyway).
     """
     try:
-        from grouter_pass import GrouterConfig, GrouterRouting, apply_grouter, trainable_parameters
+        from grouter_pass import GrouterConfig, GrouterRouting, PrecomputedRouting, apply_grouter, trainable_parameters
     except ImportError as exc:
         raise GrouterModeUnavailable(f"this grouter_pass has no Grouter mode yet ({exc}); run with --grouter-impl "
                                      "hooks for the eager reference, or update the checkout") from None
-    compiled = apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter=grouter), compiler=compiler))
+    source = PrecomputedRouting(num_experts=grouter.config.num_experts, top_k=grouter.config.top_k) if predispatch \
+        else GrouterRouting(grouter=grouter)
+    compiled = apply_grouter(model, GrouterConfig(routing=source, compiler=compiler))
     return compiled, lambda c, _m: trainable_parameters(c)
 
 
@@ -154,6 +160,8 @@ class Pipeline:
                    "grouter_compiler": s["grouter_compiler"], "grouter_impl": options.grouter_impl}
         if scale.target_gate_scale is not None:   # only when set: older results stay valid
             targets["target_gate_scale"] = scale.target_gate_scale
+        if scale.predispatch:
+            targets["predispatch"] = True
         # what one arm's checkpoint depends on: not on which other arms or seeds run beside it,
         # so adding an arm later keeps the finished ones
         self.arm_settings = dict(targets)
@@ -347,12 +355,14 @@ class Pipeline:
                          params_fn=lambda c, _m: trainable_parameters(c),
                          load_fn=lambda ids, _out: _hash_load(table, ids, n_layers, e), device=self.device), model
         grouter = routers.setdefault(spec.grouter, self._grouter(spec.grouter))
+        predispatch = sc.predispatch and self.opts.grouter_impl == "pass"
         if self.opts.grouter_impl == "pass":
-            compiled, params = compile_grouter_arm(model, grouter, sc.grouter_compiler)
+            compiled, params = compile_grouter_arm(model, grouter, sc.grouter_compiler, predispatch=predispatch)
         else:
             compiled, params = hooked_grouter_arm(model, grouter, sc.baseline_backend)
         return LMRun(name, model, compiled, cfg, run_dir, settings, params_fn=params,
-                     load_fn=lambda ids, _out: grouter_load(grouter, ids, n_layers), device=self.device), model
+                     load_fn=lambda ids, _out: grouter_load(grouter, ids, n_layers),
+                     routing_fn=grouter.route if predispatch else None, device=self.device), model
 
     def _val_load(self, spec: ArmSpec, run: LMRun, model: torch.nn.Module, val: list[torch.Tensor]) -> Any:
         """``[L, E]`` expert assignments of a trained arm on the validation batches."""
@@ -413,6 +423,7 @@ class Pipeline:
             "parity": parity, "leak_test": leak, "router_parameters": router_params,
             "model_parameters": sum(p.numel() for p in base_model.parameters()),
             "grouter_impl": self.opts.grouter_impl, "grouter_gate": self.grouter_gate,
+            "predispatch": sc.predispatch and self.opts.grouter_impl == "pass",
             "code_version": self.code_version, "command": self.opts.command,
         }
         return self._finish("targets", result, t0)
@@ -494,6 +505,7 @@ class Pipeline:
             "scale": self.scale.name, "arms": arms, "leak_test": res.get("leak_test"),
             "command": res.get("command") or command, "device": str(self.device),
             "machine": machine_info(self.device), "grouter_impl": res["grouter_impl"],
+            "predispatch": res.get("predispatch", False),
             "grouter_gate": res.get("grouter_gate"), "code_version": res.get("code_version"),
             "final_val_loss": final, "equal_data_gap": final["baseline"] - final["grouter"],
             "data_utilisation": {"target_loss": util.target_loss, "baseline_tokens": util.baseline_tokens,
@@ -691,6 +703,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
         f"Code: grouter-pass {s.get('code_version') or 'unknown'} (at the start of the target runs)  ",
         f"Machine: {s['machine'].get('cpu')}, {s['machine']['threads']} threads, torch {s['machine']['torch']}, "
         f"device {s['device']}; Grouter arm: {s['grouter_impl']}"
+        + (", routing pre-dispatched (computed before each timed step)" if s.get("predispatch") else "")
         + (f", {'causal' if s['grouter_gate']['causal'] else 'bidirectional'} Grouter, gates sum to "
            f"{s['grouter_gate']['scaling_factor']:g}" if s.get("grouter_gate") else ""),
         "",

@@ -110,6 +110,9 @@ class Scale:
         source_fraction: the source part's share of ``train_tokens`` (0.5: halves).
         arms: the target arms (names of ``arms.ARMS``), trained interleaved on the same batches.
         leak_test_batches: validation batches of the leak test (the first seed's Grouter arms).
+        predispatch: the Grouter arms read routing computed before each step (``PrecomputedRouting``,
+            the paper's setting: routing is stored with the data) instead of running the Grouter
+            inside the step; their step times then leave the Grouter out.
         seeds: target initialisation seeds, one interleaved run of every arm each (empty: only
             ``target_seed``); seed ``i`` of the list also reads the batches in its own order.
         baseline_backend: ``torch.compile`` backend of the learned-router runs (source and
@@ -141,6 +144,7 @@ class Scale:
     arms: tuple[str, ...] = DEFAULT_ARMS
     seeds: tuple[int, ...] = ()
     leak_test_batches: int = 2
+    predispatch: bool = False
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -181,7 +185,7 @@ def _smoke() -> Scale:
         distill=DistillConfig(steps=4, batch_size=2, seq_len=32, lr=3e-3, warmup=1, save_every=2, eval_tokens=128),
         tune=TuneConfig(steps=2, batch_size=2, seq_len=32, save_every=1, eval_tokens=128),
         train_tokens=40_000, validation_tokens=4_096, baseline_backend="none", grouter_compiler="eager",
-        arms=tuple(ARMS), seeds=(2, 3),
+        arms=tuple(ARMS), seeds=(2, 3), predispatch=True,
         # one thread: at this size two threads only wait for each other, badly so on shared cores
         threads=1,
     )
@@ -214,7 +218,7 @@ def _paper_cpu() -> Scale:
     cpu = _cpu()
     source = dataclasses.replace(cpu.source_train, steps=5000, batch_size=16, eval_every=250, save_every=100)
     return cpu.replace(name="paper-cpu", source_train=source, train_tokens=23_000_000, source_fraction=0.905,
-                       arms=tuple(ARMS), seeds=(2, 3, 4))
+                       arms=tuple(ARMS), seeds=(2, 3, 4), predispatch=True)
 
 
 def _gpu() -> Scale:
