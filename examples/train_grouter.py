@@ -50,12 +50,12 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from grouter_training.pipeline import GROUTER_IMPLS, Pipeline, RunOptions  # noqa: E402
+from grouter_training.pipeline import ALL_PHASES, GROUTER_IMPLS, Pipeline, RunOptions  # noqa: E402
 from grouter_training.scales import SCALES, get_scale  # noqa: E402
 
 log = logging.getLogger("train_grouter")
 
-PHASES = ("data", "source", "distill", "tune", "tune_random", "targets", "report")
+PHASES = (*ALL_PHASES, "report")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -69,6 +69,8 @@ from .scales import Scale
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
+#: every phase a scale may run, in order (``Pipeline.phases`` is a scale's own selection)
+ALL_PHASES = ("data", "source", "distill", "tune", "tune_random", "distill_bidir", "tune_bidir", "targets")
 #: the phases that make each kind of frozen Grouter, the last one holding it
 GROUTER_PHASES = {"tuned": ("distill", "tune"), "raw": ("distill",), "random": ("tune_random",),
                   "bidirectional": ("distill_bidir", "tune_bidir")}
@@ -384,36 +386,21 @@ class Pipeline:
         routers: dict[str, Any] = {}
         seeds: dict[str, Any] = {}
         val = self._val_batches(cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        first_extras: dict[str, Any] = {}
+        seed_versions: dict[str, str | None] = {}   # a seed finished earlier may have other code
         for i, seed in enumerate(sc.target_seeds):
-            torch._dynamo.reset()
-            # the first seed keeps the layout of two-arm runs (out/targets/<arm>)
-            where = self.out / "targets" if i == 0 else self.out / "targets" / f"seed{seed}"
-            arms = {name: self._arm(name, ARMS[name], seed, where / name, routers) for name in sc.arms}
-            first = next(iter(arms.values()))[1]
-            for _, model in arms.values():
-                _check_same_init(first, model)
-            runs = [run for run, _ in arms.values()]
-            if self.opts.resume:
-                for run in runs:
-                    run.try_resume()
-            batches = PackedBatches(self.corpus("target"), cfg.seq_len, cfg.batch_size, seed=cfg.data_seed + i)
-            train_interleaved(runs, batches, val, progress=self.opts.progress, desc=f"targets, seed {seed}")
-            val_load = {name: self._val_load(ARMS[name], run, model, val) for name, (run, model) in arms.items()}
-            for run in runs:   # every optimizer exists now (a run resumed at its last step had none)
-                run._ensure_optimizer()
-            seeds[str(seed)] = {name: {"curve": run.curve, "train_log": run.train_log, "step_times": run.step_times,
-                                       "run_load": run.run_load, "trainable_parameters": run.num_trainable,
-                                       "val_load": val_load[name]}
-                                for name, (run, _) in arms.items()}
+            done = self._seed_done(i, seed)
+            if done is None:
+                done = self._train_seed(i, seed, routers, val)
+                _write_json(self._seed_path(seed), {**done, "settings": self._seed_settings(i, seed)})
+            seeds[str(seed)] = done["arms"]
+            seed_versions[str(seed)] = done.get("code_version")
             if i == 0:
-                grt, g_model = arms["grouter"]
-                parity = self._parity(grt, g_model, routers["tuned"], val[0])
-                leak = {name: self._leak_test(model, routers[ARMS[name].grouter], val[: sc.leak_test_batches])
-                        for name, (_, model) in arms.items() if ARMS[name].grouter in ("tuned", "bidirectional")}
-                base_model = arms["baseline"][1]
-                router_params = sum(p.numel() for n, p in g_model.named_parameters() if n.endswith("mlp.gate.weight"))
+                first_extras = done["extras"]
+        parity, leak = first_extras["parity"], first_extras["leak_test"]
+        router_params, model_params = first_extras["router_parameters"], first_extras["model_parameters"]
         first_seed = seeds[str(sc.target_seeds[0])]
-        tuned = routers["tuned"]
+        tuned = routers.get("tuned") or self._grouter("tuned")
         self.grouter_gate = {"causal": tuned.config.causal, "scaling_factor": tuned.config.scaling_factor}
         result = {
             "runs": {name: {k: v for k, v in r.items() if k != "val_load"} for name, r in first_seed.items()
@@ -421,12 +408,68 @@ class Pipeline:
             "val_load": {name: first_seed[name]["val_load"] for name in DEFAULT_ARMS},
             "arms": {name: ARMS[name].label for name in sc.arms}, "seeds": seeds,
             "parity": parity, "leak_test": leak, "router_parameters": router_params,
-            "model_parameters": sum(p.numel() for p in base_model.parameters()),
+            "model_parameters": model_params,
             "grouter_impl": self.opts.grouter_impl, "grouter_gate": self.grouter_gate,
             "predispatch": sc.predispatch and self.opts.grouter_impl == "pass",
             "code_version": self.code_version, "command": self.opts.command,
+            "seed_code_versions": seed_versions,
         }
         return self._finish("targets", result, t0)
+
+    def _seed_path(self, seed: int) -> Path:
+        return self.out / "targets" / f"seed{seed}.json"
+
+    def _seed_settings(self, index: int, seed: int) -> dict[str, Any]:
+        return _jsonable({**self.arm_settings, "arms": list(self.scale.arms), "seed": seed, "index": index})
+
+    def _seed_done(self, index: int, seed: int) -> dict[str, Any] | None:
+        """A seed finished earlier (each seed is its own resumable step: a machine that ends mid-way
+        keeps the seeds it finished, a few MB each, where checkpoints would be tens)."""
+        path = self._seed_path(seed)
+        if not (self.opts.resume and path.is_file()):
+            return None
+        done = json.loads(path.read_text())
+        if _settings_diff(done.get("settings", {}), self._seed_settings(index, seed)):
+            log.info("targets: %s was made with other settings; training seed %d again", path, seed)
+            return None
+        log.info("targets: seed %d done earlier, reusing %s", seed, path)
+        return done
+
+    def _train_seed(self, index: int, seed: int, routers: dict[str, Any], val: list[torch.Tensor]) -> dict[str, Any]:
+        """Every arm for one seed, interleaved on the same batches; on the first seed also the
+        parity check and the leak test."""
+        sc, cfg = self.scale, self.scale.target_train
+        torch._dynamo.reset()
+        # the first seed keeps the layout of two-arm runs (out/targets/<arm>)
+        where = self.out / "targets" if index == 0 else self.out / "targets" / f"seed{seed}"
+        arms = {name: self._arm(name, ARMS[name], seed, where / name, routers) for name in sc.arms}
+        first = next(iter(arms.values()))[1]
+        for _, model in arms.values():
+            _check_same_init(first, model)
+        runs = [run for run, _ in arms.values()]
+        if self.opts.resume:
+            for run in runs:
+                run.try_resume()
+        batches = PackedBatches(self.corpus("target"), cfg.seq_len, cfg.batch_size, seed=cfg.data_seed + index)
+        train_interleaved(runs, batches, val, progress=self.opts.progress, desc=f"targets, seed {seed}")
+        val_load = {name: self._val_load(ARMS[name], run, model, val) for name, (run, model) in arms.items()}
+        for run in runs:   # every optimizer exists now (a run resumed at its last step had none)
+            run._ensure_optimizer()
+        result: dict[str, Any] = {"arms": {
+            name: {"curve": run.curve, "train_log": run.train_log, "step_times": run.step_times,
+                   "run_load": run.run_load, "trainable_parameters": run.num_trainable, "val_load": val_load[name]}
+            for name, (run, _) in arms.items()}, "extras": None, "code_version": code_version()}
+        if index == 0:
+            grt, g_model = arms["grouter"]
+            result["extras"] = {
+                "parity": self._parity(grt, g_model, routers["tuned"], val[0]),
+                "leak_test": {name: self._leak_test(model, routers[ARMS[name].grouter], val[: sc.leak_test_batches])
+                              for name, (_, model) in arms.items()
+                              if ARMS[name].grouter in ("tuned", "bidirectional")},
+                "router_parameters": sum(p.numel() for n, p in g_model.named_parameters()
+                                         if n.endswith("mlp.gate.weight")),
+                "model_parameters": sum(p.numel() for p in arms["baseline"][1].parameters())}
+        return _jsonable(result)
 
     def _leak_test(self, model: torch.nn.Module, grouter: Grouter, batches: list[torch.Tensor]) -> dict[str, Any]:
         """Validation loss of a trained Grouter arm with the routing it trained with, and with the
@@ -559,10 +602,10 @@ class Pipeline:
 
     def phases(self) -> list[str]:
         """The training phases this scale's arms need, in order (the report follows them)."""
-        phases = ["data", "source", "distill", "tune"]
+        needed = {"data", "source", "distill", "tune", "targets"}
         for arm in self.scale.arms:
-            phases += [p for p in GROUTER_PHASES.get(ARMS[arm].grouter, ()) if p not in phases]
-        return [*phases, "targets"]
+            needed.update(GROUTER_PHASES.get(ARMS[arm].grouter, ()))
+        return [p for p in ALL_PHASES if p in needed]
 
     def run_all(self, command: str) -> dict[str, Any]:
         for phase in self.phases():

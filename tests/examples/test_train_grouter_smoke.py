@@ -117,6 +117,17 @@ def test_smoke_rerun_skips_finished_phases_and_refuses_other_settings(smoke_run,
     other = Pipeline(get_scale("smoke").replace(target_seed=99), RunOptions(out_dir=out, progress=False))
     with pytest.raises(ValueError, match="target_seed: 2 -> 99"):
         other.targets()
+    # each seed is kept on its own: a targets phase cut short keeps the seeds it finished
+    (out / "targets" / "result.json").rename(out / "targets" / "result.json.saved")
+    try:
+        caplog.clear()
+        again = pipe.targets()
+        for seed in get_scale("smoke").target_seeds:
+            assert f"seed {seed} done earlier" in caplog.text, seed
+        assert "optimizer over" not in caplog.text   # no arm was built, let alone trained, again
+        assert again["seeds"].keys() == json.loads((out / "targets" / "result.json.saved").read_text())["seeds"].keys()
+    finally:
+        (out / "targets" / "result.json.saved").replace(out / "targets" / "result.json")
     fewer = Pipeline(get_scale("smoke").replace(arms=("baseline", "grouter")), RunOptions(out_dir=out, progress=False))
     with pytest.raises(ValueError, match="arms: .* -> \\['baseline', 'grouter'\\]"):
         fewer.targets()
@@ -271,3 +282,18 @@ def test_smoke_grouter_arms_train_on_pre_dispatched_routing(smoke_run) -> None:
     assert s["predispatch"] is True
     assert "routing pre-dispatched" in (out / "summary.md").read_text()
     assert s["parity"]["abs_diff"] < 1e-4
+
+
+def test_every_phase_a_scale_runs_is_a_choice_of_until() -> None:
+    """(The script is not imported: it re-executes itself to pin the allocator.)"""
+    from grouter_training.pipeline import ALL_PHASES, Pipeline, RunOptions
+    from grouter_training.scales import SCALES, get_scale
+
+    help_text = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120,
+                               cwd=ROOT).stdout
+    for phase in ALL_PHASES:
+        assert phase in help_text, phase
+    for name in SCALES:
+        phases = Pipeline(get_scale(name), RunOptions(out_dir=Path("unused"))).phases()
+        assert phases == [p for p in ALL_PHASES if p in phases] and {"data", "source", "targets"} <= set(phases)
+    assert "tune_bidir" in Pipeline(get_scale("paper-cpu"), RunOptions(out_dir=Path("unused"))).phases()
