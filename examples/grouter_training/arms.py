@@ -24,6 +24,8 @@ class ArmSpec:
             (distilled and tuned, attending to the whole sequence as the reference code does).
         aux_loss: the learned router's balance loss weight is the scale's ``aux_loss_coef``.
         z_loss_coef: router z-loss weight (learned routers only).
+        aux_free: DeepSeek-V3's auxiliary-loss-free balancing (sigmoid scores, a selection bias
+            moved by each step's load) in place of the softmax router (learned routers only).
     """
 
     label: str
@@ -31,6 +33,7 @@ class ArmSpec:
     grouter: str | None = None
     aux_loss: bool = False
     z_loss_coef: float = 0.0
+    aux_free: bool = False
 
     @property
     def learned(self) -> bool:
@@ -40,6 +43,7 @@ class ArmSpec:
 ARMS: dict[str, ArmSpec] = {
     "baseline": ArmSpec("learned router + aux loss", "learned", aux_loss=True),
     "zloss": ArmSpec("learned router + aux loss + z-loss 0.001", "learned", aux_loss=True, z_loss_coef=1e-3),
+    "aux_free": ArmSpec("learned sigmoid router, aux-loss-free bias balancing", "learned", aux_free=True),
     "grouter": ArmSpec("Grouter, distilled and tuned (frozen)", "grouter", grouter="tuned"),
     "grouter_raw": ArmSpec("Grouter, distilled, not tuned (frozen)", "grouter", grouter="raw"),
     "random_grouter": ArmSpec("random Grouter, tuned for balance (frozen)", "grouter", grouter="random"),

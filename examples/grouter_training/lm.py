@@ -91,6 +91,65 @@ def router_z_loss(router_logits: Sequence[torch.Tensor] | None) -> torch.Tensor:
     return torch.stack([torch.logsumexp(logits.float(), dim=-1).square().mean() for logits in router_logits]).mean()
 
 
+class AuxFreeRouter(torch.nn.Module):
+    """DeepSeek-V3's auxiliary-loss-free balancing in place of a Qwen3-MoE router: sigmoid
+    scores, experts selected by score + a per-expert bias that is not learned but moved after each
+    step towards balance (:class:`AuxFreeBalancer`), gates the selected scores renormalised. It
+    keeps the router's own weight, so the arm starts from the same initialisation as the others;
+    ``load`` counts the assignments of the forwards since the last ``start_step``."""
+
+    def __init__(self, router: torch.nn.Module) -> None:
+        super().__init__()
+        self.top_k, self.num_experts, self.hidden_dim = router.top_k, router.num_experts, router.hidden_dim
+        self.weight = router.weight
+        self.register_buffer("selection_bias", torch.zeros(self.num_experts))
+        self.register_buffer("load", torch.zeros(self.num_experts))
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+        logits = F.linear(hidden_states, self.weight)
+        scores = torch.sigmoid(logits.float())
+        ids = torch.topk(scores + self.selection_bias, self.top_k, dim=-1).indices
+        gates = scores.gather(-1, ids)
+        gates = gates / gates.sum(dim=-1, keepdim=True)
+        with torch.no_grad():
+            self.load.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), device=ids.device))
+        return logits, gates.to(logits.dtype), ids
+
+
+class AuxFreeBalancer:
+    """Replaces every Qwen3-MoE router of ``model`` with an :class:`AuxFreeRouter` and, after each
+    step, moves each expert's selection bias by ``rate`` towards balance: up for an expert below
+    the mean load, down above it (DeepSeek-V3: rate 0.001)."""
+
+    def __init__(self, model: torch.nn.Module, rate: float = 1e-3) -> None:
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+        self.rate = rate
+        self.routers: list[AuxFreeRouter] = []
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, Qwen3MoeTopKRouter):
+                    router = AuxFreeRouter(child)
+                    setattr(module, name, router)
+                    self.routers.append(router)
+        if not self.routers:
+            raise ValueError("the aux-loss-free arm needs a Qwen3-MoE model (no Qwen3MoeTopKRouter found)")
+
+    def start_step(self) -> None:
+        for r in self.routers:
+            r.load.zero_()
+
+    def loads(self) -> torch.Tensor:
+        """``[L, E]`` assignments since the last :meth:`start_step`."""
+        return torch.stack([r.load.detach().cpu() for r in self.routers])
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for r in self.routers:
+            r.selection_bias += self.rate * torch.sign(r.load.mean() - r.load)
+
+
 def learned_router_load(output: Any, top_k: int, num_experts: int) -> torch.Tensor | None:
     """``[L, E]`` assignments of each layer's learned router in ``output.router_logits``."""
     logits = getattr(output, "router_logits", None)
@@ -119,6 +178,7 @@ class LMRun:
         routing_fn: pre-dispatch: ``input_ids -> (weights, ids)`` computed *before* the timed
             step, as if the routing were stored with the data, and delivered to the compiled
             callable with ``grouter_pass.routing`` (for ``PrecomputedRouting`` arms).
+        balancer: an :class:`AuxFreeBalancer` whose selection biases follow each step's load.
     """
 
     name: str
@@ -132,6 +192,7 @@ class LMRun:
     aux_loss_coef: float = 0.0
     z_loss_coef: float = 0.0
     routing_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+    balancer: AuxFreeBalancer | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     step: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)       # step, tokens, val_loss
@@ -199,6 +260,8 @@ class LMRun:
         cfg = self.config
         self.model.train()
         delivered = self._delivered(input_ids)   # pre-dispatched routing: computed before the clock starts
+        if self.balancer is not None:
+            self.balancer.start_step()
         t0 = time.perf_counter()
         with delivered:
             out = self.compiled(input_ids=input_ids, labels=input_ids)
@@ -236,6 +299,8 @@ class LMRun:
             load = self.load_fn(input_ids, out)
             if load is not None:
                 self.run_load = load if self.run_load is None else self.run_load + load
+        if self.balancer is not None:
+            self.balancer.update()
         return record
 
     def _delivered(self, input_ids: torch.Tensor) -> Any:

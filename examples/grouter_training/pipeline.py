@@ -13,7 +13,8 @@
                baseline: learned router + aux loss, torch.compile
                grouter:  apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter))), or with
                          ``Scale.predispatch`` PrecomputedRouting fed grouter.route(batch) before the step
-               others (``arms.ARMS``): z-loss, untuned / random / bidirectional Grouter, balanced hash;
+               others (``arms.ARMS``): z-loss, aux-loss-free, untuned / random / bidirectional Grouter,
+               balanced hash;
                the leak test: Grouter arms evaluated with routing from each prefix alone
     report   curves, heatmaps, ratios; every arm's mean ± s.e.           -> CSV, PNG, summary.json/.md
 
@@ -55,6 +56,7 @@ from grouter_pass.routing import HashRouting
 from . import metrics, plots
 from .arms import ARMS, DEFAULT_ARMS, ArmSpec
 from .lm import (
+    AuxFreeBalancer,
     GrouterHookedLM,
     LMRun,
     build_moe_lm,
@@ -340,14 +342,17 @@ class Pipeline:
         sc, cfg = self.scale, self.scale.target_train
         e, k, n_layers = sc.model.num_experts, sc.model.top_k, sc.model.num_layers
         aux = cfg.aux_loss_coef if spec.aux_loss else 0.0
+        # transformers records router logits by the router's class: the aux-loss-free router has none
         model = build_moe_lm(sc.model, vocab_size=self.vocab_size, seed=seed, aux_loss_coef=aux,
-                             learned_router=spec.learned).to(self.device)
+                             learned_router=spec.learned and not spec.aux_free).to(self.device)
         settings = {**self.arm_settings, "arm": name, "seed": seed}
         if spec.learned:
+            balancer = AuxFreeBalancer(model) if spec.aux_free else None
+            load_fn = (lambda _ids, _out: balancer.loads()) if balancer is not None else \
+                (lambda _ids, out: learned_router_load(out, k, e))
             return LMRun(name, model, _compile(model, sc.baseline_backend), cfg, run_dir, settings,
-                         params_fn=lambda _c, m: m.parameters(),
-                         load_fn=lambda _ids, out: learned_router_load(out, k, e), aux_loss_coef=aux,
-                         z_loss_coef=spec.z_loss_coef, device=self.device), model
+                         params_fn=lambda _c, m: m.parameters(), load_fn=load_fn, aux_loss_coef=aux,
+                         z_loss_coef=spec.z_loss_coef, balancer=balancer, device=self.device), model
         if spec.routing == "hash":
             from grouter_pass import GrouterConfig, apply_grouter, trainable_parameters
 
@@ -370,6 +375,12 @@ class Pipeline:
         """``[L, E]`` expert assignments of a trained arm on the validation batches."""
         sc = self.scale
         with torch.no_grad():
+            if run.balancer is not None:   # its selection differs from a top-k of the logits
+                run.balancer.start_step()
+                model.eval()
+                for ids in val:
+                    model(input_ids=ids)
+                return run.balancer.loads()
             if spec.learned:
                 model.eval()
                 return sum(learned_router_load(model(input_ids=ids), sc.model.top_k, sc.model.num_experts)
@@ -670,8 +681,9 @@ def _compile(model: torch.nn.Module, backend: str) -> Any:
 
 
 def _check_same_init(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    """Both target arms must start from the same weights (same seed, same architecture)."""
-    sa, sb = a.state_dict(), b.state_dict()
+    """The target arms must start from the same weights (same seed, same architecture); an arm's
+    own buffers (an aux-loss-free router's selection bias) are not weights."""
+    sa, sb = dict(a.named_parameters()), dict(b.named_parameters())
     if sa.keys() != sb.keys() or any(not torch.equal(sa[n], sb[n]) for n in sa):
         raise RuntimeError("the two target arms do not start from the same initialisation")
 

@@ -297,3 +297,21 @@ def test_every_phase_a_scale_runs_is_a_choice_of_until() -> None:
         phases = Pipeline(get_scale(name), RunOptions(out_dir=Path("unused"))).phases()
         assert phases == [p for p in ALL_PHASES if p in phases] and {"data", "source", "targets"} <= set(phases)
     assert "tune_bidir" in Pipeline(get_scale("paper-cpu"), RunOptions(out_dir=Path("unused"))).phases()
+
+
+def test_smoke_aux_free_arm_moves_its_selection_biases_by_the_load(smoke_run) -> None:
+    """Each step moves every bias by exactly the rate, up or down (the sign of mean - load):
+    after n steps each bias is a multiple of the rate, at most n of them, and not all zero."""
+    from grouter_training.scales import get_scale
+
+    out, _ = smoke_run
+    steps = get_scale("smoke").target_train.steps
+    state = torch.load(out / "targets" / "aux_free" / "checkpoint.pt", map_location="cpu", weights_only=False)
+    biases = [v for k, v in state["model"].items() if k.endswith("mlp.gate.selection_bias")]
+    assert biases and any(b.abs().max() > 0 for b in biases)
+    for b in biases:
+        multiples = b / 1e-3
+        assert torch.allclose(multiples, multiples.round(), atol=1e-3) and multiples.abs().max() <= steps
+    res = json.loads((out / "targets" / "result.json").read_text())
+    seed = res["seeds"]["2"]
+    assert seed["aux_free"]["trainable_parameters"] == seed["baseline"]["trainable_parameters"]
