@@ -690,7 +690,7 @@ class _ReusingSynthesizer:
 
     def __init__(self, synth: _Synthesizer, signature: RegionSignature, shared: SharedSynthesis,
                  facts: GraphFacts) -> None:
-        self.synth, self.signature, self.shared, self.facts = synth, signature, shared, facts
+        self.synth, self.shared, self.facts = synth, shared, facts
         self.index = {n: i for i, n in enumerate(signature.nodes)}
         self.recording = shared.signature is signature
         self.to_here = None if self.recording else shared.signature.mapping_to(signature)
@@ -700,14 +700,18 @@ class _ReusingSynthesizer:
         if where is None:
             return self.synth.candidates_at(cut)
         if self.recording:
-            return self.shared.at_cut.setdefault(where, self.synth.candidates_at(cut))
+            if where not in self.shared.at_cut:
+                self.shared.at_cut[where] = self.synth.candidates_at(cut)
+            return self.shared.at_cut[where]
         known = self.shared.at_cut.get(where)
         mapped = None if known is None else self._mapped(known)
         return mapped if mapped is not None else self.synth.candidates_at(cut)
 
     def kept_candidates(self, family: str) -> list[RoutingCandidate]:
         if self.recording:
-            return self.shared.kept.setdefault(family, self.synth.kept_candidates(family))
+            if family not in self.shared.kept:
+                self.shared.kept[family] = self.synth.kept_candidates(family)
+            return self.shared.kept[family]
         known = self.shared.kept.get(family)
         mapped = None if known is None else self._mapped(known)
         return mapped if mapped is not None else self.synth.kept_candidates(family)
