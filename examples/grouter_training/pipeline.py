@@ -587,6 +587,8 @@ class Pipeline:
             "settings": _jsonable(self.scale.to_dict()),
         }
         _write_json(self.out / "summary.json", summary)
+        if "seeds" in res:
+            _write_json(self.out / "results.json", experiment_results(summary, res, prior))
         md = summary_markdown(summary)
         (self.out / "summary.md").write_text(md)
         return summary
@@ -723,6 +725,36 @@ def machine_info(device: torch.device) -> dict[str, Any]:
 
 def _fmt(value: float | None, spec: str = ".4f", none: str = "n/a") -> str:
     return none if value is None else format(value, spec)
+
+
+def experiment_results(summary: dict[str, Any], res: dict[str, Any], prior: dict[str, Any]) -> dict[str, Any]:
+    """The machine-readable record of a multi-arm run (``results.json``; ``docs/results/paper_cpu.json``
+    is this file of the ``paper-cpu`` run): per arm and seed the validation curve, final and best
+    loss, tokens trained and median step time; the per-arm statistics over seeds; the token
+    budgets of source and target; the leak test's two losses; the code version of every seed."""
+    runs: dict[str, dict[str, Any]] = {}
+    for seed, arms in res["seeds"].items():
+        for arm, run in arms.items():
+            curve = [{"step": c.get("step"), "tokens": c["tokens"], "val_loss": c["val_loss"]} for c in run["curve"]]
+            last = max(curve, key=lambda c: c["tokens"])
+            runs.setdefault(arm, {})[seed] = {
+                "curve": curve, "final_val_loss": last["val_loss"], "best_val_loss": min(c["val_loss"] for c in curve),
+                "tokens": last["tokens"], "median_step_seconds": metrics.median_step_seconds(run["step_times"]),
+                "timed_steps": sum(1 for t in run["step_times"] if t["counted"])}
+    data = prior["data"]
+    return {
+        "scale": summary["scale"], "code_version": summary["code_version"],
+        "seed_code_versions": res.get("seed_code_versions"), "command": summary["command"],
+        "machine": summary["machine"], "predispatch": summary["predispatch"],
+        "source_tokens": data["source"]["trained_tokens"], "target_tokens": data["target"]["trained_tokens"],
+        "source_to_target_tokens": data.get("source_to_target_tokens"),
+        "validation_tokens": data["validation"]["tokens"],
+        "arms": res["arms"], "seeds": [int(x) for x in res["seeds"]],
+        "runs": runs, "statistics": summary["arms"]["statistics"] if summary.get("arms") else None,
+        "leak_test": {arm: {k: v[k] for k in ("causal", "training_routing", "prefix_routing", "jump", "tokens")}
+                      for arm, v in (res.get("leak_test") or {}).items()},
+        "source": summary["source"], "distill": summary["distill"], "tune": summary["tune"],
+    }
 
 
 def summary_markdown(s: dict[str, Any]) -> str:
