@@ -7,7 +7,11 @@ the first gating site in execution order, and inserts one call after that site's
     x_NH --linear--> logits_NE --> (softmax/topk ... unchanged)
                          \\--> record(x_NH, logits_NE)            <- inserted
 
-Running the compiled model then records the router's input hidden states and its full-E logits.
+Running the compiled model then records the router's input hidden states and its full-E logits,
+and stops: ``record`` raises once it has them, so nothing after the first router runs (no later
+layer, no LM head: at a 151936-token vocabulary the head's logits alone would be ~20 GB per
+8 x 4096-token batch in fp32). With ``load_source_model(num_layers=...)`` the later layers are
+not even loaded.
 No module class or attribute name is looked at, so any model the pass understands can be a
 teacher. "First" is the first graph Dynamo compiles that holds a site (graphs are compiled in
 execution order) and, inside it, the first site in graph order; a recompile of the same frame is
@@ -51,6 +55,10 @@ class _State:
 
 class NoRouterFound(ValueError):
     """The source model has no MoE gating site the detection pass recognises."""
+
+
+class _RouterCaptured(Exception):
+    """Raised by the inserted ``record`` to end the source model's forward at the first router."""
 
 
 class RouterTeacher:
@@ -118,6 +126,7 @@ class RouterTeacher:
         def record(h: torch.Tensor, z: torch.Tensor) -> None:
             state.records.append(RouterCapture(h.detach() if state.keep_hidden else h.new_empty(0),
                                                z.detach().float()))
+            raise _RouterCaptured   # the rest of the model is not needed
 
         with work.graph.inserting_after(logits):
             work.graph.call_function(record, (hidden, logits))
@@ -137,7 +146,10 @@ class RouterTeacher:
         if param is not None:
             input_ids = input_ids.to(param.device)
         with torch.no_grad():
-            self._compiled(input_ids)
+            try:
+                self._compiled(input_ids)
+            except _RouterCaptured:
+                pass
         if not self._state.records:
             raise NoRouterFound("no MoE gating site was found in the source model (run `grouter diff` or "
                                 "grouter_pass.explain() on it to see why)")

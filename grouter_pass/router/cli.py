@@ -1,4 +1,4 @@
-"""``grouter distill | fold | expand | tune | predispatch | info``: the Grouter workflow's commands.
+"""``grouter distill | fold | expand | tune | tokenize | predispatch | info``: the Grouter workflow's commands.
 
 Registered by ``grouter_pass.cli`` (``register(subparsers)``). Every command reads and writes
 checkpoint directories (:mod:`.checkpoint`); data options are shared: ``--data`` (``stdlib``, a
@@ -138,7 +138,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from grouter_pass.router.distillation import DistillConfig, distill
 
     source = Path(args.source)
-    model = load_source_model(source, num_layers=args.source_layers).to(args.device)
+    model = load_source_model(source, num_layers=args.source_layers,
+                              dtype=getattr(torch, args.source_dtype)).to(args.device)
     has_tok = (source / "tokenizer.json").exists() or (source / "tokenizer_config.json").exists()
     tokenizer = _tokenizer(args, str(source) if has_tok else "byte")
     teacher = RouterTeacher(model)
@@ -218,24 +219,87 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_predispatch(args: argparse.Namespace) -> int:
     from grouter_pass.router.config import check_compatible
     from grouter_pass.router.data import TOKENS_META
-    from grouter_pass.router.predispatching import predispatch
+    from grouter_pass.router.predispatching import parse_shard
 
-    grouter = _load(args).to(args.device)
+    grouter = _load(args)
     check_compatible(grouter.config, num_experts=args.expect_experts, top_k=args.expect_top_k)
     if (Path(args.data) / TOKENS_META).is_file():
         directory = Path(args.data)
     else:
         if args.out is None:
             raise ValueError("--out is needed to store the tokenized dataset when --data is not a tokenized directory")
-        tokenizer = _tokenizer(args)
-        _check_vocab(grouter, tokenizer)
-        _corpus(args, args.data, args.split, tokenizer).save(args.out)
+        _check_vocab(grouter, _tokenizer(args))
+        _tokenize_streaming(args, args.data, args.split, args.out, processes=args.processes)
         directory = Path(args.out)
-    meta = predispatch(grouter, directory, granularity=args.granularity, seq_len=args.seq_len,
-                       weights_dtype=args.weights_dtype, progress=not args.no_progress)
+    if args.processes < 1:
+        raise ValueError(f"--processes must be >= 1, got {args.processes}")
+    if args.processes > 1:
+        if args.shard is not None:
+            raise ValueError("--processes starts the shards itself: give --shard or --processes, not both")
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, _torch_threads() // args.processes)
+        workers = [ctx.Process(target=_predispatch_shard, args=(args, str(directory), (i, args.processes), threads))
+                   for i in range(args.processes)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        failed = [i for i, w in enumerate(workers) if w.exitcode != 0]
+        if failed:
+            print(f"shard(s) {failed} of {args.processes} failed; run the same command again to resume them",
+                  file=sys.stderr)
+            return 1
+    else:
+        shard = parse_shard(args.shard) if args.shard is not None else (0, 1)
+        _predispatch_shard(args, str(directory), shard, None, grouter=grouter)
+    meta = directory / f"{args.name}.json"
+    if not meta.is_file():
+        print(f"shard {args.shard} of {directory} done; the routing is complete once every shard is")
+        return 0
     info = json.loads(meta.read_text())
     print(f"pre-dispatched {info['num_tokens']} tokens ({info['granularity']}, ids {info['ids_dtype']}, weights "
           f"{info['weights_dtype']}) into {directory}")
+    return 0
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _predispatch_shard(args: argparse.Namespace, directory: str, shard: tuple[int, int], threads: int | None,
+                       grouter=None) -> None:
+    """One shard of ``grouter predispatch`` (in this process, or a spawned one with ``threads``)."""
+    import torch
+
+    from grouter_pass.router.predispatching import predispatch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    grouter = (grouter if grouter is not None else _load(args)).to(args.device)
+    predispatch(grouter, directory, granularity=args.granularity, seq_len=args.seq_len,
+                weights_dtype=args.weights_dtype, batch_tokens=args.batch_tokens, name=args.name,
+                progress=not args.no_progress, shard=shard, resume=not args.no_resume)
+
+
+def _tokenize_streaming(args: argparse.Namespace, source: str, split: str, out: str, *, processes: int):
+    """``source``'s ``split`` tokenized into ``out`` in a stream (memory independent of its size)."""
+    from grouter_pass.router.data import iter_documents
+    from grouter_pass.router.tokenizing import tokenize_to_directory
+
+    return tokenize_to_directory(iter_documents(source, split, text_field=args.text_field), out,
+                                 tokenizer=args.tokenizer or "byte", max_tokens=args.max_tokens, processes=processes,
+                                 source=f"{source} ({split})", resume=not args.no_resume,
+                                 progress=not args.no_progress)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    corpus = _tokenize_streaming(args, args.data, args.split, args.out, processes=args.processes)
+    print(f"tokenized {corpus.num_documents} documents, {corpus.num_tokens} tokens ({corpus.tokenizer}) into "
+          f"{args.out}")
     return 0
 
 
@@ -295,6 +359,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="run/output directory (checkpoints, final Grouter)")
     p.add_argument("--source-layers", type=int, default=None,
                    help="load only the first N decoder layers of the source (enough to reach its first MoE layer)")
+    p.add_argument("--source-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype the source model is loaded and run in (its router logits are read in float32)")
     _add_data_args(p, max_tokens=5_000_000, val=True)
     _grouter_size_args(p)
     _add_train_args(p, steps=1000, lr=3e-4, warmup=100, seq_len=512, batch_size=8)
@@ -352,11 +418,28 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--weights-dtype", choices=("bfloat16", "float32", "bf16", "fp32"), default="bfloat16",
                    help="storage dtype of the gate weights")
+    p.add_argument("--batch-tokens", type=int, default=65536, help="tokens per Grouter forward")
+    p.add_argument("--name", default="routing", help="file name stem of the stored routing")
+    p.add_argument("--shard", default=None,
+                   help="I/N: route only shard I of N (start the N shards anywhere the directory is shared; the "
+                        "last one to finish marks the routing complete)")
+    p.add_argument("--processes", type=int, default=1, help="start this many local processes, one shard each")
+    p.add_argument("--no-resume", action="store_true", help="ignore the shards' checkpoints and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--device", default="cpu", help="where the Grouter runs (cpu, cuda, ...)")
     _expect_args(p)
     _routing_override_args(p)
     p.set_defaults(func=cmd_predispatch)
+
+    p = subparsers.add_parser("tokenize", help="tokenize a corpus into a tokenized directory (streaming, "
+                                               "multi-process, resumable)")
+    p.add_argument("--out", required=True, help="the tokenized directory to write")
+    _add_data_args(p, max_tokens=None)
+    p.add_argument("--split", choices=("train", "validation", "all"), default="all", help="which split of --data")
+    p.add_argument("--processes", type=int, default=1, help="tokenizer worker processes")
+    p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenize)
 
     p = subparsers.add_parser("info", help="describe (and validate) a Grouter checkpoint")
     p.add_argument("checkpoint",

@@ -75,14 +75,55 @@ def _windows(corpus: TokenizedCorpus, granularity: str, seq_len: int) -> list[tu
     return out
 
 
-def _write_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
-    return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+def _shared_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """Open ``path`` for writing rows in place, creating it at its full size if needed. Never
+    truncates what another shard (or an earlier, interrupted run) wrote: growing a file to its
+    size with ``ftruncate`` keeps its contents, and every process opens it the same way."""
+    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    with open(path, "ab") as fh:
+        if fh.tell() != size:
+            os.ftruncate(fh.fileno(), size)
+    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+
+
+def _batch_plan(corpus: TokenizedCorpus, granularity: str, seq_len: int, batch_tokens: int
+                ) -> list[tuple[int, list[int]]]:
+    """Every Grouter forward of the run, in a fixed order: ``(window length, window starts)``.
+    Windows of one length are batched together, longest first. The plan depends only on the data
+    and the settings, so shards split it and a resumed run continues it batch for batch."""
+    by_len: dict[int, list[int]] = {}
+    for s, e in _windows(corpus, granularity, seq_len):
+        by_len.setdefault(e - s, []).append(s)
+    plan = []
+    for length in sorted(by_len, reverse=True):
+        starts = by_len[length]
+        per_batch = max(1, batch_tokens // length)
+        plan += [(length, starts[i:i + per_batch]) for i in range(0, len(starts), per_batch)]
+    return plan
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)``, refused unless ``0 <= I < N``."""
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in [0, {count})")
+    return index, count
+
+
+def _atomic_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
 def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *, granularity: str = "document",
                 seq_len: int = 4096, weights_dtype: str = "bfloat16", batch_tokens: int = 65536,
-                name: str = "routing", progress: bool = True) -> Path:
+                name: str = "routing", progress: bool = True, shard: tuple[int, int] = (0, 1),
+                resume: bool = True, checkpoint_batches: int = 16) -> Path | None:
     """Route every token of a tokenized dataset directory and store the routing beside it.
 
     Args:
@@ -93,9 +134,23 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
         seq_len: window length (``packed``: the training sequence length).
         weights_dtype: ``"bfloat16"`` (the paper) or ``"float32"`` (the reference tool).
         batch_tokens: tokens per Grouter forward (windows of equal length are batched).
+        shard: ``(i, n)``: this process routes the batches ``i, i + n, i + 2n, ...`` of the run's
+            fixed batch plan, writing its rows in place into the shared files; run the ``n``
+            shards in any number of processes, on any machines sharing the directory. Whichever
+            shard finishes last writes ``{name}.json``, which marks the routing complete.
+        resume: continue from this shard's last checkpoint (``{name}.shards/I-of-N.json``,
+            written every ``checkpoint_batches`` batches after the rows are flushed) when it was
+            made with the same settings; a killed run then ends with the same bytes as one that
+            was never interrupted (the routing of a batch depends on its windows only).
 
     Returns:
-        The path of ``{name}.json``.
+        The path of ``{name}.json``, or ``None`` when other shards are still running.
+
+    Memory: the token and routing files are memory-mapped and written batch by batch, so the
+    process holds one batch (``batch_tokens``) plus the batch plan (two integers per window).
+    Storage: ``T x k`` expert ids (uint8 while E <= 256) plus ``T x k`` weights (bf16 or fp32):
+    3 bytes per token and choice in bf16, e.g. 30B tokens at k=8 take 720 GB. Where that is too
+    much, route on the fly from the Grouter instead (``GrouterRouting``): one small forward per step.
     """
     if isinstance(corpus, (str, os.PathLike)):
         directory = Path(corpus)
@@ -107,6 +162,9 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
         raise ValueError(f"weights_dtype must be bfloat16 or float32, got {weights_dtype!r}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count}: the index must be in [0, {count})")
     if corpus.num_tokens == 0:
         raise ValueError(f"empty dataset: {directory} holds no tokens")
     if corpus.vocab_size > grouter.config.vocab_size:
@@ -118,50 +176,75 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     n, k = corpus.num_tokens, cfg.top_k
     ids_np = ids_dtype_for(cfg.num_experts)
     w_torch, w_np = _WEIGHT_DTYPES[weights_dtype]
-    ids_out = _write_memmap(directory / f"{name}_ids.bin", ids_np, (n, k))
-    w_out = _write_memmap(directory / f"{name}_weights.bin", w_np, (n, k))
-    windows = _windows(corpus, granularity, seq_len)
-    by_len: dict[int, list[int]] = {}
-    for s, e in windows:
-        by_len.setdefault(e - s, []).append(s)
-    grouter.eval()
-    device = next(grouter.parameters()).device
-    bar = Progress(n, f"predispatch[{granularity}]", enabled=progress)
-    done = 0
-    for length in sorted(by_len, reverse=True):
-        starts = by_len[length]
-        per_batch = max(1, batch_tokens // length)
-        for i in range(0, len(starts), per_batch):
-            chunk = starts[i:i + per_batch]
-            ids = torch.from_numpy(np.stack([np.asarray(corpus.tokens[s:s + length], dtype=np.int64) for s in chunk]))
-            weights, sel = grouter.route(ids.to(device))
-            weights, sel = weights.cpu(), sel.cpu()
-            w_bits = weights.to(w_torch)
-            w_arr = w_bits.view(torch.int16).numpy().view(np.uint16) if w_torch is torch.bfloat16 else w_bits.numpy()
-            sel_arr = sel.numpy().astype(ids_np)
-            for j, s in enumerate(chunk):
-                ids_out[s:s + length] = sel_arr[j]
-                w_out[s:s + length] = w_arr[j]
-            done += ids.numel()
-            bar.update(done, tokens=ids.numel())
-    bar.close()
-    ids_out.flush()
-    w_out.flush()
-    del ids_out, w_out
     meta = {"format": FORMAT, "version": VERSION, "num_tokens": n, "num_experts": cfg.num_experts, "top_k": k,
             "ids_dtype": ids_np.name, "weights_dtype": weights_dtype, "granularity": granularity, "seq_len": seq_len,
             "scaling_factor": cfg.scaling_factor, "use_selection_bias": cfg.use_selection_bias,
             "grouter": grouter_fingerprint(grouter), "vocab_size": cfg.vocab_size,
             "tokenizer": corpus.tokenizer_fingerprint}
-    path = directory / f"{name}.json"
-    path.write_text(json.dumps(meta, indent=2))
-    log.info("pre-dispatched %d tokens (%s, %d windows) into %s", n, granularity, len(windows), directory, extra=RESULT)
-    return path
+    settings = {**meta, "batch_tokens": batch_tokens, "shards": count}
+    meta_path = directory / f"{name}.json"
+    shards_dir = directory / f"{name}.shards"
+    shards_dir.mkdir(exist_ok=True)
+    mine = shards_dir / f"{index}-of-{count}.json"
+    state = json.loads(mine.read_text()) if resume and mine.is_file() else None
+    if state is not None and state.get("settings") != settings:
+        log.info("predispatch shard %d/%d: the checkpoint in %s was made with other settings; starting over",
+                 index, count, mine)
+        state = None
+    meta_path.unlink(missing_ok=True)   # the routing is complete only once every shard is
+    plan = _batch_plan(corpus, granularity, seq_len, batch_tokens)[index::count]
+    done_batches = int(state["batches_done"]) if state is not None else 0
+    total_tokens = sum(length * len(starts) for length, starts in plan)
+    done_tokens = sum(length * len(starts) for length, starts in plan[:done_batches])
+    ids_out = _shared_memmap(directory / f"{name}_ids.bin", ids_np, (n, k))
+    w_out = _shared_memmap(directory / f"{name}_weights.bin", w_np, (n, k))
+
+    def checkpoint(batches: int) -> None:
+        ids_out.flush()
+        w_out.flush()
+        _atomic_json(mine, {"settings": settings, "batches_done": batches, "batches": len(plan)})
+
+    grouter.eval()
+    device = next(grouter.parameters()).device
+    desc = f"predispatch[{granularity}]" + (f" shard {index}/{count}" if count > 1 else "")
+    bar = Progress(total_tokens, desc, start=done_tokens, enabled=progress)
+    if done_batches:
+        log.info("predispatch shard %d/%d: resuming after batch %d of %d", index, count, done_batches, len(plan))
+    for b in range(done_batches, len(plan)):
+        length, chunk = plan[b]
+        ids = torch.from_numpy(np.stack([np.asarray(corpus.tokens[s:s + length], dtype=np.int64) for s in chunk]))
+        weights, sel = grouter.route(ids.to(device))
+        weights, sel = weights.cpu(), sel.cpu()
+        w_bits = weights.to(w_torch)
+        w_arr = w_bits.view(torch.int16).numpy().view(np.uint16) if w_torch is torch.bfloat16 else w_bits.numpy()
+        sel_arr = sel.numpy().astype(ids_np)
+        for j, s in enumerate(chunk):
+            ids_out[s:s + length] = sel_arr[j]
+            w_out[s:s + length] = w_arr[j]
+        done_tokens += ids.numel()
+        bar.update(done_tokens, tokens=ids.numel())
+        if (b + 1) % checkpoint_batches == 0:
+            checkpoint(b + 1)
+    bar.close()
+    checkpoint(len(plan))
+    finished = [json.loads(f.read_text()) for f in (shards_dir / f"{i}-of-{count}.json" for i in range(count))
+                if f.is_file()]
+    if len(finished) < count or any(f["settings"] != settings or f["batches_done"] != f["batches"] for f in finished):
+        log.info("predispatch shard %d/%d done; %s is written when the other shards are", index, count, meta_path.name)
+        return None
+    _atomic_json(meta_path, meta)
+    log.info("pre-dispatched %d tokens (%s) into %s", n, granularity, directory, extra=RESULT)
+    return meta_path
 
 
 def _load_meta(directory: Path, name: str) -> dict[str, Any]:
     path = directory / f"{name}.json"
     if not path.is_file():
+        shards = sorted(p.name for p in (directory / f"{name}.shards").glob("*-of-*.json"))
+        if shards:
+            raise FileNotFoundError(f"the pre-dispatched routing in {directory} is not complete ({path.name} is "
+                                    f"written when every shard is done; checkpoints: {shards}): run the missing "
+                                    "`grouter predispatch --shard I/N` commands, or the same command again")
         raise FileNotFoundError(f"no pre-dispatched routing in {directory} (missing {path.name}); run "
                                 "`grouter predispatch` first")
     try:

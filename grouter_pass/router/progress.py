@@ -16,11 +16,11 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    def __init__(self, total: int, desc: str, *, start: int = 0, enabled: bool = True, stream: TextIO | None = None,
-                 log_every: float = 10.0) -> None:
+    def __init__(self, total: int | None, desc: str, *, start: int = 0, enabled: bool = True,
+                 stream: TextIO | None = None, log_every: float = 10.0, unit: str = "step") -> None:
         stream = stream or sys.stderr
         tty = hasattr(stream, "isatty") and stream.isatty()
-        self._bar = tqdm(total=total, initial=start, desc=desc, unit="step", file=stream, disable=not enabled,
+        self._bar = tqdm(total=total, initial=start, desc=desc, unit=unit, file=stream, disable=not enabled,
                          mininterval=0.1 if tty else log_every, dynamic_ncols=tty, ascii=not tty)
         self._t0 = time.perf_counter()
         self._tokens = 0
@@ -30,7 +30,8 @@ class Progress:
         self._tokens += tokens
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         postfix = {k: f"{v:.4g}" for k, v in metrics.items()}
-        postfix["tok/s"] = f"{self._tokens / elapsed:,.0f}"
+        if self._tokens:
+            postfix["tok/s"] = f"{self._tokens / elapsed:,.0f}"
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(step - self._bar.n)
 

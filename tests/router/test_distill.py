@@ -101,3 +101,22 @@ def test_expert_count_mismatch_with_teacher():
     with pytest.raises(ValueError, match="teacher router has num_experts=4 but the Grouter config has num_experts=6"):
         distill(linear_teacher(), config, random_corpus(3000, 1, 16), None,
                 DistillConfig(steps=1, batch_size=1, seq_len=8), progress=False)
+
+
+class _RefusesToRun(nn.Module):
+    """Stands for everything after the first router (later layers, a 151936-row LM head)."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("the teacher ran the model past its first router")
+
+
+def test_the_teacher_stops_at_the_first_router():
+    """Nothing after the first MoE router runs: not the experts, not the head. The captured
+    logits are the router's, exactly."""
+    torch.manual_seed(0)
+    source = NeighbourMoELM().eval()
+    source.head = _RefusesToRun()
+    teacher = RouterTeacher(source)
+    ids = torch.randint(0, V, (2, 9))
+    torch.testing.assert_close(teacher(ids), source.router_input(ids) @ source.moe.router)
+    torch.testing.assert_close(teacher(ids[:, :5]), source.router_input(ids[:, :5]) @ source.moe.router)

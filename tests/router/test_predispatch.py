@@ -130,3 +130,80 @@ def test_document_and_packed_routing_differ_across_a_boundary(tmp_path):
     tokens = PreDispatchedDataset(d, name="doc", seq_len=32)[0][0]
     torch.testing.assert_close(doc.weights[:16], g.route(tokens[None, :16])[0][0])
     torch.testing.assert_close(packed.weights, g.route(tokens[None])[0][0])
+
+
+def _routing_bytes(d, name="routing"):
+    return (d / f"{name}_ids.bin").read_bytes(), (d / f"{name}_weights.bin").read_bytes()
+
+
+def _many_docs(tmp_path, name):
+    rng = np.random.default_rng(3)
+    return corpus_dir(tmp_path / name, doc_lengths=tuple(int(x) for x in rng.integers(1, 30, 60)), seed=3)
+
+
+@pytest.mark.parametrize("granularity", ["document", "packed"])
+def test_shards_write_the_same_bytes_as_one_process(tmp_path, granularity):
+    g = tiny_grouter()
+    whole, split = _many_docs(tmp_path, "whole"), _many_docs(tmp_path, "split")
+    kw = dict(granularity=granularity, seq_len=16, batch_tokens=48, progress=False)
+    assert predispatch(g, whole, **kw) == whole / "routing.json"
+    # shards in any order; only the last to finish marks the routing complete
+    assert predispatch(g, split, shard=(2, 3), **kw) is None
+    assert predispatch(g, split, shard=(0, 3), **kw) is None and not (split / "routing.json").exists()
+    assert predispatch(g, split, shard=(1, 3), **kw) == split / "routing.json"
+    assert _routing_bytes(split) == _routing_bytes(whole)
+    assert json.loads((split / "routing.json").read_text()) == json.loads((whole / "routing.json").read_text())
+
+
+def test_a_killed_run_resumes_to_identical_bytes(tmp_path, monkeypatch):
+    g = tiny_grouter()
+    clean, killed = _many_docs(tmp_path, "clean"), _many_docs(tmp_path, "killed")
+    kw = dict(seq_len=16, batch_tokens=32, progress=False, checkpoint_batches=3)
+    predispatch(g, clean, **kw)
+    real, calls = type(g).route, []
+
+    def dies_on_the_eighth_batch(self, ids):
+        calls.append(ids.shape)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return real(self, ids)
+
+    monkeypatch.setattr(type(g), "route", dies_on_the_eighth_batch)
+    with pytest.raises(KeyboardInterrupt):
+        predispatch(g, killed, **kw)
+    assert not (killed / "routing.json").exists()
+    state = json.loads((killed / "routing.shards" / "0-of-1.json").read_text())
+    assert state["batches_done"] == 6   # the last checkpoint before the kill
+    monkeypatch.setattr(type(g), "route", real)
+    resumed = []
+    monkeypatch.setattr(type(g), "route", lambda self, ids: resumed.append(ids.shape) or real(self, ids))
+    predispatch(g, killed, **kw)
+    assert len(resumed) == state["batches"] - 6   # only the batches after the checkpoint ran again
+    assert _routing_bytes(killed) == _routing_bytes(clean)
+
+
+def test_shard_checkpoints_of_other_settings_are_not_resumed(tmp_path):
+    g = tiny_grouter()
+    d = _many_docs(tmp_path, "d")
+    predispatch(g, d, seq_len=16, progress=False)
+    other = tiny_grouter(seed=1)
+    predispatch(other, d, seq_len=16, progress=False)   # every batch again, with the other Grouter
+    fresh = _many_docs(tmp_path, "fresh")
+    predispatch(other, fresh, seq_len=16, progress=False)
+    assert _routing_bytes(d) == _routing_bytes(fresh)
+
+
+def test_cli_predispatch_with_two_processes(tmp_path, capsys):
+    from grouter_pass.cli import main
+    from grouter_pass.router.checkpoint import save_grouter
+
+    g = tiny_grouter()
+    ckpt = tmp_path / "g"
+    save_grouter(g, ckpt)
+    one, two = _many_docs(tmp_path, "one"), _many_docs(tmp_path, "two")
+    assert main(["predispatch", str(ckpt), "--data", str(one), "--seq-len", "16", "--no-progress"]) == 0
+    assert main(["predispatch", str(ckpt), "--data", str(two), "--seq-len", "16", "--processes", "2",
+                 "--no-progress"]) == 0
+    assert _routing_bytes(one) == _routing_bytes(two)
+    assert main(["predispatch", str(ckpt), "--data", str(one), "--shard", "3", "--no-progress"]) != 0
+    assert "--shard takes I/N (e.g. 0/4), got '3'" in capsys.readouterr().err
