@@ -52,6 +52,11 @@ class GrouterConfig:
         probe: also compare gradients when proving a site (detection reads specs by running
             the site's subgraphs next to the ``grouter`` ops on random inputs; values are always
             compared). Off saves about a third of the compile-time cost of detection.
+        probe_ops: run the real ``grouter`` ops in the probe (the default), so that a site is
+            rewritten only when the op that will run in the compiled graph reproduces the model.
+            Off, the probe runs the ops' reference semantics instead: the spec is still proved,
+            but a defect in an op itself is compiled in and shows in the numbers. For testing
+            the ops (a parity suite runs this way); never needed in use.
         probe_weight_budget: the most bytes of random expert weights the probe draws for one site
             (default 256 MiB). Larger layers are probed on the model's own weights, read in place
             and never written, so detection needs no copy of them; their gradients are then
@@ -85,6 +90,7 @@ class GrouterConfig:
     routing: RoutingSource = field(default_factory=LearnedRouter)
     rewrite_modules: bool = True
     probe: bool = True
+    probe_ops: bool = True
     probe_weight_budget: int = DEFAULT_PROBE_WEIGHT_BUDGET
     verify: bool = False
     verify_rtol: float | None = None

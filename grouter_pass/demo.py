@@ -26,7 +26,7 @@ from importlib import resources
 import torch
 
 from grouter_pass import GrouterConfig, HashRouting, apply_grouter, grouter_reports
-from grouter_pass.testing.parity import check_parity
+from grouter_pass.testing.parity import check_parity, exact_ops
 from grouter_pass.testing.timing import time_interleaved
 
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         return compiled[-1]
 
     t0 = time.perf_counter()
-    parity = check_parity(model, {"input_ids": ids}, compile_with_grouter)
+    parity = check_parity(model, {"input_ids": ids}, compile_with_grouter, expect_ops=exact_ops(args.layers))
     compile_s = time.perf_counter() - t0
     ours = compiled[0]
     report = grouter_reports(ours)[-1]

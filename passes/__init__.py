@@ -22,6 +22,7 @@ from typing import Any
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
+from torch._ops import OpOverload, OpOverloadPacket
 
 from grouter_pass.config import GrouterConfig
 from grouter_pass.passes.canonicalize import canonicalize_gating_pass
@@ -39,8 +40,8 @@ GraphPass = Callable[..., fx.GraphModule]
 def detect_gating_sites_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig
                              ) -> fx.GraphModule:
     """Find the sites; record them (and the near-misses) in ``gm.meta`` for the rewrite and report."""
-    sites, rejected = find_gating_sites(gm, probe=config.probe, example_inputs=example_inputs,
-                                        probe_weight_budget=config.probe_weight_budget)
+    sites, rejected = find_gating_sites(gm, probe=config.probe, probe_ops=config.probe_ops,
+                                        example_inputs=example_inputs, probe_weight_budget=config.probe_weight_budget)
     report: PassReport = gm.meta.setdefault("grouter_report", PassReport())
     pairs = []
     for site in sites:
@@ -121,12 +122,33 @@ def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
     work.meta.pop("grouter_original", None)
     report: PassReport = work.meta.pop("grouter_report")
     work.meta.pop("grouter_sites", None)
-    if not report.changed:
-        return gm, report
-    return work, report
+    result = work if report.changed else gm
+    count_grouter_ops(result)
+    return result, report
 
 
-__all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass",
+def count_grouter_ops(gm: fx.GraphModule) -> None:
+    """Add the ``torch.ops.grouter`` calls of a graph the pipeline hands on to
+    ``counters["grouter_ops"]`` (``{"grouter.route": 2, ...}``, summed over compiles, next to
+    Dynamo's own counters): what a model became, readable without the graphs. It counts the ops
+    the rewrite wrote and those a module rewrite put in before Dynamo; a site the probe refused
+    is kept as the model wrote it and adds nothing, which is how a test tells "rewritten" from
+    "left alone"."""
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function":
+            continue
+        if isinstance(target, OpOverload):   # what the rewrite writes: torch.ops.grouter.route.default
+            name = target._schema.name
+        elif isinstance(target, OpOverloadPacket):   # what Dynamo records for a module that calls the op
+            name = target._qualified_op_name
+        else:
+            continue
+        if name.startswith("grouter::"):
+            counters["grouter_ops"][name.replace("::", ".")] += 1
+
+
+__all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass", "count_grouter_ops",
            "detect_gating_sites_pass", "rewrite_exact_pass", "rewrite_shared_pass", "run_grouter_passes",
            "select_kernels_pass",
            "translate_to_original_pass"]

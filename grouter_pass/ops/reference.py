@@ -511,6 +511,49 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
     return out_NH.to(x_NH.dtype if out_dtype is None else out_dtype), h
 
 
+def moe_experts_autograd_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor,
+                                   w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
+                                   b_down: torch.Tensor | None = None, *, activation: str = "silu",
+                                   gated: bool = True, interleaved: bool = False, alpha: float = 1.0,
+                                   limit: float = 0.0, up_transposed: bool = False, down_transposed: bool = False,
+                                   weight_on_input: bool = False, out_dtype: torch.dtype | None = None
+                                   ) -> torch.Tensor:
+    """:func:`moe_experts_reference` written expert by expert in differentiable torch ops, from
+    the routing ids rather than a dispatch plan: no ``out=`` GEMMs, no hand-written backward, no
+    plan. Autograd gives its gradients, so it is a second opinion on both halves of the op (the
+    probe runs it instead of the op under ``GrouterConfig(probe_ops=False)``, so that a defect
+    in the op itself reaches the compiled graph and shows in a parity test). Same dtypes as the
+    op: GEMMs in the expert weights' dtype, the weighted combine in ``promote(compute dtype,
+    weights dtype)``; slots are added in expert order, as the op adds them."""
+    n, hidden = x_NH.shape
+    k = ids_NK.shape[1]
+    compute_dtype = w_up.dtype
+    combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
+    acc_dtype = compute_dtype if weight_on_input else combine_dtype
+    flat_ids = ids_NK.reshape(-1)
+    tok_S = torch.arange(n, device=x_NH.device).repeat_interleave(k)
+    w_S1 = weights_NK.reshape(-1, 1)
+    out = torch.zeros(n, hidden, dtype=acc_dtype, device=x_NH.device)
+    for e in range(w_up.shape[0]):
+        slots = (flat_ids == e).nonzero().squeeze(1)
+        if slots.numel() == 0:
+            continue
+        tok, w = tok_S[slots], w_S1[slots]
+        x_e = x_NH[tok] * w if weight_on_input else x_NH[tok]
+        h = x_e.to(compute_dtype) @ (w_up[e] if up_transposed else w_up[e].t())
+        if b_up is not None:
+            h = h + b_up[e]
+        a = activation_forward(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
+                               limit=limit)
+        y = a @ (w_down[e] if down_transposed else w_down[e].t())
+        if b_down is not None:
+            y = y + b_down[e]
+        if not weight_on_input:
+            y = y.to(combine_dtype) * w
+        out = out.index_add(0, tok, y.to(acc_dtype))
+    return out.to(x_NH.dtype if out_dtype is None else out_dtype)
+
+
 def moe_experts_backward_reference(
     grad_out_NH: torch.Tensor, x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
     inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,

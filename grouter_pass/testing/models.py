@@ -32,6 +32,12 @@ HF_TINY_CONFIGS: dict[str, dict[str, Any]] = {
                         num_experts_per_tok=TOP_K, n_group=4, topk_group=2, n_shared_experts=1,
                         first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
                         qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.5, num_key_value_heads=4),
+    # group-limited greedy: groups ranked by their best expert (a max), softmax scores, scaled
+    "deepseek_v2": dict(intermediate_size=DENSE_FFN, moe_intermediate_size=MOE_FFN, n_routed_experts=NUM_EXPERTS,
+                        num_experts_per_tok=TOP_K, n_group=4, topk_group=2, topk_method="group_limited_greedy",
+                        n_shared_experts=1, first_k_dense_replace=0, kv_lora_rank=16, q_lora_rank=24,
+                        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, routed_scaling_factor=1.5,
+                        num_key_value_heads=4),
     "gpt_oss": dict(intermediate_size=MOE_FFN, num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K,
                     head_dim=16, sliding_window=16, layer_types=["full_attention", "sliding_attention"]),
     "glm4_moe": dict(intermediate_size=DENSE_FFN, moe_intermediate_size=MOE_FFN, n_routed_experts=NUM_EXPERTS,

@@ -12,16 +12,23 @@ A gradient that is mathematically zero (the query/key projections of one-token a
 holds only rounding noise in both runs; relative error is meaningless there. Gradients whose
 magnitude is below ``ZERO_GRAD_FRACTION`` of the largest gradient are therefore compared against
 the largest gradient's magnitude instead of their own.
+
+Parity alone cannot tell a correct rewrite from none at all: when an op is wrong, the probe
+refuses the site and the model compiles unchanged, with perfect parity. Every check therefore
+also states what the compiled graphs must hold (``expect_ops``, the ``torch.ops.grouter`` calls
+counted in ``counters["grouter_ops"]``) and fails when they hold anything else.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch._dynamo.utils import counters
 
 from grouter_pass.numerics import Comparison, compare
 
@@ -34,6 +41,8 @@ class ParityResult:
     input_grads: dict[str, Comparison] = field(default_factory=dict)
     param_grads: dict[str, Comparison] = field(default_factory=dict)
     missing_grads: list[str] = field(default_factory=list)
+    #: ``torch.ops.grouter`` calls in the graphs compiled during the check (``{"grouter.route": 2, ...}``)
+    ops: dict[str, int] = field(default_factory=dict)
 
     def all(self) -> dict[str, Comparison]:
         return {"output": self.output, **{f"grad[{k}]": v for k, v in self.input_grads.items()},
@@ -117,8 +126,35 @@ def compare_steps(got: tuple, ref: tuple, rtol: float | None, atol: float | None
     return result
 
 
+class RewriteMismatch(AssertionError):
+    """The compiled graphs hold other ``grouter`` ops than the check expected."""
+
+
+def exact_ops(sites: int, *, route: bool = True, capacity: bool = False) -> dict[str, int]:
+    """What ``sites`` MoE layers become in exact mode: a ``grouter.route`` each (unless the
+    gating is kept as the model wrote it), a dispatch plan and the experts op (and a
+    ``capacity_keep`` for capacity-based dispatch)."""
+    ops = {"grouter.dispatch_plan": sites, "grouter.moe_experts": sites}
+    if route:
+        ops["grouter.route"] = sites
+    if capacity:
+        ops["grouter.capacity_keep"] = sites
+    return ops
+
+
+def _ops_since(before: Counter) -> dict[str, int]:
+    return dict(sorted((Counter(counters["grouter_ops"]) - before).items()))
+
+
+def _check_ops(got: dict[str, int], expect: Mapping[str, int] | None) -> None:
+    if expect is not None and got != dict(sorted(expect.items())):
+        raise RewriteMismatch(f"the compiled graphs hold grouter ops {got}, expected {dict(sorted(expect.items()))} "
+                              "(a site the probe refused is compiled as the model wrote it)")
+
+
 def check_parity(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compile_fn: Callable[[torch.nn.Module],
-                 Callable], *, output_fn: Callable[[Any], torch.Tensor] = default_output, seed: int = 1234,
+                 Callable], *, expect_ops: Mapping[str, int] | None,
+                 output_fn: Callable[[Any], torch.Tensor] = default_output, seed: int = 1234,
                  rtol: float | None = None, atol: float | None = None, backward: bool = True,
                  runs: int = 1) -> ParityResult:
     """Compare ``model`` (eager) with ``compile_fn(deepcopy(model))`` forward and backward.
@@ -126,22 +162,31 @@ def check_parity(model: torch.nn.Module, inputs: dict[str, torch.Tensor], compil
     Float inputs get ``requires_grad`` so their gradients are compared too (feed
     ``inputs_embeds`` instead of ``input_ids`` to check the input gradient of an LM). With
     ``runs > 1`` the compiled model is called that many times and the last call is compared
-    (recompiles and stale state would show).
+    (recompiles and stale state would show). ``expect_ops`` (required): the ``grouter`` op calls
+    the graphs compiled during the check must hold in all (:func:`exact_ops`; ``{}`` for a
+    model that must stay unchanged); :class:`RewriteMismatch` otherwise. ``None`` skips that
+    check, for callers that cannot know (the demo on an arbitrary model).
     """
+    before = Counter(counters["grouter_ops"])
     candidate = copy.deepcopy(model)
     compiled = compile_fn(candidate)
     ref = run_step(model, model, inputs, output_fn, backward, seed)
     for _ in range(runs):
         got = run_step(compiled, candidate, inputs, output_fn, backward, seed)
-    return compare_steps(got, ref, rtol, atol)
+    result = compare_steps(got, ref, rtol, atol)
+    result.ops = _ops_since(before)
+    _check_ops(result.ops, expect_ops)
+    return result
 
 
 def parity_sweep(model: torch.nn.Module, make_inputs: Callable[[int, int], dict[str, Any]],
                  sizes: list[tuple[int, int]], compile_fn: Callable[[torch.nn.Module], Callable], *,
+                 expect_ops: Mapping[str, int] | None,
                  output_fn: Callable[[Any], torch.Tensor] = default_output, backward: bool = True,
                  rtol: float | None = None, atol: float | None = None) -> list[ParityResult]:
     """:func:`check_parity` for several ``(batch, seq)`` sizes with **one** compiled copy, so that
-    a test can also count the compiles the sizes caused."""
+    a test can also count the compiles the sizes caused (``expect_ops``: summed over them)."""
+    before = Counter(counters["grouter_ops"])
     candidate = copy.deepcopy(model)
     compiled = compile_fn(candidate)
     results = []
@@ -150,4 +195,8 @@ def parity_sweep(model: torch.nn.Module, make_inputs: Callable[[int, int], dict[
         ref = run_step(model, model, inputs, output_fn, backward, 1234 + i)
         got = run_step(compiled, candidate, inputs, output_fn, backward, 1234 + i)
         results.append(compare_steps(got, ref, rtol, atol))
+    ops = _ops_since(before)
+    for r in results:
+        r.ops = ops
+    _check_ops(ops, expect_ops)
     return results

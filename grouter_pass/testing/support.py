@@ -72,6 +72,8 @@ SUPPORT_CASES: tuple[SupportCase, ...] = (
     SupportCase("olmoe", HF, "OLMoE", _hf("olmoe"), "softmax_topk", "grouped_mm", 2, 1, 1),
     SupportCase("deepseek_v3", HF, "DeepSeek-V3", _hf("deepseek_v3"), "sigmoid_topk", "grouped_mm", 2, 1, 1,
                 note="correction bias, group-limited top-k, scaling; shared experts kept"),
+    SupportCase("deepseek_v2", HF, "DeepSeek-V2, group_limited_greedy", _hf("deepseek_v2"), "softmax_topk",
+                "grouped_mm", 2, 1, 1, note="groups ranked by their best expert (max), other groups zeroed, scaled"),
     SupportCase("gpt_oss", HF, "GPT-OSS", _hf("gpt_oss"), "topk_softmax", "grouped_mm", 2, 1, 1,
                 note="router bias; transposed interleaved clamped SwiGLU with biases"),
     SupportCase("glm4_moe", HF, "GLM-4-MoE", _hf("glm4_moe"), "sigmoid_topk", "grouped_mm", 2, 1, 1,

@@ -187,12 +187,14 @@ def _output_like(graph: fx.Graph, facts: GraphFacts, out: fx.Node, removed: set[
                    node=out, step="rewrite", partial=True)
 
 
-def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True,
+def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: bool = True, probe_ops: bool = True,
                weights: ProbeWeights | None = None, gradient_proofs: GradientProofs | None = None,
                routing_readings: RoutingReadings | None = None) -> Site | SiteReport:
     """Try to build a :class:`Site` around ``anchor``; a :class:`SiteReport` with the reason if not.
     ``gradient_proofs`` and ``routing_readings`` carry the probe's gradient comparisons and the
-    routing syntheses from one site of a graph to the next (the layers of a model repeat them)."""
+    routing syntheses from one site of a graph to the next (the layers of a model repeat them).
+    ``probe_ops=False`` proves the site against the ops' reference semantics only (see
+    ``GrouterConfig.probe_ops``)."""
     where = module_path(anchor.node)
     routing = analyse_routing(graph, facts, anchor, readings=routing_readings)
     if isinstance(routing, NoMatch):
@@ -204,7 +206,7 @@ def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: boo
         key = frozenset(cand.boundary.items())
         if key not in tried:
             tried[key] = match_experts(graph, facts, routing, cand, check_gradients=probe, probe_weights=weights,
-                                       gradient_proofs=gradient_proofs)
+                                       gradient_proofs=gradient_proofs, probe_ops=probe_ops)
         result = tried[key]
         if isinstance(result, NoMatch):
             if best is None or (result.partial and not best.partial):
@@ -214,7 +216,7 @@ def match_site(graph: fx.Graph, facts: GraphFacts, anchor: Anchor, *, probe: boo
         if isinstance(site, NoMatch):
             best, best_spec = site, cand.spec
             continue
-        bad = check_route_op(graph, facts, routing, cand, gradients=probe)
+        bad = check_route_op(graph, facts, routing, cand, gradients=probe) if probe_ops else None
         if bad is not None:   # the op itself disagrees with the model (its reference did not)
             best, best_spec = bad, cand.spec
             continue
@@ -260,7 +262,8 @@ def _rejected(result: NoMatch | None, where: str, spec: GatingSpec | None = None
                       step=result.step, node=result.node if isinstance(result.node, str) else "")
 
 
-def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True, example_inputs: Sequence[Any] | None = None,
+def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True, probe_ops: bool = True,
+                      example_inputs: Sequence[Any] | None = None,
                       probe_weight_budget: int = DEFAULT_PROBE_WEIGHT_BUDGET) -> tuple[list[Site], list[SiteReport]]:
     """All rewritable sites of ``gm`` (canonicalized), and reports of the near-misses (candidates
     that looked like a MoE site but could not be rewritten).
@@ -280,7 +283,8 @@ def find_gating_sites(gm: fx.GraphModule, *, probe: bool = True, example_inputs:
         for anchor in find_anchors(graph, facts):
             if anchor.node in claimed:
                 continue
-            result = match_site(graph, facts, anchor, probe=probe, weights=weights, gradient_proofs=proofs,
+            result = match_site(graph, facts, anchor, probe=probe, probe_ops=probe_ops, weights=weights,
+                                gradient_proofs=proofs,
                                 routing_readings=readings)
             if isinstance(result, Site):
                 claimed.update(result.gating.region)

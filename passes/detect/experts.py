@@ -421,7 +421,7 @@ class _Probe:
     def __init__(self, graph: fx.Graph, facts: GraphFacts, region: list[fx.Node], boundary: dict,
                  routing_inputs: list[fx.Node], x_root: fx.Node, base: fx.Node | None, weights: list[fx.Node],
                  output: fx.Node, e_route: int, k: int, n_tokens: int, w_dtype: torch.dtype,
-                 weights_source: ProbeWeights | None = None) -> None:
+                 weights_source: ProbeWeights | None = None, use_ops: bool = True) -> None:
         self.inputs = [*routing_inputs, x_root, *([base] if base is not None else []), *weights]
         self.region = Region(graph, region, self.inputs, facts)
         self.region_nodes = region
@@ -429,6 +429,8 @@ class _Probe:
         self.x_root, self.base, self.weights, self.output = x_root, base, weights, output
         self.e, self.k, self.n = e_route, k, n_tokens
         self.w_dtype = w_dtype
+        #: run the real ``grouter.moe_experts`` (False: its reference semantics, GrouterConfig.probe_ops)
+        self.use_ops = use_ops
         self.constant_weights: float | None = None
         self.dev = tensor_meta(x_root).device
         # one set of expert weights for every trial: the model's own above the memory budget
@@ -644,7 +646,8 @@ def _bias_roles(biases: list[WeightRef], ups: tuple, gated: str, width: int, ffn
 
 def _op_reference(reading: _Reading, parts: dict, inputs: dict, probe: _Probe, x_op: torch.Tensor,
                   e_ffn: int, capacity: _Capacity | None, hidden: int, out_like: fx.Node) -> torch.Tensor:
-    """What the rewrite will compute, with the real ``grouter`` ops (autograd included)."""
+    """What the rewrite will compute, with the real ``grouter`` ops (autograd included), or with
+    the experts written out in differentiable torch ops when ``probe.use_ops`` is off."""
     index = {n: i for i, n in enumerate(probe.weights)}
     params = inputs["params"]
     w_up = _assemble(parts["up"], index, params, cat_dim_out=reading.up_t[0])
@@ -663,11 +666,14 @@ def _op_reference(reading: _Reading, parts: dict, inputs: dict, probe: _Probe, x
         is_ffn = ids < e_ffn
         ffn_ids = ids.clamp(max=e_ffn - 1)
         ffn_w = ffn_w * is_ffn.to(ffn_w.dtype)
-    plan = reference.dispatch_plan_reference(ffn_ids, e_ffn)
-    out, _ = torch.ops.grouter.moe_experts(
-        x_flat, ffn_w, plan[0], plan[1], plan[3], w_up, w_down, b_up, b_down,
-        up_transposed=reading.up_t[0], down_transposed=reading.down_t, weight_on_input=reading.weight_on_input,
-        out_dtype=None, **reading.activation.op_kwargs())
+    layout = dict(up_transposed=reading.up_t[0], down_transposed=reading.down_t,
+                  weight_on_input=reading.weight_on_input, out_dtype=None, **reading.activation.op_kwargs())
+    if probe.use_ops:
+        plan = reference.dispatch_plan_reference(ffn_ids, e_ffn)
+        out, _ = torch.ops.grouter.moe_experts(x_flat, ffn_w, plan[0], plan[1], plan[3], w_up, w_down, b_up, b_down,
+                                               **layout)
+    else:
+        out = reference.moe_experts_autograd_reference(x_flat, ffn_w, ffn_ids, w_up, w_down, b_up, b_down, **layout)
     if e_ffn < probe.e and reading.identity == "identity":
         extra = (w_flat * (ids >= e_ffn).to(w_flat.dtype)).sum(-1, keepdim=True)
         out = out + (extra * x_flat).to(out.dtype)
@@ -683,7 +689,7 @@ def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
 @eager
 def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, cand: RoutingCandidate, *,
                   check_gradients: bool = True, probe_weights: ProbeWeights | None = None,
-                  gradient_proofs: GradientProofs | None = None) -> ExpertsMatch | NoMatch:
+                  gradient_proofs: GradientProofs | None = None, probe_ops: bool = True) -> ExpertsMatch | NoMatch:
     """The experts fed by ``cand``'s routing boundary (see the module docstring). Without
     ``check_gradients`` a reading is accepted on forward values alone; ``gradient_proofs`` holds
     the gradient comparisons of earlier sites of the same graph, by region fingerprint."""
@@ -754,7 +760,7 @@ def match_experts(graph: fx.Graph, facts: GraphFacts, routing: RoutingAnalysis, 
         try:
             probe = _Probe(graph, facts, facts.in_order(region_nodes | _between([x_op_node], [x_root])),
                            boundary, routing_inputs, x_root, base, weight_nodes, out, routing.num_experts,
-                           routing.top_k, n, w_dtype, probe_weights)
+                           routing.top_k, n, w_dtype, probe_weights, use_ops=probe_ops)
         except ProbeError as err:
             result = NoMatch("the expert region cannot be run on its own: %s", (err,), node=out, step="probe",
                              partial=True)

@@ -14,6 +14,10 @@ from ._spawn import assert_check, run_spawned
 LAYERS = 2
 
 
+# the module-scoped fixture below is costly: keep this file on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_ep_rewrite")
+
+
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory):
     return run_spawned(worker_rewrite_ep2, 2, tmp_path_factory.mktemp("rewrite_ep2"))

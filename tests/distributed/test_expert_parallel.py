@@ -13,6 +13,9 @@ import pytest
 from ._spawn import assert_check, run_spawned
 from ._workers import worker_ep2, worker_ep4
 
+# the module-scoped fixture below is costly: keep this file on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_expert_parallel")
+
 
 @pytest.fixture(scope="module")
 def ep2(tmp_path_factory):

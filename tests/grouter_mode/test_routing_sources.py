@@ -125,9 +125,10 @@ def test_every_source_end_to_end_matches_the_model_with_fixed_routing(model_type
             torch.testing.assert_close(p.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def _reference_lm(model: TinyMoELM, ids: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor):
+def _reference_lm(model: TinyMoELM, ids: torch.Tensor | None, weights: torch.Tensor, expert_ids: torch.Tensor,
+                  embeds: torch.Tensor | None = None):
     """TinyMoELM(BatchedGatherMoE) written out with a fixed routing, token by token."""
-    h = model.embed(ids).reshape(-1, model.embed.embedding_dim)
+    h = (model.embed(ids) if embeds is None else embeds).reshape(-1, model.embed.embedding_dim)
     for norm, block in zip(model.norms, model.blocks):
         x = norm(h)
         out = torch.zeros_like(x)
@@ -194,7 +195,8 @@ def test_precomputed_routing_works_for_inputs_embeds_and_grouter_routing_refuses
     compiled = apply_grouter(model, GrouterConfig(routing=PrecomputedRouting(), compiler="aot_eager"))
     with grouter_pass.routing(weights, expert_ids):
         out = compiled(inputs_embeds=embeds)
-    assert out.shape == (2, 3, VOCAB)
+    torch.testing.assert_close(out, _reference_lm(model, None, weights, expert_ids, embeds).reshape(2, 3, VOCAB),
+                               rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
     refused = apply_grouter(model, GrouterConfig(routing=GrouterRouting(grouter=_grouter()), compiler="aot_eager"))
     with pytest.raises(Exception, match=r"grouter \(E=8, k=2\) routing reads token ids, but the graph has no "

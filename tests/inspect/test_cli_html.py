@@ -35,6 +35,10 @@ def _console_messages(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if ":CONSOLE" in line]
 
 
+# the module-scoped fixture below is costly: keep this file on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_cli_html")
+
+
 @pytest.fixture(scope="module")
 def diff_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("diff")

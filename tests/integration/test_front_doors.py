@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 import grouter_pass
 from grouter_pass import GrouterConfig, GrouterPreGradPass, GrouterVerificationError, apply_grouter, grouter_reports
 from grouter_pass.testing.models import tiny_hf_moe, tiny_token_ids
-from grouter_pass.testing.parity import check_parity
+from grouter_pass.testing.parity import check_parity, exact_ops
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,8 +58,41 @@ def test_verify_passes_on_an_exact_rewrite():
     model = tiny_hf_moe("mixtral")
     ids = tiny_token_ids()
     want = model(ids).logits
-    got = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)(ids).logits
+    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager"), verify=True)
+    got = compiled(ids).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # verified because something was rewritten: verify has nothing to compare on an unchanged graph
+    assert [s.module_path for s in grouter_reports(compiled)[0].rewritten] == ["model.layers.0.mlp",
+                                                                               "model.layers.1.mlp"]
+    assert dict(counters["grouter_ops"]) == exact_ops(2)
+
+
+def _nudge_the_scaling_factor(monkeypatch, factor: float):
+    """A rewrite that is off by a relative ``factor - 1`` in every routing weight."""
+    from grouter_pass.passes import rewrite
+
+    real = rewrite._call
+
+    def nudged(graph, target, args, kwargs, **kw):
+        if target is torch.ops.grouter.route.default:
+            kwargs = {**kwargs, "scaling_factor": kwargs["scaling_factor"] * factor}
+        return real(graph, target, args, kwargs, **kw)
+
+    monkeypatch.setattr(rewrite, "_call", nudged)
+
+
+@pytest.mark.parametrize("tolerances, raises", [({}, True), ({"verify_rtol": 1e-2, "verify_atol": 1e-2}, False)])
+def test_verify_uses_the_configured_tolerances(monkeypatch, tolerances, raises):
+    """A 1e-4 relative error is beyond verify's fp32 default and within a 1e-2 tolerance."""
+    _nudge_the_scaling_factor(monkeypatch, 1.0 + 1e-4)
+    model = tiny_hf_moe("mixtral")
+    compiled = apply_grouter(model, GrouterConfig(compiler="aot_eager", **tolerances), verify=True)
+    if raises:
+        with pytest.raises(GrouterVerificationError, match=r"output 0 float32\[2, 5, 97\]: max abs err"):
+            compiled(tiny_token_ids())
+    else:
+        compiled(tiny_token_ids())
+    assert counters["grouter"]["sites_rewritten"] == 2
 
 
 def _break_the_rewrite(monkeypatch):
@@ -133,10 +166,36 @@ def test_pre_grad_custom_pass_on_backend_inductor_and_fx_graph_cache(tmp_path, m
             torch._dynamo.reset()
             got = torch.compile(model, options={"pre_grad_custom_pass": grouter_pass_})(ids).logits
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert counters["grouter"]["sites_rewritten"] >= 2
+    assert dict(counters["grouter_ops"]) == {op: 2 * n for op, n in exact_ops(2).items()}
     # the uuid() keeps the FX graph cache on: the second compile is served from it
     assert counters["inductor"]["fxgraph_cache_miss"] == 1
     assert counters["inductor"]["fxgraph_cache_hit"] == 1
+
+
+@pytest.mark.slow
+def test_pre_grad_custom_pass_training_step_parity():
+    """Forward and every gradient through ``backend="inductor"`` with the pre-grad pass (the
+    router's through the route op's backward, the experts' through the experts op's)."""
+    model = tiny_hf_moe("qwen3_moe").train()
+    grouter_pass_ = GrouterPreGradPass(GrouterConfig())
+    result = check_parity(model, {"inputs_embeds": _embeds(model)}, expect_ops=exact_ops(2),
+                          compile_fn=lambda m: torch.compile(m, options={"pre_grad_custom_pass": grouter_pass_}))
+    assert not result.missing_grads and result.max_rel() <= 1e-5, result.summary()
+    assert sum(".mlp.gate." in k for k in result.param_grads) == 2
+
+
+def test_entry_point_backend_training_step_parity():
+    """``backend="grouter"`` looked up by name, forward and every gradient."""
+    model = tiny_hf_moe("deepseek_v3").train()
+    result = check_parity(model, {"inputs_embeds": _embeds(model)}, expect_ops=exact_ops(2),
+                          compile_fn=lambda m: torch.compile(m, backend="grouter", options={"compiler": "aot_eager"}))
+    assert not result.missing_grads and result.max_rel() <= 1e-5, result.summary()
+    assert sum(".mlp.gate.weight" in k for k in result.param_grads) == 2
+
+
+def _embeds(model, batch: int = 2, seq: int = 7) -> torch.Tensor:
+    with torch.no_grad():
+        return model.get_input_embeddings()(tiny_token_ids(batch, seq))
 
 
 def test_pre_grad_pass_uuid_tracks_source_and_config():
@@ -150,13 +209,33 @@ def test_pre_grad_pass_uuid_tracks_source_and_config():
 def test_fullgraph_compiles_and_matches():
     model = tiny_hf_moe("deepseek_v3").train()
     result = check_parity(model, {"input_ids": tiny_token_ids()},
-                          lambda m: apply_grouter(m, GrouterConfig(compiler="aot_eager", fullgraph=True)))
+                          lambda m: apply_grouter(m, GrouterConfig(compiler="aot_eager", fullgraph=True)),
+                          expect_ops=exact_ops(2))
     assert counters["grouter"]["sites_rewritten"] == 2
     assert result.max_rel() <= 1e-5, result.summary()
 
 
-def test_public_api_is_explicit():
-    assert "apply_grouter" in grouter_pass.__all__ and "GrouterConfig" in grouter_pass.__all__
+def test_every_public_name_resolves_and_importing_stays_light():
+    """``import grouter_pass`` registers the ops without loading the graph passes or Dynamo;
+    every name of ``__all__`` then resolves (lazily) to the object its module defines."""
+    code = textwrap.dedent("""
+        import sys, torch
+        import grouter_pass
+        assert hasattr(torch.ops.grouter, "route") and hasattr(torch.ops.grouter, "moe_experts")
+        heavy = sorted(m for m in ("grouter_pass.passes", "grouter_pass.api", "torch._dynamo.eval_frame")
+                       if m in sys.modules)
+        assert not heavy, heavy
+        for name in grouter_pass.__all__:
+            obj = getattr(grouter_pass, name)
+            assert getattr(obj, "__name__", name) == name or name == "routing", name
+        from grouter_pass import *  # noqa: F403
+        assert apply_grouter is grouter_pass.apply_grouter  # noqa: F405
+        assert grouter_pass.routing.__module__ == "grouter_pass.routing" and callable(grouter_pass.routing)
+        print("ok", len(grouter_pass.__all__))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) >= 15
 
 
 def test_verify_does_not_apply_in_place_input_mutations_twice():

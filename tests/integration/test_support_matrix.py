@@ -4,8 +4,13 @@ Each case is compiled with ``apply_grouter`` (``dynamic=True``; the rewritten gr
 Inductor code generation, which is covered elsewhere) and trained one step at three token
 counts next to the unmodified model. Checked per case: what was rewritten (family, expert
 style, number of MoE layers) or the reason it was left alone; output and every gradient within
-the case's tolerance; no recompile for a new token count; the Dynamo graph counts. The gating
-specs are pinned with expecttest, and docs/support.md must be the rendering of the registry.
+the case's tolerance; no recompile for a new token count; the Dynamo graph counts; the gating
+spec, pinned per case in ``GATING_SPECS`` (each case stands alone: any order, any worker).
+docs/support.md must be the rendering of the registry.
+
+Every case also runs with ``probe_ops=False``: the probe then proves sites against the ops'
+reference semantics, so a defect in an op is compiled in and must show in the numbers here
+(with the probe running the ops, it would be refused and the case would fail on its counts).
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from expecttest import assert_expected_inline
 
 from grouter_pass import GrouterConfig, apply_grouter, grouter_reports
 from grouter_pass.spec import compact_repr
@@ -24,7 +28,44 @@ from grouter_pass.testing.support import SUPPORT_CASES, SupportCase, make_inputs
 
 SIZES = [(2, 5), (3, 7), (2, 11)]
 ROOT = Path(__file__).resolve().parents[2]
-_SPECS: dict[str, str] = {}
+
+
+#: the gating spec each case's first rewritten layer must be read as (``compact_repr``), pinned
+GATING_SPECS = {
+    "mixtral": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "qwen2_moe": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2)",
+    "qwen3_moe": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "olmoe": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2)",
+    "deepseek_v3": "GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', n_group=4, topk_group=2, renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)",
+    "deepseek_v2": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, n_group=4, topk_group=2, group_score='max', scaling_factor=1.5, sorted=False)",
+    "gpt_oss": "GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')",
+    "glm4_moe": "GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20, sorted=False)",
+    "ernie4_5_moe": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, bias_mode='selection', renorm='sum', renorm_clamp_min=1e-12)",
+    "granitemoe": "GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')",
+    "jamba": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2)",
+    "llama4": "GatingSpec(family='topk_sigmoid', num_experts=8, top_k=1, score_func='sigmoid', order='topk_then_score')",
+    "phimoe_eval": "GatingSpec(family='sparsemixer', num_experts=8, top_k=2, score_func='sparsemixer', sparsemixer_threshold=0.02)",
+    "phimoe_train": 'left unchanged',
+    "dbrx": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='lp')",
+    "qwen3_moe_eager": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "mixtral_batched_mm": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "qwen2_moe_sparse_step": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2)",
+    "deepseek_v3_first_dense": "GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', n_group=4, topk_group=2, renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)",
+    "qwen3_moe_mlp_only": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "torchtitan": "GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', score_dtype=float32, bias_mode='selection', renorm='sum', renorm_eps=1e-20, scaling_factor=1.5)",
+    "einsum": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "dense_bmm": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "batched_gather": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "loop_4x": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "split_loop": "GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')",
+    "switch_capacity": "GatingSpec(family='softmax_topk', num_experts=8, top_k=1)",
+    "gshard_capacity": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')",
+    "torchtitan_pypi": "GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)",
+    "torchtitan_pypi_groups": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2, bias_mode='selection', n_group=4, topk_group=2, sorted=False)",
+    "megatron": "GatingSpec(family='softmax_topk', num_experts=8, top_k=2)",
+    "megatron_sigmoid": "GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20)",
+    "nanogpt": "GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')",
+}
 
 
 def _rewritten(compiled) -> tuple[list, list]:
@@ -34,12 +75,13 @@ def _rewritten(compiled) -> tuple[list, list]:
     return sites, blocks
 
 
+@pytest.mark.parametrize("probe_ops", [True, False], ids=["probe_ops", "ops_unprobed"])
 @pytest.mark.parametrize("case", SUPPORT_CASES, ids=lambda c: c.name)
-def test_support_case(case: SupportCase):
+def test_support_case(case: SupportCase, probe_ops: bool):
     model = case.build()
     unmodified = copy.deepcopy(model)
     candidate = copy.deepcopy(model)
-    compiled = apply_grouter(candidate, GrouterConfig(compiler="eager", dynamic=True))
+    compiled = apply_grouter(candidate, GrouterConfig(compiler="eager", dynamic=True, probe_ops=probe_ops))
     graphs_after_first_call = None
     # a model that recompiles per token count anyway is checked at two counts, not three
     for i, (batch, seq) in enumerate(SIZES[:2] if case.recompiles else SIZES):
@@ -73,48 +115,12 @@ def test_support_case(case: SupportCase):
         with torch.no_grad():
             assert torch._dynamo.explain(unmodified)(**inputs).graph_count == case.graphs_before
     specs = [compact_repr(s.gating) for s in first_sites[:1]] + [compact_repr(b.gating) for b in blocks[:1]]
-    _SPECS[case.name] = specs[0] if specs else "left unchanged"
+    spec = specs[0] if specs else "left unchanged"
+    assert spec == GATING_SPECS[case.name], f"{case.name}: the gating was read as {spec}"
 
 
-def test_gating_specs():
-    """The gating spec of every case (the first rewritten layer), pinned."""
-    for case in SUPPORT_CASES:
-        if case.name not in _SPECS:  # run alone: check the case now
-            test_support_case(case)
-    text = "\n".join(f"{c.name}: {_SPECS[c.name]}" for c in SUPPORT_CASES)
-    assert_expected_inline(text, """\
-mixtral: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-qwen2_moe: GatingSpec(family='softmax_topk', num_experts=8, top_k=2)
-qwen3_moe: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-olmoe: GatingSpec(family='softmax_topk', num_experts=8, top_k=2)
-deepseek_v3: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', n_group=4, topk_group=2, renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)
-gpt_oss: GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')
-glm4_moe: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20, sorted=False)
-ernie4_5_moe: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, bias_mode='selection', renorm='sum', renorm_clamp_min=1e-12)
-granitemoe: GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')
-jamba: GatingSpec(family='softmax_topk', num_experts=8, top_k=2)
-llama4: GatingSpec(family='topk_sigmoid', num_experts=8, top_k=1, score_func='sigmoid', order='topk_then_score')
-phimoe_eval: GatingSpec(family='sparsemixer', num_experts=8, top_k=2, score_func='sparsemixer', sparsemixer_threshold=0.02)
-phimoe_train: left unchanged
-dbrx: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='lp')
-qwen3_moe_eager: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-mixtral_batched_mm: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-qwen2_moe_sparse_step: GatingSpec(family='softmax_topk', num_experts=8, top_k=2)
-deepseek_v3_first_dense: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', n_group=4, topk_group=2, renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)
-qwen3_moe_mlp_only: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-torchtitan: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', score_dtype=float32, bias_mode='selection', renorm='sum', renorm_eps=1e-20, scaling_factor=1.5)
-einsum: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-dense_bmm: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-batched_gather: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-loop_4x: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-split_loop: GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')
-switch_capacity: GatingSpec(family='softmax_topk', num_experts=8, top_k=1)
-gshard_capacity: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, renorm='sum')
-torchtitan_pypi: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20, scaling_factor=2.5, sorted=False)
-torchtitan_pypi_groups: GatingSpec(family='softmax_topk', num_experts=8, top_k=2, bias_mode='selection', n_group=4, topk_group=2, sorted=False)
-megatron: GatingSpec(family='softmax_topk', num_experts=8, top_k=2)
-megatron_sigmoid: GatingSpec(family='sigmoid_topk', num_experts=8, top_k=2, score_func='sigmoid', bias_mode='selection', renorm='sum', renorm_eps=1e-20)
-nanogpt: GatingSpec(family='topk_softmax', num_experts=8, top_k=2, order='topk_then_score')""")
+def test_every_case_has_a_pinned_spec():
+    assert list(GATING_SPECS) == [c.name for c in SUPPORT_CASES]
 
 
 def test_support_doc_is_current():

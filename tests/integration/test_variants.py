@@ -6,14 +6,14 @@ import torch
 
 from grouter_pass import GrouterConfig, apply_grouter, grouter_reports
 from grouter_pass.testing.models import tiny_hf_moe, tiny_token_ids
-from grouter_pass.testing.parity import check_parity
+from grouter_pass.testing.parity import check_parity, exact_ops
 
 
 def parity(model_type, **kwargs):
     model = tiny_hf_moe(model_type, **kwargs).train()
     compiled = []
-    result = check_parity(model, {"input_ids": tiny_token_ids()},
-                          lambda m: compiled.append(apply_grouter(m, GrouterConfig(compiler="aot_eager")))
+    result = check_parity(model, {"input_ids": tiny_token_ids()}, expect_ops=exact_ops(2),
+                          compile_fn=lambda m: compiled.append(apply_grouter(m, GrouterConfig(compiler="aot_eager")))
                           or compiled[-1])
     return result, grouter_reports(compiled[0])[-1]
 

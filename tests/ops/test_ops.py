@@ -220,3 +220,127 @@ def test_dispatch_plan_refuses_ids_that_are_not_int64_naming_the_dtype(dtype):
     with pytest.raises(TypeError, match=f"int64 expert ids, got {dtype}"):   # and at trace time
         with torch._subclasses.FakeTensorMode() as mode:
             torch.ops.grouter.dispatch_plan(mode.from_tensor(ids), 4)
+
+
+# ------------------------------------------------------------------------------------------------
+# The op against gating written the way model code writes it (not against route_reference, which
+# the op itself calls): the options detection can produce beyond the common families.
+# ------------------------------------------------------------------------------------------------
+
+
+def _deepseek_v2_group_limited(logits, n_group=4, topk_group=2, k=3, scale=1.5):
+    """transformers' DeepseekV2TopkRouter, topk_method="group_limited_greedy", transcribed: the
+    group score is the group's best expert (a max), the other groups' scores are zeroed."""
+    scores = logits.softmax(dim=-1, dtype=torch.float32)
+    group_scores = scores.view(-1, n_group, logits.shape[-1] // n_group).max(dim=-1).values
+    group_idx = torch.topk(group_scores, k=topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores)
+    group_mask.scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(-1, n_group, logits.shape[-1] // n_group).reshape(-1, logits.shape[-1])
+    scores = scores.masked_fill(~score_mask.bool(), 0.0)
+    w, i = torch.topk(scores, k=k, dim=-1, sorted=False)
+    return w * scale, i
+
+
+def _sigmoid_bias_in_the_weights(logits, bias, k=2):
+    """A router whose bias is part of the score the weights come from (not selection only)."""
+    scores = torch.sigmoid(logits) + bias
+    i = torch.topk(scores, k, dim=-1)[1]
+    w = scores.gather(1, i)
+    return w / (w.sum(dim=-1, keepdim=True) + 1e-20), i
+
+
+def _fp64_scores_fp32_weights(logits, k=2):
+    """Scores computed in double precision, weights handed on in fp32."""
+    probs = torch.softmax(logits.to(torch.float64), dim=-1)
+    v, i = torch.topk(probs, k, dim=-1)
+    return (v / v.sum(dim=-1, keepdim=True)).to(torch.float32), i
+
+
+def _by_id(w, ids):
+    order = ids.argsort(dim=-1)
+    return w.gather(-1, order), ids.gather(-1, order)
+
+
+MODEL_ROUTERS = {
+    "deepseek_v2_group_max": (lambda lg, b: _deepseek_v2_group_limited(lg), False,
+                              dict(top_k=3, n_group=4, topk_group=2, group_score="max", scaling_factor=1.5,
+                                   sorted=False)),
+    "bias_in_the_weights": (_sigmoid_bias_in_the_weights, True,
+                            dict(score_func="sigmoid", bias_mode="score", renorm="sum", renorm_eps=1e-20)),
+    "fp64_scores": (lambda lg, b: _fp64_scores_fp32_weights(lg), False,
+                    dict(score_dtype=torch.float64, weights_dtype=torch.float32, renorm="sum")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_ROUTERS))
+@pytest.mark.parametrize("n", [1, 64])
+def test_route_op_matches_the_model_code_forward_and_backward(name, n):
+    router, has_bias, spec = MODEL_ROUTERS[name]
+    kw = {**ROUTE_DEFAULTS, **spec}
+    gen = torch.Generator().manual_seed(n)
+    logits = (torch.randn(n, 16, generator=gen) * 2).requires_grad_(True)
+    bias = (torch.randn(16, generator=gen) * 0.3).requires_grad_(True) if has_bias else None
+    want_w, want_ids = _by_id(*router(logits, bias))
+    got_w, got_ids = _by_id(*torch.ops.grouter.route(logits, bias, **kw))
+    assert torch.equal(got_ids, want_ids)
+    assert got_w.dtype == want_w.dtype
+    torch.testing.assert_close(got_w, want_w, rtol=1e-6, atol=1e-7)
+    g = torch.randn(want_w.shape, generator=gen)
+    leaves = [logits] + ([bias] if has_bias else [])
+    want = torch.autograd.grad(want_w, leaves, g)
+    got = torch.autograd.grad(got_w, leaves, g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_group_max_differs_from_group_top2_sum_on_these_inputs():
+    """The inputs above tell the two group scores apart (else the test could not see a swap)."""
+    logits = torch.randn(64, 16, generator=torch.Generator().manual_seed(64)) * 2
+    kw = {**ROUTE_DEFAULTS, **MODEL_ROUTERS["deepseek_v2_group_max"][2]}
+    a = _by_id(*torch.ops.grouter.route(logits, None, **kw))[1]
+    b = _by_id(*torch.ops.grouter.route(logits, None, **{**kw, "group_score": "top2_sum"}))[1]
+    assert not torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# bf16 experts with fp32 routing weights: the combine runs in fp32, rounded to bf16 once
+# ------------------------------------------------------------------------------------------------
+
+
+def test_bf16_experts_combine_in_fp32_against_an_fp64_copy():
+    """Small integer activations and weights make every bf16 GEMM exact, so the only rounding
+    left is the combine's: weighted in fp32 and summed in fp32, then rounded to bf16 once, the
+    result is the fp64 computation rounded to bf16 (combining in bf16 rounds each product and
+    each partial sum, and changes a third of the elements)."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, f, e, k = 96, 16, 8, 4, 3
+    x = torch.randint(-2, 3, (n, h), generator=gen).to(torch.bfloat16)
+    w_up = torch.randint(-1, 2, (e, f, h), generator=gen).to(torch.bfloat16)
+    w_down = torch.randint(-1, 2, (e, h, f), generator=gen).to(torch.bfloat16)
+    ids = torch.rand(n, e, generator=gen).argsort(-1)[:, :k]
+    weights = torch.rand(n, k, generator=gen, dtype=torch.float32)
+    perm, inv, _, offsets = R.dispatch_plan_reference(ids, e)
+    kw = dict(activation="relu", gated=False, interleaved=False, alpha=1.0, limit=0.0, up_transposed=False,
+              down_transposed=False, weight_on_input=False, out_dtype=None)
+    got, _ = torch.ops.grouter.moe_experts(x, weights, perm, inv, offsets, w_up, w_down, None, None, **kw)
+    # the same computation in fp64, slot by slot
+    x64, up64, down64, w64 = x.double(), w_up.double(), w_down.double(), weights.double()
+    want = torch.zeros(n, h, dtype=torch.float64)
+    for t in range(n):
+        for j in range(k):
+            ex = int(ids[t, j])
+            y = down64[ex] @ torch.relu(up64[ex] @ x64[t])
+            assert y.abs().max() <= 256, "the GEMMs must stay exact in bf16"
+            want[t] += w64[t, j] * y
+    assert got.dtype == torch.bfloat16
+    same = got == want.to(torch.bfloat16)
+    assert same.float().mean() >= 0.999, f"{(~same).sum().item()} of {same.numel()} elements differ"
+    # and the check can see a bf16 combine: the same sum rounded at every step differs a lot
+    bf16_combine = torch.zeros(n, h, dtype=torch.bfloat16)
+    for t in range(n):
+        for j in range(k):
+            ex = int(ids[t, j])
+            y = (w_down[ex].double() @ torch.relu(w_up[ex].double() @ x64[t])).to(torch.bfloat16)
+            bf16_combine[t] += weights[t, j].to(torch.bfloat16) * y
+    assert (bf16_combine != want.to(torch.bfloat16)).float().mean() > 0.1

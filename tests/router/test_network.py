@@ -25,8 +25,10 @@ def test_route_shapes_and_scaling():
     assert logits.shape == (3, 7, 8) and logits.dtype == torch.float32
     weights, sel = g.route(ids)
     assert weights.shape == sel.shape == (3, 7, 2)
-    torch.testing.assert_close(weights.sum(-1), torch.full((3, 7), 2.5))
-    assert torch.equal(sel, logits.topk(2, dim=-1).indices)
+    top = logits.topk(2, dim=-1)
+    assert torch.equal(sel, top.indices)
+    # the softmax over the selected logits, scaled (not only weights that sum to the scale)
+    torch.testing.assert_close(weights, 2.5 * torch.softmax(top.values, dim=-1))
     w_flat, ids_flat = g.route_flat(ids)
     assert w_flat.shape == (21, 2) and torch.equal(ids_flat, sel.reshape(21, 2))
 
@@ -86,5 +88,8 @@ def test_bf16_grouter_routes_like_fp32():
     logits = g16(ids)
     assert logits.dtype == torch.float32   # the score layer runs in bf16, the gate in fp32
     w16, ids16 = g16.route(ids)
-    assert (ids16 == ids32).float().mean() > 0.9
-    torch.testing.assert_close(w16.sum(-1), w32.sum(-1))
+    same = (ids16 == ids32).all(-1)
+    assert same.float().mean() > 0.9
+    # weight by weight where both chose the same experts (their sums equal the scale by construction)
+    torch.testing.assert_close(w16[same], w32[same], rtol=5e-2, atol=1e-2)
+    assert w32[same].std() > 0.05, "the check needs weights that differ between tokens"
