@@ -14,7 +14,7 @@ PINNED_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=429496
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HAVE_CHROMIUM := command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
 
-.PHONY: install browser demo test bench clean
+.PHONY: install browser demo test bench mutation clean
 
 install: $(STAMP)
 
@@ -37,8 +37,9 @@ browser:
 
 # Two pytest workers on the 2-core CI; idle OpenMP threads sleep instead of spinning, since the two
 # workers' thread teams share the cores (a spinning team slows the other worker many times over).
-# --dist loadfile keeps each test file on one worker, in order (test_gating_specs reads what the
-# support-matrix cases before it recorded).
+# --dist loadfile keeps each test file on one worker. Every test now stands alone (the support
+# matrix pins its specs per case), so --dist loadfile would spread them test by test (files marked
+# xdist_group keep their costly module fixture on one worker); switch once a full run has timed it.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check grouter_pass passes tests examples
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile
@@ -46,6 +47,11 @@ test: $(STAMP) browser
 bench: $(STAMP)
 	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_sizes.py
 	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_moe_block.py
+
+# Small defects in the ops, the plan and the detector, each applied to a copy of the repository with
+# the tests that must catch it (about 15 minutes; not part of `make test`; see docs/debugging.md).
+mutation: $(STAMP)
+	$(PY) -m tests.mutation
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -32,6 +32,7 @@ if any(os.environ.get(k) != v for k, v in PINNED.items()):
 SIZES = {   # layers, E, k, H, I, heads, kv heads, batch, seq
     "large": (8, 64, 8, 256, 128, 4, 2, 8, 512),
     "30b": (1, 128, 8, 2048, 768, 32, 4, 1, 2048),
+    "tiny": (1, 4, 2, 64, 32, 4, 2, 1, 16),   # not a benchmark: the smoke test's size (tests/examples)
 }
 VOCAB = 512
 ARMS = ("torch.compile", "grouter")
@@ -93,7 +94,7 @@ def run_arm(size: str, arm: str, threads: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES))
+    p.add_argument("--sizes", nargs="+", choices=list(SIZES), default=["large", "30b"])
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)   # a child process's one arm
     args = p.parse_args(argv)

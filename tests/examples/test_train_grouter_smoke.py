@@ -36,6 +36,10 @@ def _has_grouter_mode() -> bool:
     return True
 
 
+# the module-scoped fixture below is costly: keep this file on one pytest-xdist worker
+pytestmark = pytest.mark.xdist_group("test_train_grouter_smoke")
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     if not _has_grouter_mode():
@@ -315,3 +319,16 @@ def test_smoke_aux_free_arm_moves_its_selection_biases_by_the_load(smoke_run) ->
     res = json.loads((out / "targets" / "result.json").read_text())
     seed = res["seeds"]["2"]
     assert seed["aux_free"]["trainable_parameters"] == seed["baseline"]["trainable_parameters"]
+
+
+def test_compare_script_tabulates_a_finished_run_and_an_unfinished_one(smoke_run, tmp_path) -> None:
+    out, _ = smoke_run
+    (tmp_path / "unfinished").mkdir()
+    png = tmp_path / "compare.png"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "grouter_training" / "compare.py"), f"{out}=smoke",
+                           f"{tmp_path / 'unfinished'}=later", "--png", str(png)], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("| smoke |") or ln.startswith("| later |")]
+    assert len(rows) == 2 and "(not finished)" in rows[1], proc.stdout
+    assert png.stat().st_size > 0
