@@ -196,10 +196,16 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a part
+    (the temporary name holds the process id: shards of one run may write the same file)."""
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value: dict[str, Any]) -> None:
+    write_atomic(path, json.dumps(value, indent=2).encode())
 
 
 def save_grouter(grouter: Grouter, path: str | os.PathLike, *, folding: Folding | None = None,
@@ -219,16 +225,16 @@ def save_grouter(grouter: Grouter, path: str | os.PathLike, *, folding: Folding 
     if getattr(grouter, "tokenizer_fingerprint", None):
         extra.setdefault(TOKENIZER_KEY, grouter.tokenizer_fingerprint)
     meta = {k: str(v) for k, v in extra.items()}
-    _write_atomic(out / WEIGHTS_FILE, save(state, metadata=meta or None))
-    _write_atomic(out / CONFIG_FILE, grouter.config.to_json().encode())
+    write_atomic(out / WEIGHTS_FILE, save(state, metadata=meta or None))
+    write_atomic(out / CONFIG_FILE, grouter.config.to_json().encode())
     folding = folding if folding is not None else getattr(grouter, "folding", None)
     if folding is not None:
-        _write_atomic(out / FOLDING_FILE, json.dumps(folding.to_dict()).encode())
+        write_atomic(out / FOLDING_FILE, json.dumps(folding.to_dict()).encode())
     elif (out / FOLDING_FILE).exists():
         (out / FOLDING_FILE).unlink()
     expanding = getattr(grouter, "expanding", None)
     if expanding is not None:
-        _write_atomic(out / EXPANDING_FILE, json.dumps(expanding).encode())
+        write_atomic(out / EXPANDING_FILE, json.dumps(expanding).encode())
     elif (out / EXPANDING_FILE).exists():
         (out / EXPANDING_FILE).unlink()
     log.debug("saved Grouter to %s", out)

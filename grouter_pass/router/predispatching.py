@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from grouter_pass._logging import RESULT
-from grouter_pass.router.checkpoint import grouter_fingerprint
+from grouter_pass.router.checkpoint import grouter_fingerprint, write_json_atomic
 from grouter_pass.router.data import TokenizedCorpus, check_same_tokenizer
 from grouter_pass.router.network import Grouter
 from grouter_pass.router.progress import Progress
@@ -112,11 +112,6 @@ def parse_shard(text: str) -> tuple[int, int]:
         raise ValueError(f"shard {index}/{count}: the index must be in [0, {count})")
     return index, count
 
-
-def _atomic_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -202,7 +197,7 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     def checkpoint(batches: int) -> None:
         ids_out.flush()
         w_out.flush()
-        _atomic_json(mine, {"settings": settings, "batches_done": batches, "batches": len(plan)})
+        write_json_atomic(mine, {"settings": settings, "batches_done": batches, "batches": len(plan)})
 
     grouter.eval()
     device = next(grouter.parameters()).device
@@ -232,7 +227,7 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     if len(finished) < count or any(f["settings"] != settings or f["batches_done"] != f["batches"] for f in finished):
         log.info("predispatch shard %d/%d done; %s is written when the other shards are", index, count, meta_path.name)
         return None
-    _atomic_json(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     log.info("pre-dispatched %d tokens (%s) into %s", n, granularity, directory, extra=RESULT)
     return meta_path
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from grouter_pass.router.checkpoint import write_json_atomic
 from grouter_pass.router.data import (
     OFFSETS_FILE,
     TOKENS_FILE,
@@ -68,11 +69,6 @@ def _chunks(docs: Iterator[str], size: int) -> Iterator[list[str]]:
     while chunk := list(itertools.islice(docs, size)):
         yield chunk
 
-
-def _atomic_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
 
 
 def tokenize_to_directory(docs: Iterable[str], out: str | os.PathLike, *, tokenizer: str | None = "byte",
@@ -143,7 +139,7 @@ def tokenize_to_directory(docs: Iterable[str], out: str | os.PathLike, *, tokeni
                     break
             tokens_fh.flush()
             offsets_fh.flush()
-            _atomic_json(state_path, {"settings": settings, "documents_read": read, "documents": n_docs,
+            write_json_atomic(state_path, {"settings": settings, "documents_read": read, "documents": n_docs,
                                       "tokens": n_tokens})
             bar.update(n_tokens, documents=n_docs)
             if max_tokens is not None and n_tokens >= max_tokens:
@@ -158,7 +154,7 @@ def tokenize_to_directory(docs: Iterable[str], out: str | os.PathLike, *, tokeni
     meta = {"num_tokens": n_tokens, "num_documents": n_docs, "vocab_size": tok.vocab_size, "dtype": dtype.name,
             "tokenizer": tok.name, "source": source, "tokenizer_fingerprint": settings["tokenizer_fingerprint"],
             "tokenize_settings": settings}
-    _atomic_json(meta_path, meta)
+    write_json_atomic(meta_path, meta)
     state_path.unlink()
     log.info("tokenized %d documents, %d tokens into %s", n_docs, n_tokens, out)
     return TokenizedCorpus.load(out)
