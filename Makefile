@@ -14,7 +14,7 @@ PINNED_MALLOC := MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=429496
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 HAVE_CHROMIUM := command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1
 
-.PHONY: install browser demo test bench mutation clean
+.PHONY: install browser demo test test-examples bench mutation clean
 
 install: $(STAMP)
 
@@ -37,12 +37,17 @@ browser:
 
 # Two pytest workers on the 2-core CI; idle OpenMP threads sleep instead of spinning, since the two
 # workers' thread teams share the cores (a spinning team slows the other worker many times over).
-# --dist loadfile keeps each test file on one worker. Every test now stands alone (the support
-# matrix pins its specs per case), so --dist loadfile would spread them test by test (files marked
-# xdist_group keep their costly module fixture on one worker); switch once a full run has timed it.
+# --dist loadgroup spreads the tests one by one; files marked xdist_group keep their costly module
+# fixture on one worker. The example scripts run end to end in fresh processes, each compiling from
+# a cold Inductor cache, so they are their own target (CI runs both: .ci/run).
+PYTEST := OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadgroup
+
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check grouter_pass passes tests examples
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -q -n 2 --dist loadfile
+	$(PYTEST) -m "not examples"
+
+test-examples: $(STAMP)
+	$(PYTEST) -m examples
 
 bench: $(STAMP)
 	$(PINNED_MALLOC) $(PY) examples/benchmarks/bench_sizes.py

@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+# each script compiles its models from a cold Inductor cache in a fresh process (about 80 CPU-seconds
+# for the tiny demo): `make test-examples` runs these, `make test` leaves them out
+pytestmark = pytest.mark.examples
 
 
 def run(args: list[str], *, timeout: int = 600, cwd: Path = ROOT, env: dict | None = None) -> str:

@@ -37,7 +37,7 @@ def _has_grouter_mode() -> bool:
 
 
 # the module-scoped fixture below is costly: keep this file on one pytest-xdist worker
-pytestmark = pytest.mark.xdist_group("test_train_grouter_smoke")
+pytestmark = [pytest.mark.xdist_group("test_train_grouter_smoke"), pytest.mark.examples]
 
 
 @pytest.fixture(scope="module")
