@@ -10,8 +10,8 @@ the first gating site in execution order, and inserts one call after that site's
 Running the compiled model then records the router's input hidden states and its full-E logits,
 and stops: ``record`` raises once it has them, so nothing after the first router runs (no later
 layer, no LM head: at a 151936-token vocabulary the head's logits alone would be ~20 GB per
-8 x 4096-token batch in fp32). With ``load_source_model(num_layers=...)`` the later layers are
-not even loaded.
+8 x 4096-token batch in fp32). With ``load_source_model(num_layers=..., lm_head=False)`` the later
+layers and the head are not even loaded.
 No module class or attribute name is looked at, so any model the pass understands can be a
 teacher. "First" is the first graph Dynamo compiles that holds a site (graphs are compiled in
 execution order) and, inside it, the first site in graph order; a recompile of the same frame is
@@ -179,10 +179,13 @@ def _vocab_size_of(model: torch.nn.Module) -> int | None:
 
 
 def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                      num_layers: int | None = None) -> torch.nn.Module:
+                      num_layers: int | None = None, lm_head: bool = True) -> torch.nn.Module:
     """A transformers causal LM from a local checkpoint directory (no download).
 
     Args:
+        lm_head: False loads the base model only (``AutoModel``: no LM head, whose weights are a
+            vocabulary-sized matrix, 0.6 GB in bf16 at Qwen3's 151936 x 2048); enough for a
+            :class:`RouterTeacher`, which stops at the first router.
         num_layers: load only the first ``num_layers`` decoder layers (as the reference's
             ``--grouter-allow-partial-load``): distillation reads the first MoE layer's router
             only, so a large source fits in far less memory. The weights of the dropped layers
@@ -193,7 +196,7 @@ def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
         raise FileNotFoundError(f"source model not found: {p} is not a transformers checkpoint directory "
                                 "(no config.json)")
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()
     kwargs = {}
@@ -213,7 +216,8 @@ def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
                 setattr(config, name, value[:num_layers])
         kwargs["config"] = config
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype, **kwargs)
+        auto = AutoModelForCausalLM if lm_head else AutoModel
+        model = auto.from_pretrained(str(p), local_files_only=True, dtype=dtype, **kwargs)
     except OSError as exc:
         raise ValueError(f"cannot load the source model from {p}: {exc}") from None
     return model.eval()

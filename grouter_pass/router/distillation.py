@@ -48,6 +48,14 @@ class DistillConfig:
         eval_tokens: held-out tokens per evaluation. seed: data order and initialisation.
         device: where the student trains (``"cuda"``...); the teacher model stays where it is
             and receives the batch on its own device.
+        micro_batch_size: sequences per forward (gradient accumulation; default: the whole
+            batch). Memory follows the micro-batch: the teacher and the student run on it, the
+            gradients of a step add up to those of the whole batch.
+
+    Data parallel: when ``torch.distributed`` is initialised, ``batch_size`` is the global batch;
+    rank ``r`` of ``W`` takes rows ``r::W`` of every step's batch, gradients are summed over the
+    ranks (as the reference all-reduces), and rank 0 alone writes checkpoints and the result.
+    A run on W ranks computes the steps of one process with the same global batch.
     """
 
     steps: int = 1000
@@ -64,11 +72,14 @@ class DistillConfig:
     eval_tokens: int = 65536
     seed: int = 0
     device: str = "cpu"
+    micro_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 
@@ -109,22 +120,24 @@ def topk_sets(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(grouter: Grouter, teacher: Teacher, batches: PackedBatches, *, max_tokens: int | None = None,
-             top_k: int | None = None) -> EvalResult:
-    """KL and top-k agreement of ``grouter`` with ``teacher`` on ``batches`` (in order)."""
+             top_k: int | None = None, micro_batch_size: int | None = None) -> EvalResult:
+    """KL and top-k agreement of ``grouter`` with ``teacher`` on ``batches`` (in order), run
+    ``micro_batch_size`` sequences at a time (the same tokens, no more memory than a training step)."""
     was_training = grouter.training
     grouter.eval()
     k = top_k or grouter.config.top_k
     kl_sum, agree, overlap, n = 0.0, 0, 0.0, 0
     device = next(grouter.parameters()).device
-    for ids in batches.eval_batches(max_tokens):
-        ids = ids.to(device)
-        t_logits, s_logits = teacher(ids).to(device), grouter(ids)
-        tokens = ids.numel()
-        kl_sum += float(kl_loss(s_logits, t_logits)) * tokens
-        ts, ss = topk_sets(t_logits, k), topk_sets(s_logits, k)
-        agree += int((ts == ss).all(-1).sum())
-        overlap += float((ts & ss).sum()) / k
-        n += tokens
+    for batch in batches.eval_batches(max_tokens):
+        for ids in batch.split(micro_batch_size or batch.shape[0]):
+            ids = ids.to(device)
+            t_logits, s_logits = teacher(ids).to(device), grouter(ids)
+            tokens = ids.numel()
+            kl_sum += float(kl_loss(s_logits, t_logits)) * tokens
+            ts, ss = topk_sets(t_logits, k), topk_sets(s_logits, k)
+            agree += int((ts == ss).all(-1).sum())
+            overlap += float((ts & ss).sum()) / k
+            n += tokens
     grouter.train(was_training)
     return EvalResult(kl_sum / n, agree / n, overlap / n, n)
 
@@ -153,7 +166,8 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     """
     config = config or DistillConfig()
     settings = _settings(config, model_config, train)
-    settings["distill"].pop("device")   # a run may resume on another device
+    for key in ("device", "micro_batch_size"):   # a run may resume on another device, in other micro-batches
+        settings["distill"].pop(key)
     batches = PackedBatches(train, config.seq_len, config.batch_size, seed=config.seed)
     if train.vocab_size > model_config.vocab_size:
         raise ValueError(f"vocabulary mismatch: the tokenizer has vocab_size={train.vocab_size} but the Grouter's "
@@ -173,43 +187,77 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     optimizer = torch.optim.AdamW(grouter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     if loaded is not None:
         optimizer.load_state_dict(loaded[1]["optimizer"])
+    rank, world = _data_parallel()
+    if config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} does not split over {world} data-parallel ranks")
+    micro = config.micro_batch_size or config.batch_size // world
     val_batches = PackedBatches(validation, config.seq_len, config.batch_size, shuffle=False) \
         if validation is not None else None
-    bar = Progress(config.steps, "distill", start=start, enabled=progress)
+    bar = Progress(config.steps, "distill", start=start, enabled=progress and rank == 0)
     result = None
     checked = False
     for step in range(start, config.steps):
         ids = batches.batch(step).to(config.device)
-        with torch.no_grad():
-            t_logits = teacher(ids).to(config.device)
-        if not checked:
-            if t_logits.shape[-1] != model_config.num_experts:
-                raise ValueError(f"expert count mismatch: the teacher router has num_experts={t_logits.shape[-1]} but "
-                                 f"the Grouter config has num_experts={model_config.num_experts}")
-            checked = True
+        mine = ids[rank::world]
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, base_lr=config.lr, warmup=config.warmup, total=config.steps,
                                 min_ratio=config.min_lr_ratio)
-        loss = kl_loss(grouter(ids), t_logits, config.temperature)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        for m0 in range(0, mine.shape[0], micro):
+            part = mine[m0:m0 + micro]
+            with torch.no_grad():
+                t_logits = teacher(part).to(config.device)
+            if not checked:
+                if t_logits.shape[-1] != model_config.num_experts:
+                    raise ValueError(f"expert count mismatch: the teacher router has num_experts={t_logits.shape[-1]} "
+                                     f"but the Grouter config has num_experts={model_config.num_experts}")
+                checked = True
+            # the batch's loss is the mean over all its tokens: each micro-batch adds its share
+            share = part.numel() / ids.numel()
+            loss = kl_loss(grouter(part), t_logits, config.temperature) * share
+            loss.backward()
+            loss_sum += loss.detach().double().cpu()
+        if world > 1:
+            _all_reduce_sum([p.grad for p in grouter.parameters() if p.grad is not None] + [loss_sum])
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(grouter.parameters(), config.grad_clip)
         optimizer.step()
         done = step + 1
+        loss = loss_sum.float()
         bar.update(done, tokens=ids.numel(), loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
-        if out_dir is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
+        if out_dir is not None and rank == 0 and config.save_every and done % config.save_every == 0 \
+                and done < config.steps:
             save_trainer_checkpoint(out_dir, grouter, optimizer, done, settings)
         if val_batches is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            log.info("step %d: %s", done, evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens))
+            log.info("step %d: %s", done, evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens,
+                                                   micro_batch_size=micro))
         if on_step is not None:
             on_step(done, float(loss.detach()))
     bar.close()
     grouter.eval()
     if val_batches is not None:
-        result = evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens)
+        result = evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens, micro_batch_size=micro)
         log.info("distilled Grouter: %s", result, extra=RESULT)
-    if out_dir is not None:
+    if out_dir is not None and rank == 0:
         save_trainer_checkpoint(out_dir, grouter, optimizer, config.steps, settings)
         save_grouter(grouter, Path(out_dir), extra={"step": config.steps})
     return grouter, result
+
+
+def _data_parallel() -> tuple[int, int]:
+    """``(rank, world size)`` of the default process group, ``(0, 1)`` without one."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(tensors: list[torch.Tensor]) -> None:
+    """Sum ``tensors`` over the ranks in place, flattened into one buffer (one collective per step)."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
