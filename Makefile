@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 	# dependencies (datasets, wandb, tensorboard) are not needed to build the layer
 	$(PY) -m pip install --no-deps "torchtitan==0.3.0" "spmd_types==0.2.3" "tyro==1.0.17" \
 	  "docstring_parser==0.18.0" "typeguard==4.6.1"
+	# Megatron-LM's own .bin/.idx writer and reader, to test the import against (its indexed_dataset
+	# module needs only torch and numpy)
+	$(PY) -m pip install --no-deps "megatron-core==0.16.1"
 	touch $(STAMP)
 
 demo: $(STAMP)

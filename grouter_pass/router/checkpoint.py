@@ -334,7 +334,9 @@ def build_grouter(state: dict[str, torch.Tensor], config: GrouterModelConfig, *,
 _REF_RULES = [
     (re.compile(r"^grouter_structure\.model\.embed_tokens\.embed_tokens\.weight$"), "embed_tokens.weight"),
     (re.compile(r"^grouter_structure\.model\.embed_tokens\.weight$"), "embed_tokens.weight"),
-    (re.compile(r"^grouter_structure\.model\.(layers\..*)$"), r"\1"),
+    # only the mha structure's layer keys: another structure's (mla's kv_a_proj_with_mqa, ...) is listed
+    (re.compile(r"^grouter_structure\.model\.(layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj|"
+                r"input_layernorm|post_attention_layernorm)\.weight)$"), r"\1"),
     (re.compile(r"^grouter_structure\.model\.norm\.weight$"), "norm.weight"),
     (re.compile(r"^grouter_structure\.score\.score\.weight$"), "score.weight"),
     (re.compile(r"^grouter_structure\.score\.weight$"), "score.weight"),

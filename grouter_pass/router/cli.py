@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 
 def _add_data_args(p: argparse.ArgumentParser, *, max_tokens: int | None = 2_000_000, val: bool = False) -> None:
     p.add_argument("--data", default="stdlib",
-                   help="stdlib (default: the Python standard library's sources), a .txt/.jsonl file or directory, "
-                        "a datasets.save_to_disk directory, or a tokenized directory")
+                   help="stdlib (default: the Python standard library's sources), a .txt/.jsonl(.gz)/.parquet file "
+                        "or directory, a datasets.save_to_disk directory, or a tokenized directory (grouter tokenize, "
+                        "grouter import-megatron)")
     if val:
         p.add_argument("--val-data", default=None,
                        help="held-out data (default: the validation split of --data)")
     p.add_argument("--tokenizer", default=None,
                    help="byte (default) or a local tokenizers/transformers tokenizer directory")
-    p.add_argument("--text-field", default="text", help="JSONL / datasets text field (default: text)")
+    p.add_argument("--text-field", default="text", help="JSONL / Parquet / datasets text field (default: text)")
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to read (default: {max_tokens})")
 
 
@@ -138,8 +139,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     from grouter_pass.router.distillation import DistillConfig, distill
 
     source = Path(args.source)
-    model = load_source_model(source, num_layers=args.source_layers,
-                              dtype=getattr(torch, args.source_dtype)).to(args.device)
+    model = load_source_model(source, num_layers=args.source_layers, dtype=getattr(torch, args.source_dtype),
+                              lm_head=False).to(args.device)
     has_tok = (source / "tokenizer.json").exists() or (source / "tokenizer_config.json").exists()
     tokenizer = _tokenizer(args, str(source) if has_tok else "byte")
     teacher = RouterTeacher(model)
@@ -147,8 +148,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if tokenizer.vocab_size > vocab:
         raise ValueError(f"vocabulary mismatch: tokenizer ({tokenizer.name}) has vocab_size={tokenizer.vocab_size} "
                          f"but the source model has vocab_size={vocab}")
-    # find the router (E and k) with the training shape, so the compiled teacher is reused
-    teacher(torch.zeros(args.batch_size, args.seq_len, dtype=torch.long))
+    world = _init_data_parallel(args.device)
+    micro = args.micro_batch_size or args.batch_size // world
+    # find the router (E and k) with the training shape (one micro-batch), so the compiled teacher is reused
+    teacher(torch.zeros(micro, args.seq_len, dtype=torch.long))
     print(f"teacher router: {teacher.module_path} ({teacher.family}), E={teacher.num_experts}, k={teacher.top_k}")
     mcfg = GrouterModelConfig(vocab_size=vocab, hidden_size=args.hidden_size, num_heads=args.num_heads,
                               num_layers=args.num_layers, intermediate_size=args.intermediate_size,
@@ -157,7 +160,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     dcfg = DistillConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          warmup=args.warmup, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                          temperature=args.temperature, save_every=args.save_every, eval_every=args.eval_every,
-                         eval_tokens=args.eval_tokens, seed=args.seed, device=args.device)
+                         eval_tokens=args.eval_tokens, seed=args.seed, device=args.device,
+                         micro_batch_size=args.micro_batch_size)
     train, val = _train_val(args, tokenizer)
     print(f"data: {train.num_tokens} training tokens, {val.num_tokens} held-out tokens ({tokenizer.name} tokenizer)")
     try:
@@ -167,6 +171,18 @@ def cmd_distill(args: argparse.Namespace) -> int:
         return _interrupted(args.out)
     print(f"distilled Grouter saved to {args.out}: {result}")
     return 0
+
+
+def _init_data_parallel(device: str) -> int:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the world size."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return world
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
@@ -303,6 +319,56 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """A reference ``.pth`` (or any checkpoint ``load_grouter`` reads) written as a native directory,
+    then read back and checked to give bitwise the same logits and routing."""
+    import torch
+
+    from grouter_pass.router.checkpoint import load_grouter, save_grouter
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(f"{out} exists and is not empty (pass --overwrite to replace its checkpoint files)")
+    overrides = {k: v for k, v in (("top_k", args.top_k), ("scaling_factor", args.scaling_factor),
+                                   ("num_heads", args.num_heads), ("rope_theta", args.rope_theta)) if v is not None}
+    if args.causal:
+        overrides["causal"] = True
+    grouter = load_grouter(args.checkpoint, **overrides)
+    if Path(args.checkpoint).suffix in (".pth", ".pt") and "top_k" not in overrides:
+        log.warning("%s does not record k: using top_k=%d (pass --top-k: the reference's folded 64-expert Grouter "
+                    "uses 6)", args.checkpoint, grouter.config.top_k)
+    if args.tokenizer:
+        from grouter_pass.router.data import tokenizer_fingerprint
+
+        tokenizer = _tokenizer(args)
+        _check_vocab(grouter, tokenizer)
+        grouter.tokenizer_fingerprint = tokenizer_fingerprint(tokenizer)
+    save_grouter(grouter, out)
+    back = load_grouter(out)
+    ids = torch.randint(0, grouter.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = torch.equal(back(ids), grouter(ids)) and all(
+            torch.equal(a, b) for a, b in zip(back.route(ids), grouter.route(ids), strict=True))
+    if not same:
+        raise RuntimeError(f"{out} does not give the logits of {args.checkpoint} after the round trip")
+    n = sum(p.numel() for p in back.parameters())
+    cfg = back.config
+    print(f"converted {args.checkpoint} -> {out}: {n:,} parameters, vocab {cfg.vocab_size}, width {cfg.hidden_size}, "
+          f"{cfg.num_layers} layers x {cfg.num_heads} heads, E={cfg.num_experts}, k={cfg.top_k}, "
+          f"scale {cfg.scaling_factor}, {'causal' if cfg.causal else 'bidirectional'}; round trip bitwise equal")
+    return 0
+
+
+def cmd_import_megatron(args: argparse.Namespace) -> int:
+    from grouter_pass.router.megatron import import_megatron
+
+    corpus = import_megatron(args.prefix, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                             progress=not args.no_progress)
+    print(f"imported {corpus.num_documents} documents, {corpus.num_tokens} tokens ({corpus.tokenizer}, vocab "
+          f"{corpus.vocab_size}) into {args.out}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from grouter_pass.router.config import check_compatible
 
@@ -367,6 +433,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--temperature", type=float, default=1.0,
                    help="softmax temperature of the distillation KL (teacher and student)")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: only at the end)")
+    p.add_argument("--micro-batch-size", type=int, default=None,
+                   help="sequences per forward (gradient accumulation: memory follows this, the step does not "
+                        "change); under torchrun, --batch-size is the global batch, split over the ranks")
     p.set_defaults(func=cmd_distill)
 
     p = subparsers.add_parser("fold", help="fold a Grouter to fewer experts (E_T < E_S)")
@@ -440,6 +509,37 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-resume", action="store_true", help="ignore a checkpoint in --out and start over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tokenize)
+
+    p = subparsers.add_parser("convert", help="write a reference checkpoint (grouter.pth, ...) as a native directory",
+                              description="Read a published reference checkpoint (grouter.pth, grouter_ft_64.pth, "
+                                          "...) or any checkpoint `grouter info` reads, write it as a native "
+                                          "checkpoint directory (config.json + model.safetensors), and check that "
+                                          "the directory gives bitwise the same logits and routing.")
+    p.add_argument("checkpoint", help="reference .pth, .safetensors file or checkpoint directory")
+    p.add_argument("--out", required=True, help="the checkpoint directory to write")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="attention heads (a .pth records none: default width // 64, the release's head dim)")
+    p.add_argument("--rope-theta", type=float, default=None, help="rotary base (default: the release's 1e6)")
+    p.add_argument("--causal", action="store_true", help="the checkpoint was trained causal (use_encoder: false)")
+    p.add_argument("--tokenizer", default=None,
+                   help="record this tokenizer's fingerprint with the result (and check its vocabulary fits)")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+    _routing_override_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser("import-megatron", help="import a Megatron-LM .bin/.idx dataset as a tokenized directory",
+                              description="Copy a Megatron-LM tokenized dataset (PREFIX.bin + PREFIX.idx, as "
+                                          "tools/preprocess_data.py writes it) into a tokenized directory that "
+                                          "predispatch, distill and tune read, without tokenizing again.")
+    p.add_argument("prefix", help="the dataset's path prefix (PREFIX.bin / PREFIX.idx), or either file")
+    p.add_argument("--out", required=True, help="the tokenized directory to write")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--tokenizer", default=None,
+                     help="the tokenizer the dataset was made with (recorded, so a Grouter of another is refused)")
+    who.add_argument("--vocab-size", type=int, default=None, help="its vocabulary size, when the tokenizer is not at "
+                                                                  "hand (ids are checked against it)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_import_megatron)
 
     p = subparsers.add_parser("info", help="describe (and validate) a Grouter checkpoint")
     p.add_argument("checkpoint",

@@ -8,9 +8,12 @@
   sorted by relative path, split into train/validation by a CRC of the path, so the split is the
   same on every machine and does not shift when a file is added), a ``.txt`` file (one document),
   a ``.jsonl`` file (one document per line, field ``text``; C4's ``.json.gz`` and any gzipped
-  ``.jsonl``/``.json``/``.txt`` are read the same), a directory of those (other files are
-  skipped, and the skipped ones are logged), or a
-  directory written by ``datasets.save_to_disk`` (needs the ``datasets`` package). Outside the
+  ``.jsonl``/``.json``/``.txt`` are read the same), a ``.parquet`` file (column ``text``, streamed
+  a record batch at a time; needs ``pyarrow``), a directory of those (other files are
+  skipped, and the skipped ones are logged), a
+  directory written by ``datasets.save_to_disk`` (needs the ``datasets`` package), or an
+  in-memory ``datasets.Dataset``. A Megatron ``.bin``/``.idx`` pair is imported without
+  re-tokenizing by :mod:`.megatron`. Outside the
   stdlib corpus, every 20th document is held out for validation.
 * :class:`TokenizedCorpus`: a flat token array plus document offsets, saved as memory-mapped
   files (``tokens.bin``, ``doc_offsets.bin``, ``tokens.json``) that pre-dispatch writes beside.
@@ -154,11 +157,16 @@ def stdlib_split(rel: str) -> str:
 
 #: file kinds a corpus directory may hold, by name ending; each also read gzipped (``.jsonl.gz``)
 TEXT_SUFFIXES, JSONL_SUFFIXES = (".txt", ".py"), (".jsonl", ".json")
+#: Parquet files (needs ``pyarrow``), read a row group at a time; not gzipped (Parquet compresses itself)
+PARQUET_SUFFIXES = (".parquet",)
+_ALL_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 
 
 def _kind(path: Path) -> str | None:
     """"jsonl", "text" or None (not a corpus file), by name: ``c4-train.00000-of-01024.json.gz``
     is JSON lines."""
+    if path.name.lower().endswith(PARQUET_SUFFIXES):
+        return "parquet"
     name = path.name.lower().removesuffix(".gz")
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
@@ -193,6 +201,41 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             yield str(row[text_field])
 
 
+def _iter_parquet(path: Path, text_field: str, batch_rows: int = 1024) -> Iterator[str]:
+    """The ``text_field`` column of a Parquet file, streamed in record batches (memory stays at one
+    batch, whatever the file's size)."""
+    try:
+        import pyarrow.parquet as pq
+    except ModuleNotFoundError:
+        raise ValueError(f"{path} is a Parquet file; reading it needs the `pyarrow` package (pip install pyarrow, "
+                         "or pip install 'grouter-pass[data]')") from None
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a damaged file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns: {names})")
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            if value is not None:
+                yield str(value)
+
+
+def _iter_dataset_object(ds: Any, text_field: str) -> Iterator[str]:
+    """Rows of an in-memory ``datasets.Dataset`` (or anything with ``column_names`` that iterates
+    over dict rows)."""
+    if text_field not in ds.column_names:
+        raise ValueError(f"the dataset has no column {text_field!r} (columns: {ds.column_names})")
+    for row in ds:
+        yield str(row[text_field])
+
+
+def _is_dataset_object(source: Any) -> bool:
+    return not isinstance(source, (str, os.PathLike)) and hasattr(source, "column_names") and hasattr(source,
+                                                                                                     "__iter__")
+
+
 def _iter_hf_dataset(path: Path, split: str, text_field: str) -> Iterator[str]:
     try:
         import datasets
@@ -215,8 +258,8 @@ def _files_of(path: Path) -> list[Path]:
     directory with none is an error that says what was skipped."""
     if path.is_file():
         if _kind(path) is None:
-            raise ValueError(f"{path}: not a corpus file (read: {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)}, "
-                             "each optionally .gz)")
+            raise ValueError(f"{path}: not a corpus file (read: {', '.join(_ALL_SUFFIXES)}; text and JSON "
+                             "optionally .gz)")
         return [path]
     files = sorted(p for p in path.rglob("*") if p.is_file())
     kept = [p for p in files if _kind(p) is not None]
@@ -224,20 +267,20 @@ def _files_of(path: Path) -> list[Path]:
     if skipped:
         names = ", ".join(str(p.relative_to(path)) for p in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         log.warning("%s: skipped %d file(s) that are not %s (optionally .gz): %s", path, len(skipped),
-                    "/".join(TEXT_SUFFIXES + JSONL_SUFFIXES), names)
+                    "/".join(_ALL_SUFFIXES), names)
     if not kept:
         raise ValueError(f"{path} holds no corpus files: {len(skipped)} file(s) skipped because their names do not end "
-                         f"in {', '.join(TEXT_SUFFIXES + JSONL_SUFFIXES)} (optionally .gz)"
+                         f"in {', '.join(_ALL_SUFFIXES)} (optionally .gz)"
                          + (f", e.g. {skipped[0].name}" if skipped else ""))
     return kept
 
 
-def iter_documents(source: str | os.PathLike, split: str = "train", *, text_field: str = "text",
+def iter_documents(source: str | os.PathLike | Any, split: str = "train", *, text_field: str = "text",
                    split_documents: bool = True) -> Iterator[str]:
     """Documents of ``source`` in a deterministic order (see the module docstring).
 
     Args:
-        source: ``"stdlib"``, a file or a directory.
+        source: ``"stdlib"``, a file or a directory, or an in-memory ``datasets.Dataset``.
         split: ``"train"``, ``"validation"`` or ``"all"``.
         split_documents: for sources other than the stdlib, hold out every 20th document as
             validation (False: every document belongs to every split; use it when the user
@@ -245,6 +288,9 @@ def iter_documents(source: str | os.PathLike, split: str = "train", *, text_fiel
     """
     if split not in ("train", "validation", "all"):
         raise ValueError(f"split must be 'train', 'validation' or 'all', got {split!r}")
+    if _is_dataset_object(source):
+        yield from _every_20th(_iter_dataset_object(source, text_field), split, split_documents)
+        return
     if str(source) == "stdlib":
         for rel, path in stdlib_files():
             if split == "all" or stdlib_split(rel) == split:
@@ -262,10 +308,17 @@ def iter_documents(source: str | os.PathLike, split: str = "train", *, text_fiel
         for f in _files_of(path):
             if _kind(f) == "jsonl":
                 yield from _iter_jsonl(f, text_field)
+            elif _kind(f) == "parquet":
+                yield from _iter_parquet(f, text_field)
             else:
                 yield _read_text(f)
 
-    for i, doc in enumerate(all_docs()):
+    yield from _every_20th(all_docs(), split, split_documents)
+
+
+def _every_20th(docs: Iterator[str], split: str, split_documents: bool) -> Iterator[str]:
+    """The documents of ``split``: every 20th is validation (all of them when not splitting)."""
+    for i, doc in enumerate(docs):
         if split == "all" or not split_documents or (i % VALIDATION_EVERY == VALIDATION_EVERY - 1) == (
                 split == "validation"):
             yield doc
@@ -369,10 +422,15 @@ def tokenize_documents(docs: Iterator[str] | list[str], tokenizer: Tokenizer, *,
                            tokenizer_fingerprint(tokenizer))
 
 
-def load_corpus(source: str | os.PathLike, split: str = "train", *, tokenizer: Tokenizer | None = None,
+def load_corpus(source: str | os.PathLike | Any, split: str = "train", *, tokenizer: Tokenizer | None = None,
                 max_tokens: int | None = None, text_field: str = "text") -> TokenizedCorpus:
-    """Tokenized ``split`` of ``source``; ``source`` may also be a tokenized directory
-    (``tokens.json`` inside), which is memory-mapped as is (then ``split`` is ignored)."""
+    """Tokenized ``split`` of ``source`` (anything :func:`iter_documents` reads); ``source`` may
+    also be a tokenized directory (``tokens.json`` inside), which is memory-mapped as is (then
+    ``split`` is ignored)."""
+    if _is_dataset_object(source):
+        where = f"datasets.Dataset of {len(source)} rows ({split})"
+        return tokenize_documents(iter_documents(source, split, text_field=text_field), tokenizer or ByteTokenizer(),
+                                  max_tokens=max_tokens, source=where)
     if str(source) != "stdlib" and (Path(source) / TOKENS_META).is_file():
         corpus = TokenizedCorpus.load(source)
         if corpus.num_tokens == 0:

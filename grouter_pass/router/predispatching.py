@@ -36,7 +36,7 @@ import torch
 
 from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import grouter_fingerprint, write_json_atomic
-from grouter_pass.router.data import TokenizedCorpus, check_same_tokenizer
+from grouter_pass.router.data import TOKENS_FILE, TokenizedCorpus, check_same_tokenizer
 from grouter_pass.router.network import Grouter
 from grouter_pass.router.progress import Progress
 
@@ -64,42 +64,87 @@ def ids_dtype_for(num_experts: int) -> np.dtype:
     raise ValueError(f"num_experts={num_experts} does not fit int16 expert ids")
 
 
-def _windows(corpus: TokenizedCorpus, granularity: str, seq_len: int) -> list[tuple[int, int]]:
-    """``(start, end)`` token ranges routed as one sequence each."""
+def _windows(corpus: TokenizedCorpus, granularity: str, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, lengths)`` (int64) of the token ranges routed as one sequence each, in token order."""
     if granularity == "packed":
-        return [(s, min(s + seq_len, corpus.num_tokens)) for s in range(0, corpus.num_tokens, seq_len)]
-    out = []
-    for d in range(corpus.num_documents):
-        a, b = int(corpus.doc_offsets[d]), int(corpus.doc_offsets[d + 1])
-        out.extend((s, min(s + seq_len, b)) for s in range(a, b, seq_len))
-    return out
+        starts = np.arange(0, corpus.num_tokens, seq_len, dtype=np.int64)
+        return starts, np.minimum(starts + seq_len, corpus.num_tokens) - starts
+    offsets = np.asarray(corpus.doc_offsets, dtype=np.int64)
+    doc_start, doc_end = offsets[:-1], offsets[1:]
+    per_doc = (doc_end - doc_start + seq_len - 1) // seq_len            # empty documents: no window
+    first = np.concatenate([[0], np.cumsum(per_doc)])[:-1]
+    doc = np.repeat(np.arange(per_doc.shape[0]), per_doc)
+    starts = doc_start[doc] + (np.arange(doc.shape[0], dtype=np.int64) - first[doc]) * seq_len
+    return starts, np.minimum(starts + seq_len, doc_end[doc]) - starts
 
 
-def _shared_memmap(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
-    """Open ``path`` for writing rows in place, creating it at its full size if needed. Never
-    truncates what another shard (or an earlier, interrupted run) wrote: growing a file to its
-    size with ``ftruncate`` keeps its contents, and every process opens it the same way."""
-    size = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    with open(path, "ab") as fh:
-        if fh.tell() != size:
-            os.ftruncate(fh.fileno(), size)
-    return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+class _BatchPlan(NamedTuple):
+    """Every Grouter forward of a run: batch ``b`` routes the windows ``starts[lo[b]:hi[b]]``, all
+    of ``length[b]`` tokens. Arrays, so the plan costs 16 bytes per window and 24 per batch."""
+
+    starts: np.ndarray      # window starts, ordered by length (longest first), then by position
+    lo: np.ndarray
+    hi: np.ndarray
+    length: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.lo.shape[0])
+
+    def shard(self, index: int, count: int) -> _BatchPlan:
+        return _BatchPlan(self.starts, self.lo[index::count], self.hi[index::count], self.length[index::count])
+
+    def tokens(self, first: int = 0, last: int | None = None) -> int:
+        sl = slice(first, last)
+        return int(((self.hi[sl] - self.lo[sl]) * self.length[sl]).sum())
 
 
-def _batch_plan(corpus: TokenizedCorpus, granularity: str, seq_len: int, batch_tokens: int
-                ) -> list[tuple[int, list[int]]]:
-    """Every Grouter forward of the run, in a fixed order: ``(window length, window starts)``.
-    Windows of one length are batched together, longest first. The plan depends only on the data
-    and the settings, so shards split it and a resumed run continues it batch for batch."""
-    by_len: dict[int, list[int]] = {}
-    for s, e in _windows(corpus, granularity, seq_len):
-        by_len.setdefault(e - s, []).append(s)
-    plan = []
-    for length in sorted(by_len, reverse=True):
-        starts = by_len[length]
-        per_batch = max(1, batch_tokens // length)
-        plan += [(length, starts[i:i + per_batch]) for i in range(0, len(starts), per_batch)]
-    return plan
+def _batch_plan(corpus: TokenizedCorpus, granularity: str, seq_len: int, batch_tokens: int) -> _BatchPlan:
+    """Every Grouter forward of the run, in a fixed order. Windows of one length are batched
+    together (at most ``batch_tokens // length`` per batch), longest first, in token order within a
+    length. The plan depends only on the data and the settings, so shards split it and a resumed
+    run continues it batch for batch."""
+    starts, lengths = _windows(corpus, granularity, seq_len)
+    order = np.argsort(-lengths, kind="stable")
+    starts, lengths = starts[order], lengths[order]
+    group_lo = np.flatnonzero(np.diff(lengths, prepend=-1))             # first window of each length
+    group_hi = np.append(group_lo[1:], lengths.shape[0])
+    lo, hi, length = [], [], []
+    for g0, g1 in zip(group_lo.tolist(), group_hi.tolist(), strict=True):
+        size = int(lengths[g0])
+        per_batch = max(1, batch_tokens // size)
+        b0 = np.arange(g0, g1, per_batch, dtype=np.int64)
+        lo.append(b0)
+        hi.append(np.minimum(b0 + per_batch, g1))
+        length.append(np.full(b0.shape[0], size, dtype=np.int64))
+    if not lo:
+        return _BatchPlan(starts, *(np.zeros(0, np.int64) for _ in range(3)))
+    return _BatchPlan(starts, np.concatenate(lo), np.concatenate(hi), np.concatenate(length))
+
+
+class _RowFile:
+    """A ``[rows, k]`` file written a row range at a time with ``pwrite`` (no mapping, so the
+    process's memory does not grow with what it wrote). Opened the same way by every shard: it is
+    created at its full size if needed and never truncated, so what another shard or an earlier,
+    interrupted run wrote stays."""
+
+    def __init__(self, path: Path, dtype: np.dtype, rows: int, k: int) -> None:
+        self.row_bytes = np.dtype(dtype).itemsize * k
+        size = rows * self.row_bytes
+        with open(path, "ab") as fh:
+            if fh.tell() != size:
+                os.ftruncate(fh.fileno(), size)
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, row: int, values: np.ndarray) -> None:
+        data = np.ascontiguousarray(values).tobytes()
+        if os.pwrite(self.fd, data, row * self.row_bytes) != len(data):
+            raise OSError(f"short write at row {row} (disk full?)")
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -141,8 +186,10 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
     Returns:
         The path of ``{name}.json``, or ``None`` when other shards are still running.
 
-    Memory: the token and routing files are memory-mapped and written batch by batch, so the
-    process holds one batch (``batch_tokens``) plus the batch plan (two integers per window).
+    Memory: tokens are read and routing written with ``pread``/``pwrite`` a batch at a time (no
+    mapping), so the process holds one batch (``batch_tokens``) plus the batch plan: 16 bytes per
+    window (a document, or each ``seq_len`` piece of a longer one; about 40 while the plan is
+    sorted), so about 1 GB for 30B tokens of C4's ~430-token documents.
     Storage: ``T x k`` expert ids (uint8 while E <= 256) plus ``T x k`` weights (bf16 or fp32):
     3 bytes per token and choice in bf16, e.g. 30B tokens at k=8 take 720 GB. Where that is too
     much, route on the fly from the Grouter instead (``GrouterRouting``): one small forward per step.
@@ -187,41 +234,51 @@ def predispatch(grouter: Grouter, corpus: TokenizedCorpus | str | os.PathLike, *
                  index, count, mine)
         state = None
     meta_path.unlink(missing_ok=True)   # the routing is complete only once every shard is
-    plan = _batch_plan(corpus, granularity, seq_len, batch_tokens)[index::count]
+    plan = _batch_plan(corpus, granularity, seq_len, batch_tokens).shard(index, count)
     done_batches = int(state["batches_done"]) if state is not None else 0
-    total_tokens = sum(length * len(starts) for length, starts in plan)
-    done_tokens = sum(length * len(starts) for length, starts in plan[:done_batches])
-    ids_out = _shared_memmap(directory / f"{name}_ids.bin", ids_np, (n, k))
-    w_out = _shared_memmap(directory / f"{name}_weights.bin", w_np, (n, k))
+    total_tokens, done_tokens = plan.tokens(), plan.tokens(0, done_batches)
+    ids_out = _RowFile(directory / f"{name}_ids.bin", ids_np, n, k)
+    w_out = _RowFile(directory / f"{name}_weights.bin", w_np, n, k)
+    tok_dtype = corpus.tokens.dtype
+    tok_fd = os.open(directory / TOKENS_FILE, os.O_RDONLY)
+
+    def window(start: int, length: int) -> np.ndarray:   # read, not mapped: memory stays one batch
+        size = length * tok_dtype.itemsize
+        return np.frombuffer(os.pread(tok_fd, size, start * tok_dtype.itemsize), dtype=tok_dtype)
 
     def checkpoint(batches: int) -> None:
-        ids_out.flush()
-        w_out.flush()
+        ids_out.sync()
+        w_out.sync()
         write_json_atomic(mine, {"settings": settings, "batches_done": batches, "batches": len(plan)})
 
     grouter.eval()
     device = next(grouter.parameters()).device
     desc = f"predispatch[{granularity}]" + (f" shard {index}/{count}" if count > 1 else "")
-    bar = Progress(total_tokens, desc, start=done_tokens, enabled=progress)
+    bar = Progress(total_tokens, desc, start=done_tokens, enabled=progress, unit="tok")
     if done_batches:
         log.info("predispatch shard %d/%d: resuming after batch %d of %d", index, count, done_batches, len(plan))
-    for b in range(done_batches, len(plan)):
-        length, chunk = plan[b]
-        ids = torch.from_numpy(np.stack([np.asarray(corpus.tokens[s:s + length], dtype=np.int64) for s in chunk]))
-        weights, sel = grouter.route(ids.to(device))
-        weights, sel = weights.cpu(), sel.cpu()
-        w_bits = weights.to(w_torch)
-        w_arr = w_bits.view(torch.int16).numpy().view(np.uint16) if w_torch is torch.bfloat16 else w_bits.numpy()
-        sel_arr = sel.numpy().astype(ids_np)
-        for j, s in enumerate(chunk):
-            ids_out[s:s + length] = sel_arr[j]
-            w_out[s:s + length] = w_arr[j]
-        done_tokens += ids.numel()
-        bar.update(done_tokens, tokens=ids.numel())
-        if (b + 1) % checkpoint_batches == 0:
-            checkpoint(b + 1)
-    bar.close()
-    checkpoint(len(plan))
+    try:
+        for b in range(done_batches, len(plan)):
+            length, chunk = int(plan.length[b]), plan.starts[plan.lo[b]:plan.hi[b]].tolist()
+            ids = torch.from_numpy(np.stack([window(s, length) for s in chunk]).astype(np.int64))
+            weights, sel = grouter.route(ids.to(device))
+            weights, sel = weights.cpu(), sel.cpu()
+            w_bits = weights.to(w_torch)
+            w_arr = w_bits.view(torch.int16).numpy().view(np.uint16) if w_torch is torch.bfloat16 else w_bits.numpy()
+            sel_arr = sel.numpy().astype(ids_np)
+            for j, s in enumerate(chunk):
+                ids_out.write(s, sel_arr[j])
+                w_out.write(s, w_arr[j])
+            done_tokens += ids.numel()
+            bar.update(done_tokens, tokens=ids.numel())
+            if (b + 1) % checkpoint_batches == 0:
+                checkpoint(b + 1)
+        bar.close()
+        checkpoint(len(plan))
+    finally:
+        ids_out.close()
+        w_out.close()
+        os.close(tok_fd)
     finished = [json.loads(f.read_text()) for f in (shards_dir / f"{i}-of-{count}.json" for i in range(count))
                 if f.is_file()]
     if len(finished) < count or any(f["settings"] != settings or f["batches_done"] != f["batches"] for f in finished):

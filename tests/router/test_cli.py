@@ -76,7 +76,7 @@ def test_distill_from_a_transformers_directory(tmp_path, text, capsys):
             "--seq-len", 16, "--warmup", 1, "--save-every", 2, "--eval-tokens", 64, "--no-progress"]
     rc, out, err = run(capsys, *args)
     assert rc == 0, err
-    assert "teacher router: model.layers.0.mlp" in out and "E=8, k=2" in out and "top-k set agreement" in out
+    assert "teacher router: layers.0.mlp" in out and "E=8, k=2" in out and "top-k set agreement" in out
     g = load_grouter(tmp_path / "d")
     assert (g.config.num_experts, g.config.top_k, g.config.vocab_size) == (8, 2, 257)
     from grouter_pass.router.data import ByteTokenizer, tokenizer_fingerprint
@@ -251,16 +251,16 @@ def test_gzipped_json_lines_are_read_and_skipped_files_are_named(tmp_path, caplo
     d.mkdir()
     with gzip.open(d / "c4-train.00000-of-01024.json.gz", "wt") as fh:
         fh.write("\n".join(json.dumps({"text": f"document {i}", "url": "x"}) for i in range(40)))
-    (d / "README.parquet").write_bytes(b"PAR1")
+    (d / "README.arrow").write_bytes(b"PAR1")
     caplog.set_level("WARNING", logger="grouter_pass.router")
     docs = list(iter_documents(d, "all"))
     assert docs == [f"document {i}" for i in range(40)]
-    assert "skipped 1 file(s)" in caplog.text and "README.parquet" in caplog.text
-    only_parquet = tmp_path / "pq"
-    only_parquet.mkdir()
-    (only_parquet / "train.parquet").write_bytes(b"PAR1")
-    with pytest.raises(ValueError, match=r"holds no corpus files: 1 file\(s\) skipped .* e\.g\. train\.parquet"):
-        list(iter_documents(only_parquet, "all"))
+    assert "skipped 1 file(s)" in caplog.text and "README.arrow" in caplog.text
+    only_arrow = tmp_path / "pq"
+    only_arrow.mkdir()
+    (only_arrow / "train.arrow").write_bytes(b"PAR1")
+    with pytest.raises(ValueError, match=r"holds no corpus files: 1 file\(s\) skipped .* e\.g\. train\.arrow"):
+        list(iter_documents(only_arrow, "all"))
 
 
 def test_help_loads_neither_the_passes_nor_dynamo():
