@@ -110,7 +110,7 @@ class RouterTeacher:
 
         state = self._state
         work = canonicalize_gating_pass(copy_graph_module(gm), example_inputs, config=GrouterConfig())
-        sites, _ = find_gating_sites(work, probe=True)
+        sites, _ = find_gating_sites(work, probe=True, example_inputs=example_inputs)
         if state.module_path is not None:
             sites = [s for s in sites if s.module_path == state.module_path]
         if not sites:

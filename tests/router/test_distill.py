@@ -120,3 +120,26 @@ def test_the_teacher_stops_at_the_first_router():
     ids = torch.randint(0, V, (2, 9))
     torch.testing.assert_close(teacher(ids), source.router_input(ids) @ source.moe.router)
     torch.testing.assert_close(teacher(ids[:, :5]), source.router_input(ids[:, :5]) @ source.moe.router)
+
+
+def test_the_teacher_probes_on_the_source_weights_not_random_copies(monkeypatch, caplog):
+    """Above the probe's budget (the experts of a Qwen3-30B-A3B layer are 1.2 GB), the probe reads
+    the source's own expert weights: the teacher hands the backend's real inputs to detection. A
+    random copy of every expert weight would be allocated at compile time otherwise (the largest
+    part of a distillation's peak memory at that size)."""
+    from grouter_pass.passes.probe_weights import ProbeWeights
+
+    of, real = ProbeWeights.of.__func__, ProbeWeights.real
+    used = []
+    monkeypatch.setattr(ProbeWeights, "of", classmethod(lambda cls, gm, ex, budget: of(cls, gm, ex, 0)))
+    monkeypatch.setattr(ProbeWeights, "real", lambda self, nodes, e: used.append(real(self, nodes, e)) or used[-1])
+    torch.manual_seed(0)
+    source = NeighbourMoELM().eval()
+    teacher = RouterTeacher(source)
+    ids = torch.randint(0, V, (3, 7))
+    caplog.set_level("WARNING", logger="grouter_pass")
+    torch.testing.assert_close(teacher(ids), source.router_input(ids) @ source.moe.router)
+    assert "random copies" not in caplog.text
+    assert used and all(r is not None for r in used), used
+    weights = {p.data_ptr() for p in source.moe.parameters()}
+    assert any(t.data_ptr() in weights for r in used for t in r)
