@@ -9,7 +9,8 @@ layers, MLP 2736, the source's vocabulary) plus the final held-out evaluation, a
 peak resident memory of the process. The runs vary one thing each:
 
 * micro-batch 2 vs 8 sequences (gradient accumulation: memory follows the micro-batch);
-* the source layers loaded, 1 vs 2 (``--source-layers``: the teacher stops at the first router);
+* the source layers loaded, 1 vs 2 (``--source-layers``: the teacher stops at the first router),
+  and 0 for the default (no ``--source-layers``: the fewest layers that hold the first router);
 * the vocabulary, 151936 vs 32768 (what remains is the parameters' own size: the source's
   embedding and the Grouter's embedding with its AdamW state; no vocabulary-sized logits).
 
@@ -51,7 +52,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=Path("/tmp/grouter-bench-distill"))
     ap.add_argument("--json", type=Path, default=None, help="results file; runs already in it are kept")
     ap.add_argument("--runs", nargs="*", default=["151936:1:2", "151936:1:8", "151936:2:2", "32768:1:2"],
-                    help="VOCAB:SOURCE_LAYERS:MICRO_BATCH of each run")
+                    help="VOCAB:SOURCE_LAYERS:MICRO_BATCH of each run (SOURCE_LAYERS 0: not given)")
     args = ap.parse_args()
     w = args.work
     w.mkdir(parents=True, exist_ok=True)
@@ -64,13 +65,14 @@ def main() -> None:
         make_source(w / f"source-{vocab}", vocab)
     for vocab, layers, micro in runs:
         out = w / f"run-{vocab}-{layers}-{micro}"
+        given = ["--source-layers", str(layers)] if layers else []
         cmd = grouter_cli("distill", "--source", str(w / f"source-{vocab}"), "--out", str(out), "--no-resume",
-                          "--source-layers", str(layers), "--source-dtype", "bfloat16", "--batch-size", "8",
+                          *given, "--source-dtype", "bfloat16", "--batch-size", "8",
                           "--seq-len", "4096", "--micro-batch-size", str(micro), "--steps", "1", "--warmup", "0",
                           "--save-every", "0", "--max-tokens", "300000", "--eval-tokens", "4096", "--no-progress")
         load = os.getloadavg()[0]
         r = run_measured(cmd)
-        r.update(vocab=vocab, source_layers=layers, micro_batch=micro, load_before=load,
+        r.update(vocab=vocab, source_layers=layers or "default", micro_batch=micro, load_before=load,
                  load_after=os.getloadavg()[0], code=code)
         results["runs"].append(r)
         print(f"vocab {vocab}, {layers} source layer(s), micro-batch {micro}: peak {r['peak_rss_max_gb']:.2f} GB, "

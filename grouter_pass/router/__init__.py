@@ -10,7 +10,7 @@ functions exported here.)
 See docs/grouter.md.
 """
 
-from grouter_pass.router.capture import RouterTeacher, load_source_model
+from grouter_pass.router.capture import RouterTeacher, load_source_model, load_teacher
 from grouter_pass.router.checkpoint import (
     CheckpointError,
     Folding,
@@ -32,6 +32,6 @@ __all__ = [
     "PackedBatches", "PreDispatchedDataset", "RouterTeacher", "Routing", "TokenizedCorpus", "TuneConfig",
     "balance_loss", "check_compatible", "coactivation_affinity", "convert_reference_state_dict", "distill", "evaluate",
     "expand_grouter", "fold_grouter", "gate", "greedy_groups", "grouter_affinity", "load_corpus", "load_grouter",
-    "load_source_model", "load_tokenizer", "max_violation", "measure_max_violation", "predispatch",
+    "load_source_model", "load_teacher", "load_tokenizer", "max_violation", "measure_max_violation", "predispatch",
     "predispatch_loader", "save_grouter", "tune",
 ]

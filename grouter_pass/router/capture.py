@@ -11,7 +11,7 @@ Running the compiled model then records the router's input hidden states and its
 and stops: ``record`` raises once it has them, so nothing after the first router runs (no later
 layer, no LM head: at a 151936-token vocabulary the head's logits alone would be ~20 GB per
 8 x 4096-token batch in fp32). With ``load_source_model(num_layers=..., lm_head=False)`` the later
-layers and the head are not even loaded.
+layers and the head are not even loaded, and :func:`load_teacher` finds that number itself.
 No module class or attribute name is looked at, so any model the pass understands can be a
 teacher. "First" is the first graph Dynamo compiles that holds a site (graphs are compiled in
 execution order) and, inside it, the first site in graph order; a recompile of the same frame is
@@ -221,3 +221,50 @@ def load_source_model(path: str | os.PathLike, *, dtype: torch.dtype = torch.flo
     except OSError as exc:
         raise ValueError(f"cannot load the source model from {p}: {exc}") from None
     return model.eval()
+
+
+def _num_hidden_layers(path: Path) -> int | None:
+    from transformers import AutoConfig
+
+    total = getattr(AutoConfig.from_pretrained(str(path), local_files_only=True), "num_hidden_layers", None)
+    return total if isinstance(total, int) and total >= 1 else None
+
+
+def load_teacher(path: str | os.PathLike, example_input_ids: torch.Tensor, *, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", num_layers: int | None = None) -> tuple[RouterTeacher, int | None]:
+    """A :class:`RouterTeacher` over the fewest leading decoder layers of a transformers source
+    that hold its first MoE router, already called once on ``example_input_ids``.
+
+    Why: the teacher reads the first router only, but every layer that is loaded costs its weights
+    and, for an MoE layer, its detection and probe when the teacher compiles (2.5 GB per layer at
+    Qwen3-30B-A3B width), so loading the whole source makes the peak grow with its depth. Without
+    ``num_layers``, 1, 2, 3, ... leading layers are loaded until the teacher finds a router (one
+    try for a model whose first layer is MoE; DeepSeek-style sources with dense first layers take
+    one more per dense layer, each a short forward of small layers). Which layer routes is read by
+    the detection pass, never from config names. A given ``num_layers`` is used as is.
+
+    Returns:
+        ``(teacher, layers loaded)``; the count is None when the config has no
+        ``num_hidden_layers`` (then the whole model is loaded).
+
+    Raises:
+        NoRouterFound: no router in any number of layers (the message names how many were tried).
+    """
+    p = Path(path)
+    total = _num_hidden_layers(p) if num_layers is None and (p / "config.json").is_file() else None
+    tries = [num_layers] if num_layers is not None or total is None else list(range(1, total + 1))
+    for count in tries:
+        model = load_source_model(p, num_layers=count, dtype=dtype, lm_head=False).to(device)
+        teacher = RouterTeacher(model)
+        try:
+            teacher(example_input_ids)
+        except NoRouterFound:
+            if count is None or count == tries[-1]:
+                raise
+            log.info("grouter: no MoE router in the first %d layer(s) of %s; loading %d", count, p, count + 1)
+            del teacher, model
+            continue
+        log.info("grouter: teacher loaded %s of %s decoder layers", count if count is not None else "all",
+                 total if total is not None else "its", extra=RESULT)
+        return teacher, count
+    raise AssertionError("unreachable: the last try re-raises")

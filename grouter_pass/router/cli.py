@@ -134,25 +134,26 @@ def _interrupted(out: str) -> int:
 def cmd_distill(args: argparse.Namespace) -> int:
     import torch
 
-    from grouter_pass.router.capture import RouterTeacher, load_source_model
+    from grouter_pass.router.capture import load_teacher
     from grouter_pass.router.config import GrouterModelConfig
     from grouter_pass.router.distillation import DistillConfig, distill
 
     source = Path(args.source)
-    model = load_source_model(source, num_layers=args.source_layers, dtype=getattr(torch, args.source_dtype),
-                              lm_head=False).to(args.device)
     has_tok = (source / "tokenizer.json").exists() or (source / "tokenizer_config.json").exists()
     tokenizer = _tokenizer(args, str(source) if has_tok else "byte")
-    teacher = RouterTeacher(model)
+    world = _init_data_parallel(args.device)
+    micro = args.micro_batch_size or args.batch_size // world
+    # the router (E and k) is found with the training shape (one micro-batch), so the compiled teacher is reused
+    teacher, layers = load_teacher(source, torch.zeros(micro, args.seq_len, dtype=torch.long),
+                                   dtype=getattr(torch, args.source_dtype), device=args.device,
+                                   num_layers=args.source_layers)
     vocab = teacher.vocab_size or tokenizer.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ValueError(f"vocabulary mismatch: tokenizer ({tokenizer.name}) has vocab_size={tokenizer.vocab_size} "
                          f"but the source model has vocab_size={vocab}")
-    world = _init_data_parallel(args.device)
-    micro = args.micro_batch_size or args.batch_size // world
-    # find the router (E and k) with the training shape (one micro-batch), so the compiled teacher is reused
-    teacher(torch.zeros(micro, args.seq_len, dtype=torch.long))
-    print(f"teacher router: {teacher.module_path} ({teacher.family}), E={teacher.num_experts}, k={teacher.top_k}")
+    loaded = f", {layers} source layer(s) loaded" if layers is not None else ""
+    print(f"teacher router: {teacher.module_path} ({teacher.family}), E={teacher.num_experts}, k={teacher.top_k}"
+          f"{loaded}")
     mcfg = GrouterModelConfig(vocab_size=vocab, hidden_size=args.hidden_size, num_heads=args.num_heads,
                               num_layers=args.num_layers, intermediate_size=args.intermediate_size,
                               num_experts=teacher.num_experts, top_k=args.top_k or teacher.top_k,
@@ -424,7 +425,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--source", required=True, help="source MoE: a local transformers checkpoint directory")
     p.add_argument("--out", required=True, help="run/output directory (checkpoints, final Grouter)")
     p.add_argument("--source-layers", type=int, default=None,
-                   help="load only the first N decoder layers of the source (enough to reach its first MoE layer)")
+                   help="load only the first N decoder layers of the source (default: the fewest that hold its first "
+                        "MoE router, found by trying 1, 2, ...)")
     p.add_argument("--source-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the source model is loaded and run in (its router logits are read in float32)")
     _add_data_args(p, max_tokens=5_000_000, val=True)

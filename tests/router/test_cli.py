@@ -69,14 +69,15 @@ def test_distill_from_a_transformers_directory(tmp_path, text, capsys):
     assert load_source_model(tmp_path / "src", num_layers=1).config.num_hidden_layers == 1
     with pytest.raises(ValueError, match="source layers 3 is out of range: the model has num_hidden_layers=2"):
         load_source_model(tmp_path / "src", num_layers=3)
-    # the first MoE layer is all distillation reads: load one of the two layers
-    args = ["distill", "--source", tmp_path / "src", "--source-layers", 1, "--out", tmp_path / "d", "--data", text,
+    # the first MoE layer is all distillation reads: one of the two layers is loaded (found, not given)
+    args = ["distill", "--source", tmp_path / "src", "--out", tmp_path / "d", "--data", text,
             "--hidden-size", 16,
             "--num-heads", 2, "--num-layers", 1, "--intermediate-size", 16, "--steps", 3, "--batch-size", 2,
             "--seq-len", 16, "--warmup", 1, "--save-every", 2, "--eval-tokens", 64, "--no-progress"]
     rc, out, err = run(capsys, *args)
     assert rc == 0, err
-    assert "teacher router: layers.0.mlp" in out and "E=8, k=2" in out and "top-k set agreement" in out
+    assert "teacher router: layers.0.mlp" in out and "E=8, k=2, 1 source layer(s) loaded" in out
+    assert "top-k set agreement" in out
     g = load_grouter(tmp_path / "d")
     assert (g.config.num_experts, g.config.top_k, g.config.vocab_size) == (8, 2, 257)
     from grouter_pass.router.data import ByteTokenizer, tokenizer_fingerprint
@@ -319,3 +320,26 @@ def test_a_grouter_refuses_data_from_another_tokenizer_of_the_same_vocabulary_si
     assert json.loads((tmp_path / "ta" / "routing.json").read_text())["tokenizer"] == fp_a
     rc, out, err = run(capsys, "info", ckpt)
     assert f"distilled on tokenizer: {fp_a}" in out
+
+
+def test_the_teacher_loads_the_fewest_layers_that_hold_a_router(tmp_path, caplog):
+    """Without --source-layers the teacher loads 1, 2, ... leading layers until the detection
+    finds a router: a source whose first layers are dense costs those layers and the first MoE
+    layer, never its later layers (whose weights would otherwise set the peak)."""
+    from grouter_pass.router import load_teacher
+    from grouter_pass.router.capture import NoRouterFound
+    from grouter_pass.testing.models import tiny_hf_moe
+
+    ids = torch.randint(0, 257, (2, 8))
+    tiny_hf_moe("deepseek_v3", vocab_size=257, num_hidden_layers=4, first_k_dense_replace=2).save_pretrained(
+        tmp_path / "dense-first")
+    teacher, layers = load_teacher(tmp_path / "dense-first", ids)
+    assert layers == 3 and teacher.module_path == "layers.2.mlp"
+    assert teacher.model.config.num_hidden_layers == 3 and teacher(ids).shape == (2, 8, teacher.num_experts)
+    tiny_hf_moe("mixtral", vocab_size=257).save_pretrained(tmp_path / "moe-first")
+    assert load_teacher(tmp_path / "moe-first", ids)[1] == 1
+    assert load_teacher(tmp_path / "moe-first", ids, num_layers=2)[0].model.config.num_hidden_layers == 2
+    tiny_hf_moe("deepseek_v3", vocab_size=257, num_hidden_layers=2, first_k_dense_replace=2).save_pretrained(
+        tmp_path / "dense")
+    with pytest.raises(NoRouterFound, match="no MoE gating site"):
+        load_teacher(tmp_path / "dense", ids)
