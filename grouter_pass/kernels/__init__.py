@@ -2,9 +2,9 @@
 
 Importing this package does not import Triton: :func:`has_triton` says whether the kernels can
 be loaded, and the submodules (``dispatch_kernels``, ``grouped_gemm_kernels``,
-``grouped_gemm_backward_kernels``, ``moe``) import it themselves. ``reference`` holds the
-plain-torch twin of every launcher; ``autotune`` the configs and the switch that disables
-autotuning. The ops in :mod:`grouter_pass.ops` choose between these kernels (CUDA) and the
+``grouped_gemm_backward_kernels``, ``moe``) import it themselves; ``autotune`` holds the
+configs and the switch that disables autotuning. The plain-torch twin of every launcher, the
+kernel tests' oracle, is ``tests/kernels/interpreted/twins.py``. The ops in :mod:`grouter_pass.ops` choose between these kernels (CUDA) and the
 reference path (CPU).
 """
 

@@ -20,7 +20,6 @@ import torch
 
 from grouter_pass.kernels.grouped_gemm_backward_kernels import down_backward, grouped_weight_grad
 from grouter_pass.kernels.grouped_gemm_kernels import down_combine, linear_strides, up_act
-from grouter_pass.kernels.reference import expert_of_row
 from grouter_pass.kernels.triton_utils import ACTIVATIONS
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -28,6 +27,11 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _identity(kernel):
     return kernel
+
+
+def expert_of_row(offsets_E: torch.Tensor, rows: int) -> torch.Tensor:
+    """Expert of each row of an expert-ordered ``[S, ...]`` tensor (int64 ``[S]``), on device."""
+    return torch.searchsorted(offsets_E.to(torch.int64), torch.arange(rows, device=offsets_E.device), right=True)
 
 
 def unsupported_reason(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, *, activation: str,

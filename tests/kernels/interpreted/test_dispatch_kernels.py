@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from grouter_pass.kernels import reference as KR
 from grouter_pass.kernels.dispatch_kernels import BLOCK_S, dispatch_plan_triton
+from tests.kernels.interpreted import twins as KR
 from tests.kernels.interpreted.cases import make_ids
 
 CASES = {  # name -> (routing, n, k, e)

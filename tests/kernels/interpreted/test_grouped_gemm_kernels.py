@@ -1,14 +1,14 @@
 """Each grouped-GEMM kernel under the Triton interpreter against its plain-torch twin
-(``grouter_pass.kernels.reference``), for every dtype, with empty experts, one token, every
+(``tests/kernels/interpreted/twins.py``), for every dtype, with empty experts, one token, every
 token on one expert, and sizes that are not multiples of the interpreter's tiles (16, 32, 32)."""
 
 import pytest
 import torch
 
 import grouter_pass  # noqa: F401  (registers the ops)
-from grouter_pass.kernels import reference as KR
 from grouter_pass.kernels.grouped_gemm_backward_kernels import down_backward, grouped_weight_grad
 from grouter_pass.kernels.grouped_gemm_kernels import down_combine, linear_strides, up_act
+from tests.kernels.interpreted import twins as KR
 from tests.kernels.interpreted.cases import assert_close, make_ids, plan, rand
 
 # name -> (routing, n, k, e, h, f, dtype, activation, gated, interleaved, transposed, bias)

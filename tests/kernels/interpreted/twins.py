@@ -1,6 +1,7 @@
 """Plain-torch twins of the Triton kernels: one function per launcher, same arguments, same
 outputs, written for clarity (per-expert loops, materialised gathers). They are the oracle of
-the interpreter tests in ``tests/kernels`` and the spec a kernel change must keep.
+the kernel tests (under the interpreter, or compiled for a GPU) and the spec a kernel change must
+keep; they live with the tests because no product code runs them.
 
 Legend as in :mod:`grouter_pass.kernels.grouped_gemm_kernels`.
 """
@@ -10,11 +11,6 @@ from __future__ import annotations
 import torch
 
 from grouter_pass.ops import reference as R
-
-
-def expert_of_row(offsets_E: torch.Tensor, rows: int) -> torch.Tensor:
-    """Expert of each row of an expert-ordered ``[S, ...]`` tensor (int64 ``[S]``), on device."""
-    return torch.searchsorted(offsets_E.to(torch.int64), torch.arange(rows, device=offsets_E.device), right=True)
 
 
 def plan_reference(ids_NK: torch.Tensor, num_experts: int, pad_to: int
