@@ -4,8 +4,8 @@ Importing this package does not import Triton: :func:`has_triton` says whether t
 be loaded, and the submodules (``dispatch_kernels``, ``grouped_gemm_kernels``,
 ``grouped_gemm_backward_kernels``, ``moe``) import it themselves; ``autotune`` holds the
 configs and the switch that disables autotuning. The plain-torch twin of every launcher, the
-kernel tests' oracle, is ``tests/kernels/interpreted/twins.py``. The ops in :mod:`grouter_pass.ops` choose between these kernels (CUDA) and the
-reference path (CPU).
+kernel tests' oracle, is ``tests/kernels/interpreted/twins.py``. The ops in
+:mod:`grouter_pass.ops` choose between these kernels (CUDA) and the reference path (CPU).
 """
 
 from __future__ import annotations
