@@ -26,8 +26,7 @@ from grouter_pass.router.checkpoint import save_grouter
 from grouter_pass.router.config import GrouterModelConfig
 from grouter_pass.router.data import PackedBatches, TokenizedCorpus
 from grouter_pass.router.network import Grouter
-from grouter_pass.router.progress import Progress
-from grouter_pass.router.training import load_trainer_checkpoint, lr_at, save_trainer_checkpoint
+from grouter_pass.router.training import lr_at, resume_run, run_steps, save_trainer_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +171,12 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     if train.vocab_size > model_config.vocab_size:
         raise ValueError(f"vocabulary mismatch: the tokenizer has vocab_size={train.vocab_size} but the Grouter's "
                          f"embedding has vocab_size={model_config.vocab_size}")
-    start = 0
-    loaded = load_trainer_checkpoint(out_dir, settings) if (out_dir is not None and resume) else None
+    loaded = resume_run(out_dir, settings, resume=resume, what="distillation")
     if loaded is not None:
-        grouter, state = loaded
-        start = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resuming distillation from step %d (%s)", start, out_dir)
+        grouter, start = loaded[0], int(loaded[1]["step"])
     else:
         torch.manual_seed(config.seed)
-        grouter = Grouter(model_config)
+        grouter, start = Grouter(model_config), 0
     grouter.tokenizer_fingerprint = train.tokenizer_fingerprint or None
     grouter.to(config.device).train()
     optimizer = torch.optim.AdamW(grouter.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -193,10 +188,10 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
     micro = config.micro_batch_size or config.batch_size // world
     val_batches = PackedBatches(validation, config.seq_len, config.batch_size, shuffle=False) \
         if validation is not None else None
-    bar = Progress(config.steps, "distill", start=start, enabled=progress and rank == 0)
-    result = None
     checked = False
-    for step in range(start, config.steps):
+
+    def train_step(step: int) -> tuple[float, dict[str, float]]:
+        nonlocal checked
         ids = batches.batch(step).to(config.device)
         mine = ids[rank::world]
         for group in optimizer.param_groups:
@@ -223,19 +218,19 @@ def distill(teacher: Teacher, model_config: GrouterModelConfig, train: Tokenized
         if config.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(grouter.parameters(), config.grad_clip)
         optimizer.step()
-        done = step + 1
-        loss = loss_sum.float()
-        bar.update(done, tokens=ids.numel(), loss=float(loss.detach()), lr=optimizer.param_groups[0]["lr"])
-        if out_dir is not None and rank == 0 and config.save_every and done % config.save_every == 0 \
-                and done < config.steps:
-            save_trainer_checkpoint(out_dir, grouter, optimizer, done, settings)
+        value = float(loss_sum.float())
+        return value, {"tokens": ids.numel(), "loss": value, "lr": optimizer.param_groups[0]["lr"]}
+
+    def periodic_evaluation(done: int) -> None:
         if val_batches is not None and config.eval_every and done % config.eval_every == 0 and done < config.steps:
             log.info("step %d: %s", done, evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens,
                                                    micro_batch_size=micro))
-        if on_step is not None:
-            on_step(done, float(loss.detach()))
-    bar.close()
+
+    run_steps("distill", train_step, start=start, steps=config.steps, grouter=grouter, optimizer=optimizer,
+              settings=settings, run_dir=out_dir, save_every=config.save_every, progress=progress,
+              writer=rank == 0, after_step=periodic_evaluation, on_step=on_step)
     grouter.eval()
+    result = None
     if val_batches is not None:
         result = evaluate(grouter, teacher, val_batches, max_tokens=config.eval_tokens, micro_batch_size=micro)
         log.info("distilled Grouter: %s", result, extra=RESULT)

@@ -1,4 +1,5 @@
-"""What distillation and tuning share: the LR schedule and resumable trainer checkpoints.
+"""What distillation and tuning share: the LR schedule, resumable trainer checkpoints and the
+step loop that ties them to the progress bar (:func:`run_steps`).
 
 A run directory holds ``checkpoint/`` (the Grouter, :func:`~.checkpoint.save_grouter` format)
 and ``checkpoint/trainer_state.pt`` (step, optimizer state, RNG states, the run's settings). A
@@ -13,6 +14,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import torch
 
 from grouter_pass.router.checkpoint import load_grouter, save_grouter
 from grouter_pass.router.network import Grouter
+from grouter_pass.router.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -76,3 +79,41 @@ def clear_trainer_checkpoint(run_dir: str | os.PathLike) -> None:
     state = Path(run_dir) / CHECKPOINT_DIR / STATE_FILE
     if state.exists():
         state.unlink()
+
+
+def resume_run(run_dir: str | os.PathLike | None, settings: dict[str, Any], *, resume: bool, what: str
+               ) -> tuple[Grouter, dict[str, Any]] | None:
+    """The checkpoint of ``run_dir`` to continue from, with the torch RNG restored to it, or None
+    to start from the beginning (no directory, ``resume=False`` or nothing saved yet)."""
+    loaded = load_trainer_checkpoint(run_dir, settings) if (run_dir is not None and resume) else None
+    if loaded is not None:
+        torch.set_rng_state(loaded[1]["torch_rng"])
+        log.info("resuming %s from step %d (%s)", what, int(loaded[1]["step"]), run_dir)
+    return loaded
+
+
+def run_steps(name: str, step: Callable[[int], tuple[float, dict[str, float]]], *, start: int, steps: int,
+              grouter: Grouter, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
+              run_dir: str | os.PathLike | None, save_every: int, progress: bool = True, writer: bool = True,
+              after_step: Callable[[int], None] | None = None,
+              on_step: Callable[[int, float], None] | None = None) -> None:
+    """Steps ``start .. steps-1`` of a resumable run.
+
+    ``step(i)`` trains step ``i`` and returns ``(value, shown)``: the value handed to
+    ``on_step(done, value)`` (tests interrupt runs there) and the numbers the progress bar shows
+    (``tokens`` counts towards its throughput). Every ``save_every`` steps, short of the last, the
+    trainer checkpoint is written to ``run_dir`` (by the ``writer`` process only, rank 0 of a
+    data-parallel run); ``after_step(done)`` runs next (periodic evaluation). The last step's
+    checkpoint is the caller's, with what else the run saves."""
+    bar = Progress(steps, name, start=start, enabled=progress and writer)
+    for i in range(start, steps):
+        value, shown = step(i)
+        done = i + 1
+        bar.update(done, **shown)
+        if run_dir is not None and writer and save_every and done % save_every == 0 and done < steps:
+            save_trainer_checkpoint(run_dir, grouter, optimizer, done, settings)
+        if after_step is not None:
+            after_step(done)
+        if on_step is not None:
+            on_step(done, value)
+    bar.close()

@@ -28,8 +28,7 @@ from grouter_pass._logging import RESULT
 from grouter_pass.router.checkpoint import save_grouter
 from grouter_pass.router.data import PackedBatches, TokenizedCorpus
 from grouter_pass.router.network import Grouter
-from grouter_pass.router.progress import Progress
-from grouter_pass.router.training import load_trainer_checkpoint, lr_at, save_trainer_checkpoint
+from grouter_pass.router.training import lr_at, resume_run, run_steps, save_trainer_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -143,14 +142,11 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
                 "grouter": grouter_fingerprint(grouter),
                 "train_tokens": train.num_tokens}
     folding, start = getattr(grouter, "folding", None), 0
-    loaded = load_trainer_checkpoint(out_dir, settings) if (out_dir is not None and resume) else None
+    loaded = resume_run(out_dir, settings, resume=resume, what="tuning")
     if loaded is not None:
-        grouter, state = loaded
+        grouter, start = loaded[0], int(loaded[1]["step"])
         grouter.to(config.device)
         grouter.folding = folding
-        start = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resuming tuning from step %d (%s)", start, out_dir)
     if config.mode == "bias":
         grouter.config = grouter.config.replace(use_selection_bias=True)
     params = _freeze_for(grouter, config.mode)
@@ -161,8 +157,8 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
         optimizer.load_state_dict(loaded[1]["optimizer"])
     grouter.eval()   # no dropout anywhere; eval keeps norms etc. in inference form
     e = grouter.config.num_experts
-    bar = Progress(config.steps, f"tune[{config.mode}]", start=start, enabled=progress)
-    for step in range(start, config.steps):
+
+    def tune_step(step: int) -> tuple[float, dict[str, float]]:
         ids = batches.batch(step).to(config.device)
         if config.mode == "score":
             for group in optimizer.param_groups:
@@ -183,13 +179,11 @@ def tune(grouter: Grouter, train: TokenizedCorpus, validation: TokenizedCorpus |
                 share = expert_load(sel, e).to(grouter.bias.device).double() / sel.numel()
                 grouter.bias -= config.bias_rate * torch.sign(share - 1.0 / e).to(grouter.bias.dtype)
                 value = float(balance_loss(logits, sel, e))
-        done = step + 1
-        bar.update(done, tokens=ids.numel(), balance=value)
-        if out_dir is not None and config.save_every and done % config.save_every == 0 and done < config.steps:
-            save_trainer_checkpoint(out_dir, grouter, optimizer, done, settings)
-        if on_step is not None:
-            on_step(done, value)
-    bar.close()
+        return value, {"tokens": ids.numel(), "balance": value}
+
+    run_steps(f"tune[{config.mode}]", tune_step, start=start, steps=config.steps, grouter=grouter,
+              optimizer=optimizer, settings=settings, run_dir=out_dir, save_every=config.save_every,
+              progress=progress, on_step=on_step)
     for p in grouter.parameters():
         p.requires_grad_(True)
     result = None
