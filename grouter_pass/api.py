@@ -9,7 +9,7 @@ import torch
 
 from grouter_pass.backend import GrouterBackend
 from grouter_pass.config import GrouterConfig
-from grouter_pass.integrations.modules import LoopBlockRewrite
+from grouter_pass.integrations.loop_blocks import LoopBlockRewrite
 from grouter_pass.spec import PassReport
 
 
@@ -29,7 +29,7 @@ def prepare_model(model: torch.nn.Module) -> PrepareReport:
     """Make the MoE layers of ``model`` whose expert loop breaks the graph capturable, in place,
     without changing a number (see ``GrouterConfig.rewrite_modules``). Call it before
     ``torch.compile(model, backend="grouter")``; :func:`apply_grouter` calls it for you."""
-    from grouter_pass.integrations.modules import rewrite_loop_blocks
+    from grouter_pass.integrations.loop_blocks import rewrite_loop_blocks
     from grouter_pass.integrations.transformers import use_grouter_experts
 
     report = PrepareReport(experts_switched=use_grouter_experts(model))
@@ -66,7 +66,7 @@ def apply_grouter(model: torch.nn.Module, config: GrouterConfig | None = None, *
     prepared = prepare_model(model) if config.rewrite_modules else PrepareReport()
     loops = [b.path for b in prepared.loop_blocks if b.rewritten]
     if loops and not config.exact:
-        from grouter_pass.integrations.modules import restore_loop_blocks
+        from grouter_pass.integrations.loop_blocks import restore_loop_blocks
 
         restore_loop_blocks(model)
         raise ValueError(f"{config.routing.kind} routing needs MoE layers the graph pass captures; the "

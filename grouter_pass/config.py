@@ -47,7 +47,7 @@ class GrouterConfig:
             capturable, in place and without changing a number: transformers models using the
             ``eager`` experts implementation switch to the ``"grouter"`` one, and loop-style blocks
             found by structure get a forward written in the grouter ops (see
-            ``integrations/modules.py``). Only :func:`~grouter_pass.apply_grouter` does this (a
+            ``integrations/loop_blocks/``). Only :func:`~grouter_pass.apply_grouter` does this (a
             backend sees graphs, not modules).
         probe: also compare gradients when proving a site (detection reads specs by running
             the site's subgraphs next to the ``grouter`` ops on random inputs; values are always

@@ -220,7 +220,7 @@ The style is a name for the report; detection reads the experts by running them.
 | `slot_buffer` | tokens copied into an `[E * C, H]` buffer, `bmm`, gathered back |
 | `loop` | a loop over experts with `torch.where` / `nonzero` traced by Dynamo |
 | `dense`, `custom op ...` | per-expert GEMMs on every token, or a third-party op doing the grouped GEMMs |
-| `module rewrite` | a graph-breaking loop over experts, rewritten before Dynamo after a search of the weight roles that reproduces the block (`integrations/modules.py`) |
+| `module rewrite` | a graph-breaking loop over experts, rewritten before Dynamo after a search of the weight roles that reproduces the block (`integrations/loop_blocks/`) |
 
 Activations: SwiGLU / GeGLU (exact or tanh) / ReGLU with concatenated or interleaved halves or
 two separate GEMMs, plain SiLU / GELU / ReLU, GPT-OSS's clamped SwiGLU. Weights `[E, out, in]` or
