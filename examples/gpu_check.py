@@ -381,16 +381,10 @@ def model_check(size: str, device: torch.device, iters: int) -> dict:
         weights, expert_ids = grouter.route(ids)
     weights = weights.to(torch.bfloat16)
 
+    from grouter_pass.testing.timing import lm_training_step
+
     def lm_step(model: Callable, context: Callable | None = None) -> Callable[[], None]:
-        import contextlib
-
-        def step() -> None:
-            model.zero_grad(set_to_none=True)
-            with context() if context is not None else contextlib.nullcontext():
-                loss = model(ids, labels=ids).loss
-            loss.backward()
-
-        return step
+        return lm_training_step(model, ids, context)
 
     def compile_baseline() -> Callable:
         model = make_model(size, torch.bfloat16, device)
