@@ -35,7 +35,8 @@ _LAZY = {
     "GrouterConfig": "grouter_pass.config", "LearnedRouter": "grouter_pass.config",
     "ExplainReport": "grouter_pass.inspect", "explain": "grouter_pass.inspect",
     "GrouterPreGradPass": "grouter_pass.integrations.inductor",
-    "ActivationSpec": "grouter_pass.spec", "ExpertsSpec": "grouter_pass.spec", "GatingSpec": "grouter_pass.spec",
+    "ActivationSpec": "grouter_pass.spec", "ExpertMLP": "grouter_pass.spec", "ExpertsSpec": "grouter_pass.spec",
+    "GatingSpec": "grouter_pass.spec",
     "PassReport": "grouter_pass.spec", "SiteReport": "grouter_pass.spec",
     "GrouterVerificationError": "grouter_pass.verify",
 }
@@ -68,6 +69,7 @@ _import_module("grouter_pass.integrations.transformers").register_experts_implem
 
 __all__ = [
     "ActivationSpec",
+    "ExpertMLP",
     "ExpertsSpec",
     "ExplainReport",
     "GatingSpec",

@@ -203,6 +203,69 @@ class ActivationSpec:
         return f"{self.kind}-glu({self.layout})" if self.gated else self.kind
 
 
+#: the schema type of each :class:`ExpertMLP` field (its annotation, as a string)
+_SCHEMA_TYPES = {"str": "str", "bool": "bool", "float": "float"}
+
+
+@dataclass(frozen=True)
+class ExpertMLP:
+    """What every routed expert computes and how its weights lie: the scalar arguments of each
+    experts op (``grouter::moe_experts``, its backward, their Triton twins, the expert-parallel
+    entry), in schema order.
+
+    Why one dataclass: these values travel together from detection (:class:`ExpertsSpec`)
+    through the graph into every implementation (reference, CPU queue, Triton, expert
+    parallel). An op schema holds only plain values, so the graph carries them as flat
+    arguments; the schemas are generated from these fields (:meth:`schema`), the ops rebuild the
+    dataclass from their flat arguments (:meth:`from_args`) and the implementations take it
+    whole. Adding a field touches this class and the implementations that read it, nothing else.
+
+    ``activation`` ... ``limit`` are :class:`ActivationSpec`'s; ``up_transposed`` /
+    ``down_transposed`` the weight layouts of :class:`ExpertsSpec`; ``weight_on_input`` scales
+    each slot's input by its routing weight instead of its output (Llama 4).
+    """
+
+    activation: str = "silu"
+    gated: bool = True
+    interleaved: bool = False
+    alpha: float = 1.0
+    limit: float = 0.0
+    up_transposed: bool = False
+    down_transposed: bool = False
+    weight_on_input: bool = False
+
+    @classmethod
+    def of(cls, activation: ActivationSpec, *, up_transposed: bool = False, down_transposed: bool = False,
+           weight_on_input: bool = False) -> ExpertMLP:
+        return cls(**activation.op_kwargs(), up_transposed=up_transposed, down_transposed=down_transposed,
+                   weight_on_input=weight_on_input)
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def schema(cls) -> str:
+        """The fields as a ``torch.library`` schema fragment: ``"str activation, bool gated, ..."``."""
+        return ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_args(cls, values: tuple[Any, ...] | list[Any]) -> ExpertMLP:
+        """From an op's flat scalar arguments, in schema order (exactly ``len(names())`` of them)."""
+        if len(values) != len(dataclasses.fields(cls)):
+            raise TypeError(f"ExpertMLP takes {len(dataclasses.fields(cls))} values {cls.names()}, got "
+                            f"{len(values)}: {tuple(values)}")
+        return cls(*values)
+
+    def kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def activation_kwargs(self) -> dict[str, Any]:
+        """The arguments of the activation functions (``activation_forward`` and friends)."""
+        return dict(activation=self.activation, gated=self.gated, interleaved=self.interleaved, alpha=self.alpha,
+                    limit=self.limit)
+
+
 @dataclass(frozen=True)
 class ExpertsSpec:
     """How the routed experts consume ``(x [N, H], weights [N, K], ids [N, K])``.
@@ -238,9 +301,17 @@ class ExpertsSpec:
     routed_experts: int | None = None
     extra_experts: Literal["none", "identity", "zero"] = "none"
 
+    @property
+    def mlp(self) -> ExpertMLP:
+        return ExpertMLP.of(self.activation, up_transposed=self.up_transposed, down_transposed=self.down_transposed,
+                            weight_on_input=self.weight_on_input)
+
     def op_kwargs(self) -> dict[str, Any]:
-        return dict(up_transposed=self.up_transposed, down_transposed=self.down_transposed,
-                    weight_on_input=self.weight_on_input, out_dtype=self.out_dtype, **self.activation.op_kwargs())
+        """The experts op's scalar arguments by name: the :class:`ExpertMLP` fields and ``out_dtype``
+        (the layout first, as graphs have always printed them)."""
+        layout = dict(up_transposed=self.up_transposed, down_transposed=self.down_transposed,
+                      weight_on_input=self.weight_on_input, out_dtype=self.out_dtype)
+        return {**layout, **self.mlp.kwargs()}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -23,7 +23,8 @@ ALLOWED = {
                             "grouter_pass.ops", "grouter_pass.ops.reference"),
     # numerics: kernels and switches only
     "grouter_pass.ops": ("grouter_pass.kernels.*", "grouter_pass.env", "grouter_pass.spec", "grouter_pass._slots"),
-    "grouter_pass.kernels": ("grouter_pass.env",),
+    # kernels: the switches, and the contract's pure data (the implementations take ExpertMLP)
+    "grouter_pass.kernels": ("grouter_pass.env", "grouter_pass.spec"),
     "grouter_pass.spec": (),
 }
 

@@ -27,10 +27,10 @@ import torch  # noqa: E402
 import grouter_pass  # noqa: E402, F401  (registers the ops)
 from grouter_pass.ops import reference as R  # noqa: E402
 from grouter_pass.ops.cpu_experts import moe_experts_backward_cpu, moe_experts_cpu  # noqa: E402
+from grouter_pass.spec import ExpertMLP  # noqa: E402
 
 SHAPES = [(1024, 128, 64, 16, 4), (2048, 256, 256, 32, 4), (4096, 256, 128, 64, 8)]   # N, H, I, E, k
-FLAGS = dict(activation="silu", gated=True, interleaved=False, alpha=1.0, limit=0.0, up_transposed=False,
-             down_transposed=False)
+FLAGS = dict(mlp=ExpertMLP())   # SwiGLU, nn.Linear layouts
 
 
 def median_ms(fn, reps: int = 20) -> float:
@@ -56,8 +56,8 @@ def in_a_step(args: tuple, path: str):
         saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "GROUTER_KERNELS")}
         os.environ.update(env)   # what the op reads to choose; OpenMP itself read its policy at start
         try:
-            out, _ = torch.ops.grouter.moe_experts(x @ proj, w, perm, inv, off, wu, wd, None, None, **FLAGS,
-                                                   weight_on_input=False, out_dtype=None)
+            out, _ = torch.ops.grouter.moe_experts(x @ proj, w, perm, inv, off, wu, wd, None, None,
+                                                   **FLAGS["mlp"].kwargs(), out_dtype=None)
             out.pow(2).mean().backward()
         finally:
             for k, v in saved.items():

@@ -23,6 +23,7 @@ from grouter_pass.distributed.experts import ep_moe_experts
 from grouter_pass.distributed.group import EPGroup
 from grouter_pass.distributed.splits import EPSplits
 from grouter_pass.ops.reference import route_reference
+from grouter_pass.spec import ExpertMLP
 
 
 class TinyMoELayer(nn.Module):
@@ -55,8 +56,7 @@ class TinyMoELayer(nn.Module):
             perm, inv, _, offsets = plan if plan is not None else torch.ops.grouter.dispatch_plan(
                 ids_NK, self.num_experts)
             out, _ = torch.ops.grouter.moe_experts(x, weights_NK, perm, inv, offsets, self.w_up, self.w_down,
-                                                   self.b_up, self.b_down, "silu", True, False, 1.0, 0.0, False,
-                                                   False, False, None)
+                                                   self.b_up, self.b_down, **ExpertMLP().kwargs(), out_dtype=None)
             return out
         return ep_moe_experts(x, weights_NK, ids_NK, self.w_up, self.w_down, self.b_up, self.b_down, ep=ep,
                               num_experts=self.num_experts, splits=splits, plan=plan)

@@ -27,6 +27,7 @@ all-to-all and reads the split sizes on the host, as Megatron-LM and torchtitan 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 import grouter_pass.ops  # noqa: F401  (registers torch.ops.grouter.*)
 from grouter_pass.distributed.group import EPGroup, resolve_ep_group
 from grouter_pass.distributed.splits import EPSplits
+from grouter_pass.spec import ExpertMLP
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +85,7 @@ def ep_moe_experts(
     num_experts: int,
     splits: EPSplits | None = None,
     plan: DispatchPlan | None = None,
-    activation: str = "silu",
-    gated: bool = True,
-    interleaved: bool = False,
-    alpha: float = 1.0,
-    limit: float = 0.0,
-    up_transposed: bool = False,
-    down_transposed: bool = False,
-    weight_on_input: bool = False,
+    mlp: ExpertMLP = ExpertMLP(),
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Routed experts sharded over an expert-parallel group; the EP twin of ``grouter.moe_experts``.
@@ -109,7 +104,8 @@ def ep_moe_experts(
             exchanges counts in this call (exact mode: one more all-to-all and a host read).
         plan: ``grouter.dispatch_plan(ids, E)`` when the caller already has it (one shared plan per
             step in Grouter mode); computed here otherwise.
-        activation ... out_dtype: as ``grouter.moe_experts``.
+        mlp: the experts' activation and weight layouts (:class:`~grouter_pass.spec.ExpertMLP`).
+        out_dtype: as ``grouter.moe_experts``.
 
     Returns:
         ``[N, H]`` in ``out_dtype`` (x's dtype when None): the same function as
@@ -131,22 +127,19 @@ def ep_moe_experts(
     perm_S, _, counts_E, _ = plan
     if splits is None:
         splits = exchange_layer_splits(counts_E, epg)
-    return _dispatch_compute_combine(
-        x, weights, perm_S, splits, w_up, w_down, b_up, b_down, epg, top_k=ids.shape[1], activation=activation,
-        gated=gated, interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
-        down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)
+    return _dispatch_compute_combine(x, weights, perm_S, splits, w_up, w_down, b_up, b_down, epg, top_k=ids.shape[1],
+                                     mlp=mlp, out_dtype=out_dtype)
 
 
 def _dispatch_compute_combine(x: torch.Tensor, weights: torch.Tensor, perm_S: torch.Tensor, splits: EPSplits,
                               w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
-                              b_down: torch.Tensor | None, epg: EPGroup, *, top_k: int, activation: str,
-                              gated: bool, interleaved: bool, alpha: float, limit: float, up_transposed: bool,
-                              down_transposed: bool, weight_on_input: bool, out_dtype: torch.dtype | None
-                              ) -> torch.Tensor:
+                              b_down: torch.Tensor | None, epg: EPGroup, *, top_k: int, mlp: ExpertMLP,
+                              out_dtype: torch.dtype | None) -> torch.Tensor:
     """The data path shared by the model-level and the graph-level entry: gather slots in expert
     order, all-to-all out, local experts, all-to-all back, weight and combine by token."""
     n, hidden = x.shape
     k, local = top_k, w_up.shape[0]
+    weight_on_input = mlp.weight_on_input
     compute_dtype = w_up.dtype
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
@@ -161,9 +154,8 @@ def _dispatch_compute_combine(x: torch.Tensor, weights: torch.Tensor, perm_S: to
     # One slot per received row, weight 1 on the input (an exact no-op): the op returns each row's
     # expert output in row order, unweighted, in the compute dtype.
     ones_M1 = torch.ones(x_M.shape[0], 1, dtype=compute_dtype, device=x.device)
-    y_M, _ = torch.ops.grouter.moe_experts(
-        x_M, ones_M1, lperm, linv, loffsets, w_up, w_down, b_up, b_down, activation, gated, interleaved, alpha,
-        limit, up_transposed, down_transposed, True, compute_dtype)
+    y_M, _ = torch.ops.grouter.moe_experts(x_M, ones_M1, lperm, linv, loffsets, w_up, w_down, b_up, b_down,
+                                           **{**mlp.kwargs(), "weight_on_input": True}, out_dtype=compute_dtype)
     y_S = _all_to_all(y_M, splits.input_splits, splits.output_splits, epg)
 
     # Combine exactly as the single-device reference: weight in promote(compute, weights), sum
@@ -204,15 +196,8 @@ def ep_experts_in_graph(
     step_key: int | None = None,
     site: int = 0,
     weights_local: bool = False,
-    activation: str = "silu",
-    gated: bool = True,
-    interleaved: bool = False,
-    alpha: float = 1.0,
-    limit: float = 0.0,
-    up_transposed: bool = False,
-    down_transposed: bool = False,
-    weight_on_input: bool = False,
     out_dtype: torch.dtype | None = None,
+    **mlp: Any,
 ) -> torch.Tensor:
     """What the rewrite calls for one MoE site under ``GrouterConfig(expert_parallel=...)``.
 
@@ -236,6 +221,9 @@ def ep_experts_in_graph(
         site: the MoE layer's index in the graph (keeps each layer's size reads distinct).
         weights_local: the expert arguments already are this rank's ``[E/R, ...]`` shards
             (``shard_expert_parameters(keep_shape=True)``), not full parameters to slice.
+        out_dtype: as ``grouter.moe_experts``.
+        mlp: the :class:`~grouter_pass.spec.ExpertMLP` fields by name (FX arguments must be
+            plain values, and a rewrite may pass a traced scalar for one of them).
     """
     group = _resolve_process_group(group_name)
     epg = EPGroup(group=group, size=dist.get_world_size(group), rank=dist.get_rank(group))
@@ -250,7 +238,5 @@ def ep_experts_in_graph(
         recv_RL = torch.ops.grouter.step_recv_counts(counts, step_key, epg.size, local, site)
         sizes = [torch.ops.grouter.step_split_size(counts, step_key, i, site) for i in range(2 * epg.size)]
         splits = EPSplits(input_splits=sizes[:epg.size], output_splits=sizes[epg.size:], recv_counts_RL=recv_RL)
-    return _dispatch_compute_combine(
-        x, weights, perm, splits, *shards, epg, top_k=top_k, activation=activation, gated=gated,
-        interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
-        down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)
+    return _dispatch_compute_combine(x, weights, perm, splits, *shards, epg, top_k=top_k, mlp=ExpertMLP(**mlp),
+                                     out_dtype=out_dtype)

@@ -33,12 +33,14 @@ from typing import Any
 
 import torch
 
+from grouter_pass.spec import ExpertMLP
+
 log = logging.getLogger(__name__)
 
 EXPERTS_IMPLEMENTATION = "grouter"
 _MOE_MODULE = "transformers.integrations.moe"
 _ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu")
-# per experts module: the grouter op arguments its layer maps to, or None (grouped_mm)
+# per experts module: what its experts compute, as the grouter op reads it, or None (grouped_mm)
 _op_args: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -53,8 +55,8 @@ def grouter_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     if self not in _op_args:
         _op_args[self] = _layer_op_args(self)
-    flags = _op_args[self]
-    if flags is None:
+    mlp = _op_args[self]
+    if mlp is None:
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     ids = top_k_index.long()
     perm, inv_perm, _counts, offsets = torch.ops.grouter.dispatch_plan(ids, self.num_experts)
@@ -62,13 +64,13 @@ def grouter_experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, 
     b_up = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias) if self.has_bias else None
     b_down = self.down_proj_bias if self.has_bias else None
     out, _ = torch.ops.grouter.moe_experts(hidden_states, top_k_weights, perm, inv_perm, offsets, w_up,
-                                           self.down_proj, b_up, b_down, **flags)
+                                           self.down_proj, b_up, b_down, **mlp.kwargs(), out_dtype=None)
     return out.to(hidden_states.dtype)
 
 
-def _layer_op_args(experts: torch.nn.Module) -> dict[str, Any] | None:
-    """The ``moe_experts`` flags that compute what ``experts`` computes, read from how it behaves;
-    None where the ops cannot express it (a reason is logged at DEBUG)."""
+def _layer_op_args(experts: torch.nn.Module) -> ExpertMLP | None:
+    """The ``moe_experts`` arguments that compute what ``experts`` computes, read from how it
+    behaves; None where the ops cannot express it (a reason is logged at DEBUG)."""
     why, layout = None, "concat"
     if getattr(experts, "_is_expert_parallel", False):
         why = "expert parallel"
@@ -89,8 +91,8 @@ def _layer_op_args(experts: torch.nn.Module) -> dict[str, Any] | None:
         log.debug("grouter experts: %s runs grouped_mm in eager mode: %s", type(experts).__name__, why)
         return None
     transposed = bool(getattr(experts, "is_transposed", False))
-    return dict(activation=kind, gated=bool(experts.has_gate), interleaved=layout == "interleaved", alpha=1.0,
-                limit=0.0, up_transposed=transposed, down_transposed=transposed, weight_on_input=False, out_dtype=None)
+    return ExpertMLP(activation=kind, gated=bool(experts.has_gate), interleaved=layout == "interleaved",
+                     up_transposed=transposed, down_transposed=transposed)
 
 
 def _probe_values() -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from grouter_pass.kernels.grouped_gemm_backward_kernels import down_backward, grouped_weight_grad
 from grouter_pass.kernels.grouped_gemm_kernels import down_combine, linear_strides, up_act
 from grouter_pass.kernels.triton_utils import ACTIVATIONS
+from grouter_pass.spec import ExpertMLP
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,36 +49,35 @@ def unsupported_reason(x: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor
     return None
 
 
-def moe_experts_triton(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *, activation: str,
-                       gated: bool, interleaved: bool, up_transposed: bool, down_transposed: bool,
-                       out_dtype: torch.dtype | None, allow_tf32: bool = False, wrap: Callable = _identity,
-                       **_ignored) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: ``(out [N, H], h [S, O])``, as the reference."""
+def moe_experts_triton(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *, mlp: ExpertMLP,
+                       out_dtype: torch.dtype | None, allow_tf32: bool = False, wrap: Callable = _identity
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward: ``(out [N, H], h [S, O])``, as the reference (``mlp.alpha`` / ``limit`` are not read:
+    :func:`unsupported` keeps ``clamped_swiglu`` on the reference)."""
     n, hidden = x.shape
     k = weights.shape[1]
     weights_S = weights.reshape(-1).contiguous()
-    h, a = up_act(x, perm, offsets, w_up, b_up, top_k=k, activation=activation, gated=gated,
-                  interleaved=interleaved, up_transposed=up_transposed, allow_tf32=allow_tf32, wrap=wrap)
-    s_e, s_out, s_in = linear_strides(w_down, down_transposed)
+    h, a = up_act(x, perm, offsets, w_up, b_up, top_k=k, activation=mlp.activation, gated=mlp.gated,
+                  interleaved=mlp.interleaved, up_transposed=mlp.up_transposed, allow_tf32=allow_tf32, wrap=wrap)
+    s_e, s_out, s_in = linear_strides(w_down, mlp.down_transposed)
     out = down_combine(a, perm, offsets, w_down, b_down, weights_S, n, top_k=k, w_strides=(s_e, s_in, s_out),
                        hidden=hidden, allow_tf32=allow_tf32, wrap=wrap)
     return out.to(x.dtype if out_dtype is None else out_dtype), h
 
 
 def moe_experts_backward_triton(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, *,
-                                activation: str, gated: bool, interleaved: bool, up_transposed: bool,
-                                down_transposed: bool, needs: Sequence[bool] = (True,) * 6,
-                                allow_tf32: bool = False, wrap: Callable = _identity, **_ignored
-                                ) -> tuple[torch.Tensor | None, ...]:
+                                mlp: ExpertMLP, needs: Sequence[bool] = (True,) * 6, allow_tf32: bool = False,
+                                wrap: Callable = _identity) -> tuple[torch.Tensor | None, ...]:
     """Backward: gradients of ``(x, weights, w_up, w_down, b_up, b_down)`` (None where not needed)."""
     need_x, need_w, need_up, need_down, need_bup, need_bdown = needs
     n, hidden = x.shape
     k = weights.shape[1]
     weights_S = weights.reshape(-1).contiguous()
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-    gh, a, gw_sorted = down_backward(grad_out, perm, offsets, w_down, h, weights_S, top_k=k, activation=activation,
-                                     gated=gated, interleaved=interleaved, down_transposed=down_transposed,
-                                     need_gw=need_w, allow_tf32=allow_tf32, wrap=wrap)
+    gh, a, gw_sorted = down_backward(grad_out, perm, offsets, w_down, h, weights_S, top_k=k,
+                                     activation=mlp.activation, gated=mlp.gated, interleaved=mlp.interleaved,
+                                     down_transposed=mlp.down_transposed, need_gw=need_w, allow_tf32=allow_tf32,
+                                     wrap=wrap)
     rows_expert = None
     if b_down is not None and (need_w or need_bdown) or b_up is not None and need_bup:
         rows_expert = expert_of_row(offsets, perm.numel())
@@ -92,7 +92,7 @@ def moe_experts_backward_triton(grad_out, x, weights, perm, inv_perm, offsets, w
     grad_w_down = grad_b_down = grad_w_up = grad_b_up = grad_x = None
     if need_down:
         grad_w_down = torch.empty_like(w_down)
-        s_e, s_out, s_in = linear_strides(grad_w_down, down_transposed)
+        s_e, s_out, s_in = linear_strides(grad_w_down, mlp.down_transposed)
         grouped_weight_grad(grad_out, a, perm, weights_S, offsets, grad_w_down, (s_e, s_out, s_in), top_k=k,
                             allow_tf32=allow_tf32, wrap=wrap)
     if need_bdown and b_down is not None:
@@ -102,14 +102,14 @@ def moe_experts_backward_triton(grad_out, x, weights, perm, inv_perm, offsets, w
     del a
     if need_up:
         grad_w_up = torch.empty_like(w_up)
-        s_e, s_out, s_in = linear_strides(grad_w_up, up_transposed)
+        s_e, s_out, s_in = linear_strides(grad_w_up, mlp.up_transposed)
         grouped_weight_grad(x, gh, perm, None, offsets, grad_w_up, (s_e, s_in, s_out), top_k=k,
                             allow_tf32=allow_tf32, wrap=wrap)
     if need_bup and b_up is not None:
         grad_b_up = torch.zeros(b_up.shape, dtype=torch.float32, device=x.device).index_add_(
             0, rows_expert, gh.float()).to(b_up.dtype)
     if need_x:
-        s_e, s_out, s_in = linear_strides(w_up, up_transposed)
+        s_e, s_out, s_in = linear_strides(w_up, mlp.up_transposed)
         grad_x = down_combine(gh, perm, offsets, w_up, None, None, n, top_k=k, w_strides=(s_e, s_out, s_in),
                               hidden=hidden, allow_tf32=allow_tf32, wrap=wrap).to(x.dtype)
     return grad_x, grad_weights, grad_w_up, grad_w_down, grad_b_up, grad_b_down

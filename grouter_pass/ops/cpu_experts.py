@@ -30,6 +30,7 @@ from typing import TypeVar
 import torch
 
 from grouter_pass.ops import reference as R
+from grouter_pass.spec import ExpertMLP
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +172,14 @@ def _mm_out(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 @_whole_call_single_threaded
 def moe_experts_cpu(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor, inv_perm_S: torch.Tensor,
                     offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
-                    b_down: torch.Tensor | None, *, activation: str, gated: bool, interleaved: bool, alpha: float,
-                    limit: float, up_transposed: bool, down_transposed: bool, out_dtype: torch.dtype | None = None,
-                    **_unused) -> tuple[torch.Tensor, torch.Tensor]:
+                    b_down: torch.Tensor | None, *, mlp: ExpertMLP, out_dtype: torch.dtype | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward, same contract as :func:`~grouter_pass.ops.reference.moe_experts_reference`."""
     n, hidden = x_NH.shape
     k = weights_NK.shape[1]
     s = perm_S.numel()
-    act_kw = dict(activation=activation, gated=gated, interleaved=interleaved, alpha=alpha, limit=limit)
+    act_kw = mlp.activation_kwargs()
+    up_transposed, down_transposed = mlp.up_transposed, mlp.down_transposed
     segs = R._segments(offsets_E)
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
@@ -213,9 +214,8 @@ def moe_experts_cpu(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.
 def moe_experts_backward_cpu(
     grad_out_NH: torch.Tensor, x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
     inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-    b_up: torch.Tensor | None, b_down: torch.Tensor | None, h: torch.Tensor, *, activation: str, gated: bool,
-    interleaved: bool, alpha: float, limit: float, up_transposed: bool, down_transposed: bool,
-    needs_input_grad: Sequence[bool] = (True,) * 6, **_unused,
+    b_up: torch.Tensor | None, b_down: torch.Tensor | None, h: torch.Tensor, *, mlp: ExpertMLP,
+    needs_input_grad: Sequence[bool] = (True,) * 6,
 ) -> tuple[torch.Tensor | None, ...]:
     """Backward, same contract as :func:`~grouter_pass.ops.reference.moe_experts_backward_reference`."""
     n, hidden = x_NH.shape
@@ -224,7 +224,8 @@ def moe_experts_backward_cpu(
     need_x, need_w, need_up, need_down, need_bup, need_bdown = needs_input_grad
     need_bup = need_bup and b_up is not None
     need_bdown = need_bdown and b_down is not None
-    act_kw = dict(activation=activation, gated=gated, interleaved=interleaved, alpha=alpha, limit=limit)
+    act_kw = mlp.activation_kwargs()
+    up_transposed, down_transposed = mlp.up_transposed, mlp.down_transposed
     segs = R._segments(offsets_E)
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)

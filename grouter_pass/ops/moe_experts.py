@@ -28,16 +28,22 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from grouter_pass.ops import cpu_experts, reference
+from grouter_pass.ops.experts_schema import (
+    as_op_grads,
+    backward_signature,
+    experts_op_impl,
+    forward_signature,
+    register_experts_autograd,
+    split_backward_scalars,
+    split_forward_scalars,
+)
 from grouter_pass.ops.kernel_select import allow_tf32, use_cpu_experts, use_moe_kernels
 
 log = logging.getLogger(__name__)
-_EMPTY_GRAD = (0,)
 
 
 @functools.cache
@@ -47,135 +53,63 @@ def _warn_reference_on(device_type: str) -> None:
 
 
 @torch.library.custom_op("grouter::moe_experts", mutates_args=())
-def moe_experts(
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    perm: torch.Tensor,
-    inv_perm: torch.Tensor,
-    offsets: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
-    activation: str,
-    gated: bool,
-    interleaved: bool,
-    alpha: float,
-    limit: float,
-    up_transposed: bool,
-    down_transposed: bool,
-    weight_on_input: bool,
-    out_dtype: torch.dtype | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_moe_kernels(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input):
+@experts_op_impl(forward_signature())
+def moe_experts(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *scalars):
+    """Arguments: :data:`~grouter_pass.ops.experts_schema.EXPERT_INPUTS`, the
+    :class:`~grouter_pass.spec.ExpertMLP` fields, ``out_dtype``."""
+    mlp, out_dtype, _ = split_forward_scalars(scalars)
+    tensors = (x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down)
+    if use_moe_kernels(x, w_up, w_down, activation=mlp.activation, weight_on_input=mlp.weight_on_input):
         from grouter_pass.kernels.moe import moe_experts_triton
 
         with torch.no_grad():
-            return moe_experts_triton(
-                x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
-                interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
-                out_dtype=out_dtype, allow_tf32=allow_tf32())
+            return moe_experts_triton(*tensors, mlp=mlp, out_dtype=out_dtype, allow_tf32=allow_tf32())
     impl = reference.moe_experts_reference
-    if use_cpu_experts(x, weights, w_up, w_down, weight_on_input=weight_on_input):
+    if use_cpu_experts(x, weights, w_up, w_down, weight_on_input=mlp.weight_on_input):
         impl = cpu_experts.moe_experts_cpu
     elif x.device.type != "cpu":
         _warn_reference_on(x.device.type)
     with torch.no_grad():
-        return impl(
-            x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation=activation, gated=gated,
-            interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
-            down_transposed=down_transposed, weight_on_input=weight_on_input, out_dtype=out_dtype)
+        return impl(*tensors, mlp=mlp, out_dtype=out_dtype)
 
 
 @moe_experts.register_fake
-def _moe_experts_fake(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, activation, gated,
-                      interleaved, alpha, limit, up_transposed, down_transposed, weight_on_input, out_dtype):
+def _moe_experts_fake(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *scalars):
+    mlp, out_dtype, _ = split_forward_scalars(scalars)
     torch._check(x.dim() == 2 and weights.dim() == 2, lambda: "moe_experts expects x [N, H] and weights [N, K]")
-    up_out = w_up.shape[2] if up_transposed else w_up.shape[1]
+    up_out = w_up.shape[2] if mlp.up_transposed else w_up.shape[1]
     out = x.new_empty(x.shape, dtype=x.dtype if out_dtype is None else out_dtype)
     h = x.new_empty((perm.shape[0], up_out), dtype=w_up.dtype)
     return out, h
 
 
-_ACT_ARGS = ("activation", "gated", "interleaved", "alpha", "limit", "up_transposed", "down_transposed",
-             "weight_on_input")
-
-
-def register_experts_autograd(op: Any, backward_op: Any, extra_args: tuple[str, ...] = ()) -> None:
-    """Autograd for an experts op with ``moe_experts``' schema (the 9 tensors, ``_ACT_ARGS``,
-    ``out_dtype``) plus ``extra_args``: ``backward_op`` (``moe_experts_backward``' schema plus the
-    same ``extra_args``) computes the gradients that are needed. The opaque op and its Triton twin
-    (``triton_ops.py``, with ``allow_tf32``) share it."""
-
-    def setup_context(ctx, inputs, output):
-        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *rest = inputs
-        ctx.kw = dict(zip(_ACT_ARGS, rest[: len(_ACT_ARGS)]))
-        ctx.kw.update(zip(extra_args, rest[len(_ACT_ARGS) + 1:]))   # after out_dtype
-        ctx.n_flags = len(rest)
-        ctx.has_b_up, ctx.has_b_down = b_up is not None, b_down is not None
-        ctx.save_for_backward(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, output[1])
-
-    def backward(ctx, grad_out, grad_h):
-        x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h = ctx.saved_tensors
-        nig = ctx.needs_input_grad
-        needs = [nig[0], nig[1], nig[5], nig[6], nig[7] and ctx.has_b_up, nig[8] and ctx.has_b_down]
-        grads = backward_op(grad_out.contiguous(), x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
-                            h, needs=needs, **ctx.kw)
-        gx, gw, gup, gdown, gbup, gbdown = (g if need else None for g, need in zip(grads, needs))
-        return (gx, gw, None, None, None, gup, gdown, gbup, gbdown) + (None,) * ctx.n_flags
-
-    op.register_autograd(backward, setup_context=setup_context)
-
-
 @torch.library.custom_op("grouter::moe_experts_backward", mutates_args=())
-def moe_experts_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weights: torch.Tensor,
-    perm: torch.Tensor,
-    inv_perm: torch.Tensor,
-    offsets: torch.Tensor,
-    w_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
-    h: torch.Tensor,
-    needs: Sequence[bool],
-    activation: str,
-    gated: bool,
-    interleaved: bool,
-    alpha: float,
-    limit: float,
-    up_transposed: bool,
-    down_transposed: bool,
-    weight_on_input: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_moe_kernels(x, w_up, w_down, activation=activation, weight_on_input=weight_on_input):
+@experts_op_impl(backward_signature())
+def moe_experts_backward(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs,
+                         *scalars):
+    """Gradients of :func:`moe_experts` (:class:`~grouter_pass.ops.experts_schema.ExpertGrads`)."""
+    mlp, _ = split_backward_scalars(scalars)
+    tensors = (x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down)
+    if use_moe_kernels(x, w_up, w_down, activation=mlp.activation, weight_on_input=mlp.weight_on_input):
         from grouter_pass.kernels.moe import moe_experts_backward_triton
 
         with torch.no_grad():
-            grads = moe_experts_backward_triton(
-                grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
-                gated=gated, interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
-                needs=tuple(needs), allow_tf32=allow_tf32())
-        return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
+            grads = moe_experts_backward_triton(grad_out, *tensors, h, mlp=mlp, needs=tuple(needs),
+                                                allow_tf32=allow_tf32())
+        return as_op_grads(grads, x)
     impl = reference.moe_experts_backward_reference
-    if use_cpu_experts(x, weights, w_up, w_down, weight_on_input=weight_on_input):
+    if use_cpu_experts(x, weights, w_up, w_down, weight_on_input=mlp.weight_on_input):
         impl = cpu_experts.moe_experts_backward_cpu
     with torch.no_grad():
-        grads = impl(
-            grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
-            gated=gated, interleaved=interleaved, alpha=alpha, limit=limit, up_transposed=up_transposed,
-            down_transposed=down_transposed, weight_on_input=weight_on_input, needs_input_grad=tuple(needs))
-    return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
+        grads = impl(grad_out, *tensors, h, mlp=mlp, needs_input_grad=tuple(needs))
+    return as_op_grads(grads, x)
 
 
 @moe_experts_backward.register_fake
-def _moe_experts_backward_fake(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h,
-                               needs, activation, gated, interleaved, alpha, limit, up_transposed, down_transposed,
-                               weight_on_input):
+def _moe_experts_backward_fake(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, needs,
+                               *scalars):
     like = (x, weights, w_up, w_down, b_up, b_down)
-    return tuple(torch.empty_like(t) if (need and t is not None) else x.new_empty(_EMPTY_GRAD)
+    return tuple(torch.empty_like(t) if (need and t is not None) else x.new_empty((0,))
                  for t, need in zip(like, needs))
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from grouter_pass.spec import ExpertMLP
+
 # --------------------------------------------------------------------------------------------
 # route: logits -> (weights, ids)
 # --------------------------------------------------------------------------------------------
@@ -459,11 +461,8 @@ def _grouped_bias_grad(g_SO: torch.Tensor, segments: list, like: torch.Tensor) -
 def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
                           inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor,
                           w_down: torch.Tensor, b_up: torch.Tensor | None = None,
-                          b_down: torch.Tensor | None = None, *, activation: str = "silu",
-                          gated: bool = True, interleaved: bool = False, alpha: float = 1.0,
-                          limit: float = 0.0, up_transposed: bool = False, down_transposed: bool = False,
-                          weight_on_input: bool = False, out_dtype: torch.dtype | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
+                          b_down: torch.Tensor | None = None, *, mlp: ExpertMLP = ExpertMLP(),
+                          out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Routed experts with a precomputed dispatch plan.
 
     Args:
@@ -471,12 +470,13 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
         weights_NK: routing weights (any float dtype; the combine runs in
             ``promote(compute dtype, weights dtype)``).
         perm_S, inv_perm_S, offsets_E: the plan of :func:`dispatch_plan_reference`.
-        w_up: ``[E, 2F, H]`` (``[E, H, 2F]`` when ``up_transposed``); ``F`` instead of ``2F``
-            for non-gated experts.
-        w_down: ``[E, H, F]`` (``[E, F, H]`` when ``down_transposed``).
+        w_up: ``[E, 2F, H]`` (``[E, H, 2F]`` when ``mlp.up_transposed``); ``F`` instead of
+            ``2F`` for non-gated experts.
+        w_down: ``[E, H, F]`` (``[E, F, H]`` when ``mlp.down_transposed``).
         b_up, b_down: optional per-expert biases ``[E, 2F]`` / ``[E, H]``.
-        weight_on_input: scale each slot's *input* by its routing weight and sum the expert
-            outputs unweighted (Llama 4: ``expert(w * x)``) instead of ``w * expert(x)``.
+        mlp: the activation and weight layouts; with ``mlp.weight_on_input`` each slot's
+            *input* is scaled by its routing weight and the expert outputs are summed
+            unweighted (Llama 4: ``expert(w * x)``) instead of ``w * expert(x)``.
 
     Returns:
         ``(out [N, H] in out_dtype (x's dtype when None), h [S, 2F])`` where ``h`` is the
@@ -495,14 +495,13 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
     x_sorted_SH = x_NH.index_select(0, tok_S)
-    if weight_on_input:
+    if mlp.weight_on_input:
         x_sorted_SH = x_sorted_SH * w_sorted_S1
     x_sorted_SH = x_sorted_SH.to(compute_dtype)
-    h = grouped_linear(x_sorted_SH, w_up, offsets_E, transposed=up_transposed, bias_EO=b_up, segments=segs)
-    a = activation_forward(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
-                           limit=limit)
-    y_SH = grouped_linear(a, w_down, offsets_E, transposed=down_transposed, bias_EO=b_down, segments=segs)
-    if weight_on_input:
+    h = grouped_linear(x_sorted_SH, w_up, offsets_E, transposed=mlp.up_transposed, bias_EO=b_up, segments=segs)
+    a = activation_forward(h, **mlp.activation_kwargs())
+    y_SH = grouped_linear(a, w_down, offsets_E, transposed=mlp.down_transposed, bias_EO=b_down, segments=segs)
+    if mlp.weight_on_input:
         yw_SH, acc_dtype = y_SH, compute_dtype
     else:
         acc_dtype = combine_dtype
@@ -513,11 +512,8 @@ def moe_experts_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: 
 
 def moe_experts_autograd_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor, ids_NK: torch.Tensor,
                                    w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None = None,
-                                   b_down: torch.Tensor | None = None, *, activation: str = "silu",
-                                   gated: bool = True, interleaved: bool = False, alpha: float = 1.0,
-                                   limit: float = 0.0, up_transposed: bool = False, down_transposed: bool = False,
-                                   weight_on_input: bool = False, out_dtype: torch.dtype | None = None
-                                   ) -> torch.Tensor:
+                                   b_down: torch.Tensor | None = None, *, mlp: ExpertMLP = ExpertMLP(),
+                                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """:func:`moe_experts_reference` written expert by expert in differentiable torch ops, from
     the routing ids rather than a dispatch plan: no ``out=`` GEMMs, no hand-written backward, no
     plan. Autograd gives its gradients, so it is a second opinion on both halves of the op (the
@@ -529,7 +525,7 @@ def moe_experts_autograd_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor,
     k = ids_NK.shape[1]
     compute_dtype = w_up.dtype
     combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
-    acc_dtype = compute_dtype if weight_on_input else combine_dtype
+    acc_dtype = compute_dtype if mlp.weight_on_input else combine_dtype
     flat_ids = ids_NK.reshape(-1)
     tok_S = torch.arange(n, device=x_NH.device).repeat_interleave(k)
     w_S1 = weights_NK.reshape(-1, 1)
@@ -539,16 +535,15 @@ def moe_experts_autograd_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor,
         if slots.numel() == 0:
             continue
         tok, w = tok_S[slots], w_S1[slots]
-        x_e = x_NH[tok] * w if weight_on_input else x_NH[tok]
-        h = x_e.to(compute_dtype) @ (w_up[e] if up_transposed else w_up[e].t())
+        x_e = x_NH[tok] * w if mlp.weight_on_input else x_NH[tok]
+        h = x_e.to(compute_dtype) @ (w_up[e] if mlp.up_transposed else w_up[e].t())
         if b_up is not None:
             h = h + b_up[e]
-        a = activation_forward(h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
-                               limit=limit)
-        y = a @ (w_down[e] if down_transposed else w_down[e].t())
+        a = activation_forward(h, **mlp.activation_kwargs())
+        y = a @ (w_down[e] if mlp.down_transposed else w_down[e].t())
         if b_down is not None:
             y = y + b_down[e]
-        if not weight_on_input:
+        if not mlp.weight_on_input:
             y = y.to(combine_dtype) * w
         out = out.index_add(0, tok, y.to(acc_dtype))
     return out.to(x_NH.dtype if out_dtype is None else out_dtype)
@@ -557,9 +552,7 @@ def moe_experts_autograd_reference(x_NH: torch.Tensor, weights_NK: torch.Tensor,
 def moe_experts_backward_reference(
     grad_out_NH: torch.Tensor, x_NH: torch.Tensor, weights_NK: torch.Tensor, perm_S: torch.Tensor,
     inv_perm_S: torch.Tensor, offsets_E: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-    b_up: torch.Tensor | None, b_down: torch.Tensor | None, h: torch.Tensor, *, activation: str,
-    gated: bool, interleaved: bool, alpha: float, limit: float, up_transposed: bool,
-    down_transposed: bool, weight_on_input: bool = False,
+    b_up: torch.Tensor | None, b_down: torch.Tensor | None, h: torch.Tensor, *, mlp: ExpertMLP = ExpertMLP(),
     needs_input_grad: tuple[bool, bool, bool, bool, bool, bool] = (True,) * 6,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of :func:`moe_experts_reference` for ``(x, weights, w_up, w_down, b_up, b_down)``.
@@ -574,14 +567,14 @@ def moe_experts_backward_reference(
     combine_dtype = torch.promote_types(compute_dtype, weights_NK.dtype)
     segs = _segments(offsets_E)
     need_x, need_w, need_up, need_down, need_bup, need_bdown = needs_input_grad
+    weight_on_input = mlp.weight_on_input
     tok_S = torch.div(perm_S, k, rounding_mode="floor")
     w_sorted_S1 = weights_NK.reshape(-1).index_select(0, perm_S).unsqueeze(-1)
     acc_dtype = compute_dtype if weight_on_input else combine_dtype
     g_SH = grad_out_NH.to(acc_dtype).index_select(0, tok_S)  # d loss / d (slot output as combined)
-    a, act_gate = activation_forward_saving(h, activation=activation, gated=gated, interleaved=interleaved,
-                                            alpha=alpha, limit=limit)
+    a, act_gate = activation_forward_saving(h, **mlp.activation_kwargs())
     # g W_down ([S, H] x [H, F] per expert): gradient wrt a (before the routing weight, if any)
-    ga_unweighted = grouped_linear(g_SH.to(compute_dtype), w_down, offsets_E, transposed=not down_transposed,
+    ga_unweighted = grouped_linear(g_SH.to(compute_dtype), w_down, offsets_E, transposed=not mlp.down_transposed,
                                    segments=segs)
     grad_weights = None
     if need_w and not weight_on_input:
@@ -600,26 +593,25 @@ def moe_experts_backward_reference(
         if gy_SH is None:
             gy_SH = g_SH.mul_(w_sorted_S1).to(compute_dtype)  # d loss / d y (g_SH is not needed any more)
         if need_down:  # w [H, F]: dW = gy^T a;  transposed w [F, H]: dW = a^T gy
-            grad_w_down = (_grouped_weight_grad(a, gy_SH, segs, w_down) if down_transposed
+            grad_w_down = (_grouped_weight_grad(a, gy_SH, segs, w_down) if mlp.down_transposed
                            else _grouped_weight_grad(gy_SH, a, segs, w_down))
         if need_bdown and b_down is not None:
             grad_b_down = _grouped_bias_grad(gy_SH, segs, b_down)
     del a
-    gh = activation_backward(ga, h, activation=activation, gated=gated, interleaved=interleaved, alpha=alpha,
-                             limit=limit, act_gate=act_gate)
+    gh = activation_backward(ga, h, act_gate=act_gate, **mlp.activation_kwargs())
     grad_w_up = grad_b_up = None
     x_rows_SH = None
     if need_up or (weight_on_input and need_w):
         x_rows_SH = x_NH.index_select(0, tok_S)
     if need_up:
         x_in_SH = (x_rows_SH * w_sorted_S1 if weight_on_input else x_rows_SH).to(compute_dtype)
-        grad_w_up = (_grouped_weight_grad(x_in_SH, gh, segs, w_up) if up_transposed
+        grad_w_up = (_grouped_weight_grad(x_in_SH, gh, segs, w_up) if mlp.up_transposed
                      else _grouped_weight_grad(gh, x_in_SH, segs, w_up))
     if need_bup and b_up is not None:
         grad_b_up = _grouped_bias_grad(gh, segs, b_up)
     grad_x = None
     if need_x or (weight_on_input and need_w):
-        gx_sorted_SH = grouped_linear(gh, w_up, offsets_E, transposed=not up_transposed, segments=segs)
+        gx_sorted_SH = grouped_linear(gh, w_up, offsets_E, transposed=not mlp.up_transposed, segments=segs)
         if weight_on_input and need_w:  # d loss / d w = <d (w x), x>
             gw_sorted_S = (gx_sorted_SH.to(combine_dtype) * x_rows_SH.to(combine_dtype)).sum(dim=-1)
             grad_weights = gw_sorted_S.index_select(0, inv_perm_S).view(n, k).to(weights_NK.dtype)

@@ -18,13 +18,13 @@ that never compile for CUDA never import Triton for this.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import torch
 
 log = logging.getLogger(__name__)
-_EMPTY_GRAD = (0,)
 _registered = False
+#: the Triton twins' arguments after their opaque ops' (schema order)
+_TWIN_EXTRA = ("allow_tf32",)
 
 
 def register_triton_ops() -> bool:
@@ -49,7 +49,16 @@ def _define_ops() -> None:
     from grouter_pass.kernels.dispatch_kernels import dispatch_plan_triton
     from grouter_pass.kernels.moe import moe_experts_backward_triton, moe_experts_triton
     from grouter_pass.ops.dispatch_plan import _dispatch_plan_fake
-    from grouter_pass.ops.moe_experts import _moe_experts_backward_fake, _moe_experts_fake, register_experts_autograd
+    from grouter_pass.ops.experts_schema import (
+        as_op_grads,
+        backward_signature,
+        experts_op_impl,
+        forward_signature,
+        register_experts_autograd,
+        split_backward_scalars,
+        split_forward_scalars,
+    )
+    from grouter_pass.ops.moe_experts import _moe_experts_backward_fake, _moe_experts_fake
 
     # Triton's CPU interpreter runs kernels eagerly and cannot trace them with fake tensors, so
     # there the twins are opaque custom ops with the opaque ops' fake rules (same schemas, same
@@ -63,35 +72,24 @@ def _define_ops() -> None:
         return dispatch_plan_triton(ids, num_experts, wrap=wrap_triton)[:4]
 
     @define("grouter::moe_experts_triton", mutates_args=())
-    def moe_experts_triton_op(
-        x: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor, offsets: torch.Tensor,
-        w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None, b_down: torch.Tensor | None,
-        activation: str, gated: bool, interleaved: bool, alpha: float, limit: float, up_transposed: bool,
-        down_transposed: bool, weight_on_input: bool, out_dtype: torch.dtype | None, allow_tf32: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return moe_experts_triton(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
-                                  activation=activation, gated=gated, interleaved=interleaved,
-                                  up_transposed=up_transposed, down_transposed=down_transposed, out_dtype=out_dtype,
-                                  allow_tf32=allow_tf32, wrap=wrap_triton)
+    @experts_op_impl(forward_signature(_TWIN_EXTRA))
+    def moe_experts_triton_op(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, *scalars):
+        mlp, out_dtype, (tf32,) = split_forward_scalars(scalars)
+        return moe_experts_triton(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, mlp=mlp,
+                                  out_dtype=out_dtype, allow_tf32=tf32, wrap=wrap_triton)
 
     @define("grouter::moe_experts_backward_triton", mutates_args=())
-    def moe_experts_backward_triton_op(
-        grad_out: torch.Tensor, x: torch.Tensor, weights: torch.Tensor, perm: torch.Tensor, inv_perm: torch.Tensor,
-        offsets: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, b_up: torch.Tensor | None,
-        b_down: torch.Tensor | None, h: torch.Tensor, needs: Sequence[bool], activation: str, gated: bool,
-        interleaved: bool, alpha: float, limit: float, up_transposed: bool, down_transposed: bool,
-        weight_on_input: bool, allow_tf32: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        grads = moe_experts_backward_triton(
-            grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h, activation=activation,
-            gated=gated, interleaved=interleaved, up_transposed=up_transposed, down_transposed=down_transposed,
-            needs=tuple(needs), allow_tf32=allow_tf32, wrap=wrap_triton)
-        return tuple(g if g is not None else x.new_empty(_EMPTY_GRAD) for g in grads)
+    @experts_op_impl(backward_signature(_TWIN_EXTRA))
+    def moe_experts_backward_triton_op(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down, h,
+                                       needs, *scalars):
+        mlp, (tf32,) = split_backward_scalars(scalars)
+        grads = moe_experts_backward_triton(grad_out, x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
+                                            h, mlp=mlp, needs=tuple(needs), allow_tf32=tf32, wrap=wrap_triton)
+        return as_op_grads(grads, x)
 
     if interpreted:
         dispatch_plan_triton_op.register_fake(_dispatch_plan_fake)
-        moe_experts_triton_op.register_fake(lambda *a: _moe_experts_fake(*a[:-1]))
-        moe_experts_backward_triton_op.register_fake(lambda *a: _moe_experts_backward_fake(*a[:-1]))
+        moe_experts_triton_op.register_fake(_moe_experts_fake)
+        moe_experts_backward_triton_op.register_fake(_moe_experts_backward_fake)
 
-    register_experts_autograd(moe_experts_triton_op, torch.ops.grouter.moe_experts_backward_triton,
-                              extra_args=("allow_tf32",))
+    register_experts_autograd(moe_experts_triton_op, torch.ops.grouter.moe_experts_backward_triton, extra=_TWIN_EXTRA)

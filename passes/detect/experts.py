@@ -63,7 +63,7 @@ from grouter_pass.passes.graph_utils import (
 )
 from grouter_pass.passes.probe import ProbeError, Region, concrete, concrete_shape, eager, random_routing
 from grouter_pass.passes.probe_weights import ProbeWeights
-from grouter_pass.spec import ActivationSpec, ExpertsSpec, NoMatch
+from grouter_pass.spec import ActivationSpec, ExpertMLP, ExpertsSpec, NoMatch
 
 log = logging.getLogger(__name__)
 
@@ -666,14 +666,14 @@ def _op_reference(reading: _Reading, parts: dict, inputs: dict, probe: _Probe, x
         is_ffn = ids < e_ffn
         ffn_ids = ids.clamp(max=e_ffn - 1)
         ffn_w = ffn_w * is_ffn.to(ffn_w.dtype)
-    layout = dict(up_transposed=reading.up_t[0], down_transposed=reading.down_t,
-                  weight_on_input=reading.weight_on_input, out_dtype=None, **reading.activation.op_kwargs())
+    mlp = ExpertMLP.of(reading.activation, up_transposed=reading.up_t[0], down_transposed=reading.down_t,
+                       weight_on_input=reading.weight_on_input)
     if probe.use_ops:
         plan = reference.dispatch_plan_reference(ffn_ids, e_ffn)
         out, _ = torch.ops.grouter.moe_experts(x_flat, ffn_w, plan[0], plan[1], plan[3], w_up, w_down, b_up, b_down,
-                                               **layout)
+                                               **mlp.kwargs(), out_dtype=None)
     else:
-        out = reference.moe_experts_autograd_reference(x_flat, ffn_w, ffn_ids, w_up, w_down, b_up, b_down, **layout)
+        out = reference.moe_experts_autograd_reference(x_flat, ffn_w, ffn_ids, w_up, w_down, b_up, b_down, mlp=mlp)
     if e_ffn < probe.e and reading.identity == "identity":
         extra = (w_flat * (ids >= e_ffn).to(w_flat.dtype)).sum(-1, keepdim=True)
         out = out + (extra * x_flat).to(out.dtype)

@@ -24,6 +24,7 @@ from grouter_pass.distributed import (
     shard_expert_parameters,
     splits_from_step_routing,
 )
+from grouter_pass.spec import ExpertMLP
 
 from ._spawn import Recorder
 
@@ -244,18 +245,18 @@ def check_op_variants(rank: int, world: int) -> dict:
                   torch.randn(E, f, h, generator=g) if v["down_t"] else torch.randn(E, h, f, generator=g)]
         params += [torch.randn(E, up_out, generator=g), torch.randn(E, h, generator=g)] if v["bias"] else [None, None]
         proj = torch.randn(n, h, generator=g)
-        act = (v["activation"], v["gated"], False, 1.0, 0.0, v["up_t"], v["down_t"], v["woi"], None)
+        mlp = ExpertMLP(activation=v["activation"], gated=v["gated"], up_transposed=v["up_t"],
+                        down_transposed=v["down_t"], weight_on_input=v["woi"])
         full = [t.clone().requires_grad_() if t is not None else None for t in (x, w, *params)]
         perm, inv, _, offsets = torch.ops.grouter.dispatch_plan(ids, E)
-        out, _ = torch.ops.grouter.moe_experts(full[0], full[1], perm, inv, offsets, *full[2:], *act)
+        out, _ = torch.ops.grouter.moe_experts(full[0], full[1], perm, inv, offsets, *full[2:], *mlp.kwargs().values(),
+                                               None)
         (out * proj).sum().backward()
         rows = slice(rank * (n // world), (rank + 1) * (n // world))
         experts = slice(rank * local, (rank + 1) * local)
         mine = [x[rows].clone(), w[rows].clone()] + [t[experts].clone() if t is not None else None for t in params]
         mine = [t.requires_grad_() if t is not None else None for t in mine]
-        out_r = ep_moe_experts(mine[0], mine[1], ids[rows], *mine[2:], ep=epg, num_experts=E, activation=act[0],
-                               gated=act[1], up_transposed=v["up_t"], down_transposed=v["down_t"],
-                               weight_on_input=v["woi"])
+        out_r = ep_moe_experts(mine[0], mine[1], ids[rows], *mine[2:], ep=epg, num_experts=E, mlp=mlp)
         (out_r * proj[rows]).sum().backward()
         pairs = [(out_r, out[rows]), (mine[0].grad, full[0].grad[rows]), (mine[1].grad, full[1].grad[rows])]
         pairs += [(m.grad, fu.grad[experts]) for m, fu in zip(mine[2:], full[2:]) if m is not None]

@@ -6,6 +6,7 @@ import torch
 
 from grouter_pass.ops import cpu_experts as C
 from grouter_pass.ops import reference as R
+from grouter_pass.spec import ExpertMLP
 
 # name -> (activation kwargs, transposed layouts, biases)
 CASES = {
@@ -24,7 +25,7 @@ def _inputs(name, n=37, k=3, e=9, h=20, f=12):
              wu=torch.randn((e, h, up) if transposed else (e, up, h)) * 0.2,
              wd=torch.randn((e, f, h) if transposed else (e, h, f)) * 0.2,
              bu=torch.randn(e, up) * 0.1 if bias else None, bd=torch.randn(e, h) * 0.1 if bias else None)
-    kw = dict(up_transposed=transposed, down_transposed=transposed, **act)
+    kw = dict(mlp=ExpertMLP(up_transposed=transposed, down_transposed=transposed, **act))
     return (t["x"], t["w"], perm, inv, offs, t["wu"], t["wd"], t["bu"], t["bd"]), kw
 
 
@@ -68,7 +69,7 @@ def test_op_uses_cpu_path_where_openmp_threads_sleep_unless_reference_forced(mon
     calls = []
     real = C.moe_experts_cpu
     monkeypatch.setattr(C, "moe_experts_cpu", lambda *a, **k: calls.append(1) or real(*a, **k))
-    flags = dict(kw, weight_on_input=False, out_dtype=None)
+    flags = dict(kw["mlp"].kwargs(), out_dtype=None)
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     torch.ops.grouter.moe_experts(*args, **flags)
     assert calls == [1]

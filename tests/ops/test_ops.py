@@ -6,6 +6,7 @@ import torch
 
 import grouter_pass  # noqa: F401  (registers the ops)
 from grouter_pass.ops import reference as R
+from grouter_pass.spec import ExpertMLP
 
 ROUTE_DEFAULTS = dict(top_k=2, score_func="softmax", order="score_then_topk", bias_mode="none", n_group=1,
                       topk_group=1, group_score="top2_sum", renorm="none", renorm_eps=0.0, renorm_clamp_min=None,
@@ -152,7 +153,7 @@ def test_moe_experts_backward_op_opcheck_and_partial_needs(name):
         torch.library.opcheck(torch.ops.grouter.moe_experts_backward.default, (grad, *args, h),
                               dict(needs=needs, **kw_b))
         grads = torch.ops.grouter.moe_experts_backward(grad, *args, h, needs=needs, **kw_b)
-        full = R.moe_experts_backward_reference(grad, *args, h, **kw_b)
+        full = R.moe_experts_backward_reference(grad, *args, h, mlp=ExpertMLP(**kw_b))
         for need, got, want in zip(needs, grads, full):
             if need and want is not None:
                 torch.testing.assert_close(got, want)
@@ -344,3 +345,30 @@ def test_bf16_experts_combine_in_fp32_against_an_fp64_copy():
             y = (w_down[ex].double() @ torch.relu(w_up[ex].double() @ x64[t])).to(torch.bfloat16)
             bf16_combine[t] += weights[t, j].to(torch.bfloat16) * y
     assert (bf16_combine != want.to(torch.bfloat16)).float().mean() > 0.1
+
+
+def test_experts_op_schemas_come_from_expert_mlp():
+    """Every experts op takes the ``ExpertMLP`` fields, in field order, right after its tensors
+    (and, in the forward ops, ``out_dtype``): adding a field to the dataclass reaches every op."""
+    from grouter_pass.ops.experts_schema import EXPERT_INPUTS, ExpertGrads
+    from grouter_pass.ops.triton_ops import register_triton_ops
+
+    register_triton_ops()
+    names = list(ExpertMLP.names())
+    ops = ["moe_experts", "moe_experts_backward"]
+    if hasattr(torch.ops.grouter, "moe_experts_triton"):
+        ops += ["moe_experts_triton", "moe_experts_backward_triton"]
+    for op in ops:
+        schema = getattr(torch.ops.grouter, op).default._schema
+        args = [a.name for a in schema.arguments]
+        start = args.index("needs") + 1 if "backward" in op else len(EXPERT_INPUTS)
+        assert args[start:start + len(names)] == names, (op, args)
+        want_out = len(ExpertGrads._fields) if "backward" in op else 2
+        assert len(schema.returns) == want_out, op
+
+
+def test_expert_mlp_from_flat_arguments_names_what_it_got():
+    mlp = ExpertMLP(activation="gelu", gated=False, down_transposed=True)
+    assert ExpertMLP.from_args(tuple(mlp.kwargs().values())) == mlp
+    with pytest.raises(TypeError, match=r"takes 8 values .*got 9: \('gelu', False"):
+        ExpertMLP.from_args((*mlp.kwargs().values(), None))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from grouter_pass.ops import reference as R
+from grouter_pass.spec import ExpertMLP
 
 
 def mixtral_router(logits):
@@ -200,8 +201,8 @@ def test_moe_experts_matches_per_token_loop(act, n, k, e, routing, transposed, b
     h, f = 12, 5  # odd sizes, not multiples of anything
     x, w, ids, wu, wd, bu, bd = _experts_case(n, k, e, h, f, act, transposed, bias, routing)
     perm, inv, counts, offs = R.dispatch_plan_reference(ids, e)
-    got, hidden = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, bu, bd, up_transposed=transposed,
-                                          down_transposed=transposed, **ACTS[act])
+    got, hidden = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, bu, bd, mlp=ExpertMLP(
+        up_transposed=transposed, down_transposed=transposed, **ACTS[act]))
     want = per_token_experts(x, w, ids, wu, wd, bu, bd, ACTS[act], transposed, transposed)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert hidden.shape == (n * k, wu.shape[2] if transposed else wu.shape[1])
@@ -219,11 +220,10 @@ def test_moe_experts_backward_matches_autograd(act, routing, weight_on_input):
     g = torch.randn_like(want_out)
     want = torch.autograd.grad(want_out, leaves, g)
     perm, inv, _, offs = R.dispatch_plan_reference(ids, e)
-    got_out, hidden = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, bu, bd, up_transposed=True,
-                                              down_transposed=True, weight_on_input=weight_on_input, **ACTS[act])
+    mlp = ExpertMLP(up_transposed=True, down_transposed=True, weight_on_input=weight_on_input, **ACTS[act])
+    got_out, hidden = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, bu, bd, mlp=mlp)
     torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6)
-    got = R.moe_experts_backward_reference(g, x, w, perm, inv, offs, wu, wd, bu, bd, hidden, up_transposed=True,
-                                           down_transposed=True, weight_on_input=weight_on_input, **ACTS[act])
+    got = R.moe_experts_backward_reference(g, x, w, perm, inv, offs, wu, wd, bu, bd, hidden, mlp=mlp)
     for name, a, b in zip(("x", "weights", "w_up", "w_down", "b_up", "b_down"), got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
@@ -232,7 +232,7 @@ def test_moe_experts_bf16_combines_in_fp32_like_transformers():
     n, k, e, h, f = 8, 2, 4, 16, 8
     x, w, ids, wu, wd, _, _ = _experts_case(n, k, e, h, f, "swiglu", False, False, "random", dtype=torch.bfloat16)
     perm, inv, _, offs = R.dispatch_plan_reference(ids, e)
-    got, _ = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, **ACTS["swiglu"])
+    got, _ = R.moe_experts_reference(x, w, perm, inv, offs, wu, wd, mlp=ExpertMLP(**ACTS["swiglu"]))
     assert got.dtype == torch.bfloat16
     want = per_token_experts(x.float(), w, ids, wu.float(), wd.float(), None, None, ACTS["swiglu"], False, False)
     torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)

@@ -15,7 +15,7 @@ from grouter_pass.integrations.empty_expert_grads import EmptyExpertGrads
 from grouter_pass.integrations.loop_blocks.candidates import Candidate
 from grouter_pass.integrations.loop_blocks.roles import Roles, expert_tensors
 from grouter_pass.numerics import compare
-from grouter_pass.spec import GatingSpec, NoMatch
+from grouter_pass.spec import ExpertMLP, GatingSpec, NoMatch
 
 
 def make_forward(cand: Candidate, spec: tuple[GatingSpec, str | None], roles: Roles, ffn: int,
@@ -40,8 +40,7 @@ def make_forward(cand: Candidate, spec: tuple[GatingSpec, str | None], roles: Ro
             grads.record(counts)
         w_up, w_down, b_up, b_down = expert_tensors(self, experts, roles, ffn)
         out, _ = torch.ops.grouter.moe_experts(x, weights, perm, inv_perm, offsets, w_up, w_down, b_up, b_down,
-                                               up_transposed=False, down_transposed=False, weight_on_input=False,
-                                               out_dtype=hidden_states.dtype, **act.op_kwargs())
+                                               **ExpertMLP.of(act).kwargs(), out_dtype=hidden_states.dtype)
         leaves = [out.view(hidden_states.shape) if role == "output" else logits if role == "logits" else None
                   for role in out_roles]
         return pytree.tree_unflatten(leaves, out_tree)

@@ -8,6 +8,7 @@ import grouter_pass  # noqa: F401  (registers the ops)
 from grouter_pass.kernels.moe import moe_experts_backward_triton, moe_experts_triton
 from grouter_pass.ops import reference as R
 from grouter_pass.ops.triton_ops import register_triton_ops
+from grouter_pass.spec import ExpertMLP
 from tests.kernels.interpreted.cases import assert_close, make_ids, plan, rand
 
 # name -> (routing, n, k, e, h, f, dtype, activation, gated, interleaved, up_T, down_T, biases)
@@ -33,25 +34,21 @@ def _inputs(name):
         w_down=rand(*((e, f, h) if down_t else (e, h, f)), dtype=dtype, scale=0.2),
         b_up=rand(e, o, dtype=dtype, scale=0.1) if biases else None,
         b_down=rand(e, h, dtype=dtype, scale=0.1) if biases else None)
-    kw = dict(activation=act, gated=gated, interleaved=inter, up_transposed=up_t, down_transposed=down_t)
-    return tensors, (perm, inv_perm, offsets), kw, dtype
-
-
-def _ref_kw(kw):
-    return dict(kw, alpha=1.0, limit=0.0)
+    mlp = ExpertMLP(activation=act, gated=gated, interleaved=inter, up_transposed=up_t, down_transposed=down_t)
+    return tensors, (perm, inv_perm, offsets), mlp, dtype
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_forward_and_backward_match_reference(name):
-    t, (perm, inv_perm, offsets), kw, dtype = _inputs(name)
+    t, (perm, inv_perm, offsets), mlp, dtype = _inputs(name)
     args = (t["x"], t["weights"], perm, inv_perm, offsets, t["w_up"], t["w_down"], t["b_up"], t["b_down"])
-    out, h = moe_experts_triton(*args, out_dtype=None, **kw)
-    want_out, want_h = R.moe_experts_reference(*args, **_ref_kw(kw))
+    out, h = moe_experts_triton(*args, mlp=mlp, out_dtype=None)
+    want_out, want_h = R.moe_experts_reference(*args, mlp=mlp)
     assert_close(out, want_out, dtype, "out")
     assert_close(h, want_h, dtype, "h")
     grad_out = rand(*out.shape, dtype=out.dtype)
-    got = moe_experts_backward_triton(grad_out, *args, want_h, **kw)
-    want = R.moe_experts_backward_reference(grad_out, *args, want_h, **_ref_kw(kw))
+    got = moe_experts_backward_triton(grad_out, *args, want_h, mlp=mlp)
+    want = R.moe_experts_backward_reference(grad_out, *args, want_h, mlp=mlp)
     for label, g, w in zip(NAMES, got, want):
         assert (g is None) == (w is None), label
         if w is not None:
@@ -63,10 +60,8 @@ def test_op_autograd_runs_the_kernels(monkeypatch):
     op on the reference path, for the output and every gradient."""
     import grouter_pass.kernels.moe as M
 
-    t, (perm, inv_perm, offsets), kw, dtype = _inputs("fp32_one_expert_bias")
-    flags = dict(activation=kw["activation"], gated=kw["gated"], interleaved=kw["interleaved"], alpha=1.0, limit=0.0,
-                 up_transposed=kw["up_transposed"], down_transposed=kw["down_transposed"], weight_on_input=False,
-                 out_dtype=None)
+    t, (perm, inv_perm, offsets), mlp, dtype = _inputs("fp32_one_expert_bias")
+    flags = dict(mlp.kwargs(), out_dtype=None)
     calls = []
     for fn in ("moe_experts_triton", "moe_experts_backward_triton"):
         real = getattr(M, fn)
@@ -92,16 +87,15 @@ def test_op_autograd_runs_the_kernels(monkeypatch):
 def test_triton_ops_eager_and_opcheck():
     """The ``triton_op`` forms Inductor uses on CUDA give the same results in eager mode."""
     assert register_triton_ops()
-    t, (perm, inv_perm, offsets), kw, dtype = _inputs("fp16_interleaved_one_token")
+    t, (perm, inv_perm, offsets), mlp, dtype = _inputs("fp16_interleaved_one_token")
     args = (t["x"], t["weights"], perm, inv_perm, offsets, t["w_up"], t["w_down"], t["b_up"], t["b_down"])
-    flags = (kw["activation"], kw["gated"], kw["interleaved"], 1.0, 0.0, kw["up_transposed"], kw["down_transposed"],
-             False)
+    flags = tuple(mlp.kwargs().values())
     out, h = torch.ops.grouter.moe_experts_triton(*args, *flags, None, False)
-    want_out, want_h = R.moe_experts_reference(*args, **_ref_kw(kw))
+    want_out, want_h = R.moe_experts_reference(*args, mlp=mlp)
     assert_close(out, want_out, dtype, "out")
     grad_out = rand(*out.shape, dtype=out.dtype)
     grads = torch.ops.grouter.moe_experts_backward_triton(grad_out, *args, want_h, [True] * 6, *flags, False)
-    want = R.moe_experts_backward_reference(grad_out, *args, want_h, **_ref_kw(kw))
+    want = R.moe_experts_backward_reference(grad_out, *args, want_h, mlp=mlp)
     for label, g, w in zip(NAMES, grads, want):
         if w is not None:
             assert_close(g, w, dtype, f"grad {label}")
