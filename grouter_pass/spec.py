@@ -51,6 +51,13 @@ def compact_repr(obj: Any) -> str:
     return f"{type(obj).__name__}({', '.join(parts)})"
 
 
+#: the :class:`GatingSpec` fields ``grouter::route`` takes after ``(logits, bias)``, in its schema
+#: order; the op's signature is generated from them (``ops/route.py``)
+ROUTE_ARGS = ("top_k", "score_func", "order", "bias_mode", "n_group", "topk_group", "group_score", "renorm",
+              "renorm_eps", "renorm_clamp_min", "renorm_p", "scaling_factor", "score_dtype", "weights_dtype",
+              "sorted", "sparsemixer_threshold")
+
+
 @dataclass(frozen=True)
 class GatingSpec:
     """What a gating site computes, from router logits ``[N, E]`` to ``(weights, ids)`` ``[N, K]``.
@@ -111,25 +118,8 @@ class GatingSpec:
         return self.family not in KEPT_FAMILIES
 
     def route_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of ``torch.ops.grouter.route`` for this spec."""
-        return dict(
-            top_k=self.top_k,
-            score_func=self.score_func,
-            order=self.order,
-            bias_mode=self.bias_mode,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            group_score=self.group_score,
-            renorm=self.renorm,
-            renorm_eps=self.renorm_eps,
-            renorm_clamp_min=self.renorm_clamp_min,
-            renorm_p=self.renorm_p,
-            scaling_factor=self.scaling_factor,
-            score_dtype=self.score_dtype,
-            weights_dtype=self.weights_dtype,
-            sorted=self.sorted,
-            sparsemixer_threshold=self.sparsemixer_threshold,
-        )
+        """Keyword arguments of ``torch.ops.grouter.route`` for this spec (:data:`ROUTE_ARGS`)."""
+        return {name: getattr(self, name) for name in ROUTE_ARGS}
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -17,67 +17,62 @@ instead of saving them.
 
 from __future__ import annotations
 
+import inspect
+import typing
+
 import torch
 
 from grouter_pass.ops import reference
+from grouter_pass.spec import ROUTE_ARGS, GatingSpec
+
+
+def _op_type(hint: typing.Any) -> typing.Any:
+    """A ``GatingSpec`` field's type as an op argument: a ``Literal`` of names is a ``str``."""
+    return str if typing.get_origin(hint) is typing.Literal else hint
+
+
+def _route_signature() -> inspect.Signature:
+    hints = typing.get_type_hints(GatingSpec)
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    params = [inspect.Parameter("logits", kind, annotation=torch.Tensor),
+              inspect.Parameter("bias", kind, annotation=torch.Tensor | None),
+              *(inspect.Parameter(name, kind, annotation=_op_type(hints[name])) for name in ROUTE_ARGS)]
+    return inspect.Signature(params, return_annotation=tuple[torch.Tensor, torch.Tensor])
+
+
+def _with_route_signature(fn):
+    fn.__signature__ = _route_signature()
+    return fn
 
 
 @torch.library.custom_op("grouter::route", mutates_args=())
-def route(
-    logits: torch.Tensor,
-    bias: torch.Tensor | None,
-    top_k: int,
-    score_func: str,
-    order: str,
-    bias_mode: str,
-    n_group: int,
-    topk_group: int,
-    group_score: str,
-    renorm: str,
-    renorm_eps: float,
-    renorm_clamp_min: float | None,
-    renorm_p: float,
-    scaling_factor: float,
-    score_dtype: torch.dtype | None,
-    weights_dtype: torch.dtype,
-    sorted: bool,
-    sparsemixer_threshold: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@_with_route_signature
+def route(logits, bias, *spec):
+    """Arguments: logits, bias, then the :data:`~grouter_pass.spec.ROUTE_ARGS` fields of the spec."""
     with torch.no_grad():
-        w, ids = reference.route_reference(
-            logits, bias, top_k=top_k, score_func=score_func, order=order, bias_mode=bias_mode,
-            n_group=n_group, topk_group=topk_group, group_score=group_score, renorm=renorm,
-            renorm_eps=renorm_eps, renorm_clamp_min=renorm_clamp_min, renorm_p=renorm_p,
-            scaling_factor=scaling_factor, score_dtype=score_dtype, weights_dtype=weights_dtype,
-            sorted=sorted, sparsemixer_threshold=sparsemixer_threshold)
+        w, ids = reference.route_reference(logits, bias, **dict(zip(ROUTE_ARGS, spec)))
     return w.contiguous(), ids.contiguous()  # gather/topk outputs: fresh tensors, never aliases
 
 
 @route.register_fake
-def _route_fake(logits, bias, top_k, score_func, order, bias_mode, n_group, topk_group, group_score, renorm,
-                renorm_eps, renorm_clamp_min, renorm_p, scaling_factor, score_dtype, weights_dtype, sorted,
-                sparsemixer_threshold):
+def _route_fake(logits, bias, *spec):
+    top_k, weights_dtype = (dict(zip(ROUTE_ARGS, spec))[k] for k in ("top_k", "weights_dtype"))
     torch._check(logits.dim() >= 1, lambda: f"route expects logits [..., E], got {tuple(logits.shape)}")
     lead = tuple(logits.shape[:-1])
     return (logits.new_empty((*lead, top_k), dtype=weights_dtype),
             logits.new_empty((*lead, top_k), dtype=torch.int64))
 
 
-_SPEC_ARGS = ("top_k", "score_func", "order", "bias_mode", "n_group", "topk_group", "group_score", "renorm",
-              "renorm_eps", "renorm_clamp_min", "renorm_p", "scaling_factor", "score_dtype", "weights_dtype",
-              "sorted", "sparsemixer_threshold")
-
-
 def _route_setup_context(ctx, inputs, output):
     logits, bias, *spec = inputs
-    ctx.spec = dict(zip(_SPEC_ARGS, spec))
+    ctx.spec = dict(zip(ROUTE_ARGS, spec))
     ctx.save_for_backward(logits, bias, output[1])
 
 
 def _route_backward(ctx, grad_weights, grad_ids):
     logits, bias, ids = ctx.saved_tensors
     grad_logits, grad_bias = reference.route_backward_reference(grad_weights, logits, bias, ids, **ctx.spec)
-    return (grad_logits, grad_bias) + (None,) * len(_SPEC_ARGS)
+    return (grad_logits, grad_bias) + (None,) * len(ROUTE_ARGS)
 
 
 route.register_autograd(_route_backward, setup_context=_route_setup_context)

@@ -372,3 +372,16 @@ def test_expert_mlp_from_flat_arguments_names_what_it_got():
     assert ExpertMLP.from_args(tuple(mlp.kwargs().values())) == mlp
     with pytest.raises(TypeError, match=r"takes 8 values .*got 9: \('gelu', False"):
         ExpertMLP.from_args((*mlp.kwargs().values(), None))
+
+
+def test_route_schema_comes_from_gating_spec():
+    """``grouter::route`` takes exactly the ``ROUTE_ARGS`` fields of ``GatingSpec`` after
+    ``(logits, bias)``; every other field is named here, so a new field must choose a side."""
+    import dataclasses
+
+    from grouter_pass.spec import ROUTE_ARGS, GatingSpec
+
+    args = [a.name for a in torch.ops.grouter.route.default._schema.arguments]
+    assert args == ["logits", "bias", *ROUTE_ARGS]
+    not_op_args = {f.name for f in dataclasses.fields(GatingSpec)} - set(ROUTE_ARGS)
+    assert not_op_args == {"family", "num_experts", "prelude"}
