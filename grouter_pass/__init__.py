@@ -16,10 +16,8 @@ from importlib import import_module as _import_module
 from typing import Any as _Any
 
 from grouter_pass import ops  # noqa: F401  (registers torch.ops.grouter.*)
-
-# ``routing`` is both a submodule and the function users call (``grouter_pass.routing(w, ids)``):
-# imported here, so the function, not the module, is what the package attribute holds for good
-from grouter_pass.routing import GrouterRouting, HashRouting, PrecomputedRouting, routing
+from grouter_pass.routing_sources import GrouterRouting, HashRouting, PrecomputedRouting
+from grouter_pass.runtime import routing
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ class LearnedRouter:
     kind: str = "learned"
 
 
-from grouter_pass.routing import GrouterRouting, HashRouting, PrecomputedRouting  # noqa: E402
+from grouter_pass.routing_sources import GrouterRouting, HashRouting, PrecomputedRouting  # noqa: E402
 
 RoutingSource = LearnedRouter | GrouterRouting | PrecomputedRouting | HashRouting
 ROUTING_SOURCES = (LearnedRouter, GrouterRouting, PrecomputedRouting, HashRouting)
@@ -41,7 +41,7 @@ class GrouterConfig:
         routing: where routing decisions come from. ``LearnedRouter()`` (the default) keeps the
             model's router: the rewritten model computes the same function. ``GrouterRouting(g)``,
             ``PrecomputedRouting()`` and ``HashRouting(table)`` route every MoE layer with one
-            routing computed once per step (:mod:`grouter_pass.routing`): the model's routers and
+            routing computed once per step (:mod:`grouter_pass.routing_sources`): the model's routers and
             auxiliary router losses are removed from the graph.
         rewrite_modules: before compiling, make MoE layers whose expert loop would break the graph
             capturable, in place and without changing a number: transformers models using the

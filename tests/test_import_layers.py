@@ -21,8 +21,10 @@ ALLOWED = {
     # semantics (the probes run it), the environment switches
     "grouter_pass.passes": ("grouter_pass.spec", "grouter_pass.config", "grouter_pass.numerics", "grouter_pass.env",
                             "grouter_pass.ops", "grouter_pass.ops.reference"),
-    # numerics: kernels and switches only
-    "grouter_pass.ops": ("grouter_pass.kernels.*", "grouter_pass.env", "grouter_pass.spec", "grouter_pass._slots"),
+    # numerics: kernels, switches and the per-call state the opaque ops read
+    "grouter_pass.ops": ("grouter_pass.kernels.*", "grouter_pass.env", "grouter_pass.spec", "grouter_pass.runtime.*"),
+    # per-call state: nothing of the package but itself
+    "grouter_pass.runtime": (),
     # kernels: the switches, and the contract's pure data (the implementations take ExpertMLP)
     "grouter_pass.kernels": ("grouter_pass.env", "grouter_pass.spec"),
     "grouter_pass.spec": (),
@@ -39,8 +41,6 @@ KNOWN = {
         "the kernel choice is shared with the ops, which make it at run time",
     ("grouter_pass.passes.select_kernels", "grouter_pass.ops.triton_ops"):
         "the Triton twins of the ops are registered on first use by the pass",
-    ("grouter_pass.ops.external_routing", "grouter_pass.routing"):
-        "the per-step routing is read from the process-wide routing-source registry",
 }
 
 # product code never imports the test helpers; known exceptions, with why

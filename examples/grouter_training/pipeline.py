@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from grouter_pass import HashRouting
 from grouter_pass.router import (
     ByteTokenizer,
     Grouter,
@@ -51,7 +52,6 @@ from grouter_pass.router import (
     load_source_model,
     tune,
 )
-from grouter_pass.routing import HashRouting
 
 from . import metrics, plots
 from .arms import ARMS, DEFAULT_ARMS, ArmSpec

@@ -21,7 +21,6 @@ by autograd as integers).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +30,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from grouter_pass.distributed.group import EPGroup
 from grouter_pass.distributed.splits import EPSplits, gather_step_splits
-from grouter_pass.ops.split_sizes import active_step_splits
-from grouter_pass.routing import current_ep_splits, current_routing, step_routing
+from grouter_pass.runtime import StepPlan, delivered_routing, running_step
 
 
 class EPStepRunner:
@@ -56,17 +54,17 @@ class EPStepRunner:
             if self.token_input is None:
                 raise RuntimeError(f"{self.source.describe()} routing needs the graph's token ids")
             return self.source.compute(args[self.token_input])
-        current = current_routing()
+        current = delivered_routing()
         if current is None:
             raise RuntimeError("PrecomputedRouting: no routing for this call; run the model inside "
                                "`with grouter_pass.routing(weights, ids): ...`")
-        weights, ids = current
+        weights, ids = current.weights, current.ids
         return weights.reshape(-1, self.top_k), ids.reshape(-1, self.top_k)
 
     def splits_for(self, ids: torch.Tensor) -> EPSplits:
-        given = current_ep_splits()
-        if given is not None:
-            return given
+        delivered = delivered_routing()
+        if delivered is not None and delivered.ep_splits is not None:
+            return delivered.ep_splits
         phys = ids.long()
         if self.logical_to_physical is not None:
             phys = self.logical_to_physical.to(phys.device)[phys]
@@ -75,9 +73,10 @@ class EPStepRunner:
     def __call__(self, *args: Any) -> Any:
         weights, ids = self.step_routing(args)  # Dynamo calls with the flat graph inputs
         splits = self.splits_for(ids)
-        key = self.source.key
-        reuse = step_routing(key, weights, ids) if self.source.needs_token_ids else contextlib.nullcontext()
-        with active_step_splits(key, splits), reuse:
+        # the graph's external_routing reuses the routing computed here (a Grouter or hash source
+        # would otherwise run twice); precomputed routing it reads from the routing block itself
+        plan = StepPlan(routing=(weights, ids) if self.source.needs_token_ids else None, splits=splits)
+        with running_step(self.source.key, plan):
             return self.compiled(*args)
 
 

@@ -3,7 +3,7 @@
 Inputs:  ``tokens`` — the token ids ``[B, S]`` (Grouter and hash sources) or any tensor whose
          leading ``token_dims`` dims are the tokens (precomputed routing of a model fed
          ``inputs_embeds``: the first MoE layer's hidden states); ``source`` — the key of a
-         routing source registered in :mod:`grouter_pass.routing`; ``top_k``.
+         routing source registered in :mod:`grouter_pass.runtime.sources`; ``top_k``.
 Outputs: weights ``[N, k]`` float32, ids ``[N, k]`` int64, ``N = prod(tokens.shape[:token_dims])``.
 
 Opaque on purpose: the source may be a whole network (the Grouter, run frozen under no_grad) or
@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from grouter_pass.routing import computed_step_routing, source_of
+from grouter_pass.runtime import source_of, step_plan
 
 
 @torch.library.custom_op("grouter::external_routing", mutates_args=())
@@ -26,9 +26,9 @@ def external_routing(tokens: torch.Tensor, source: int, token_dims: int, top_k: 
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     src = source_of(source)
     n_tokens = math.prod(tokens.shape[:token_dims])
-    ready = computed_step_routing(source)  # the expert-parallel step runner computed it already
-    if ready is not None:
-        weights, ids = ready
+    plan = step_plan(source)  # the expert-parallel step runner may have computed it already
+    if plan is not None and plan.routing is not None:
+        weights, ids = plan.routing
     elif src.needs_token_ids:
         weights, ids = src.compute(tokens)
     else:

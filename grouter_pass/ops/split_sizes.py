@@ -12,8 +12,8 @@ change, tested).
   the layer just exchanged: the per-layer host read that Megatron-LM and torchtitan also do.
 * ``step_split_size(anchor, key, index, site)`` / ``step_recv_counts(anchor, key, ranks, local, site)``:
   Grouter / precomputed / hash modes. Read the step's split sizes that were computed **before**
-  the compiled graph was entered (:func:`active_step_splits`, set by
-  :class:`grouter_pass.distributed.runtime.EPStepRunner`): plain Python integers, no device
+  the compiled graph was entered (the :class:`~grouter_pass.runtime.StepPlan` that
+  :class:`grouter_pass.distributed.runtime.EPStepRunner` sets): plain Python integers, no device
   read at all. ``anchor`` is any tensor of the graph, only there to order the call after it;
   ``site`` (the MoE layer's index) keeps the calls of different layers distinct: with equal
   arguments Inductor's CSE would merge them, leaving later layers' sizes without a definition.
@@ -24,29 +24,20 @@ output (receive) splits of this rank.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 
-from grouter_pass._slots import KeyedSlots
-
-_STEP_SPLITS = KeyedSlots()
-
-
-def active_step_splits(key: int, splits: Any) -> contextlib.AbstractContextManager[None]:
-    """Make ``splits`` (an :class:`~grouter_pass.distributed.EPSplits`) what the step ops of
-    routing source ``key`` read inside the block (one compiled-graph call)."""
-    return _STEP_SPLITS.holding(key, splits)
+from grouter_pass.runtime import step_plan
 
 
 def _step_splits(key: int) -> Any:
-    splits = _STEP_SPLITS.get(key)
-    if splits is None:
+    plan = step_plan(key)
+    if plan is None or plan.splits is None:
         raise RuntimeError("expert parallelism: this graph reads the step's all-to-all split sizes, but none were "
                            "computed for this call (the compiled graph must be called through the grouter backend's "
                            "step runner, which computes them before the step)")
-    return splits
+    return plan.splits
 
 
 @torch.library.custom_op("grouter::split_size", mutates_args=())
@@ -84,4 +75,4 @@ def _step_recv_counts_fake(anchor, key, ranks, local, site):
     return anchor.new_empty((ranks, local), dtype=torch.int64)
 
 
-__all__ = ["active_step_splits", "split_size", "step_recv_counts", "step_split_size"]
+__all__ = ["split_size", "step_recv_counts", "step_split_size"]

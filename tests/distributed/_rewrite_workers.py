@@ -25,10 +25,9 @@ from torch._dynamo.backends.common import aot_autograd
 from torch.distributed.device_mesh import init_device_mesh
 
 import grouter_pass
-from grouter_pass import GrouterConfig, apply_grouter
+from grouter_pass import GrouterConfig, HashRouting, PrecomputedRouting, apply_grouter
 from grouter_pass.distributed import fully_shard_non_experts, shard_expert_parameters, splits_from_step_routing
 from grouter_pass.distributed.placement_file import Placement
-from grouter_pass.routing import HashRouting, PrecomputedRouting
 from grouter_pass.testing.handwritten import BatchedGatherMoE, TinyMoELM
 
 from ._spawn import Recorder

@@ -8,9 +8,13 @@ import torch
 
 import grouter_pass.ops  # noqa: F401
 from grouter_pass.distributed.splits import EPSplits, compute_ep_splits
-from grouter_pass.ops.split_sizes import active_step_splits
+from grouter_pass.runtime import StepPlan, running_step
 
 KEY = 987654
+
+
+def active_step_splits(key, splits):
+    return running_step(key, StepPlan(splits=splits))
 
 
 def _splits():

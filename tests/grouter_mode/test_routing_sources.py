@@ -361,3 +361,24 @@ def test_a_balanced_hash_table_names_bad_counts():
         HashRouting.balanced(torch.ones(2, 3), 4, 2)
     with pytest.raises(ValueError, match="top_k=5 must be between 1 and num_experts=4"):
         HashRouting.balanced(torch.ones(10), 4, 5)
+
+
+def test_a_dropped_configuration_frees_its_routing_source():
+    """The source table holds sources weakly: a Grouter network lives as long as the configuration
+    (and so the compiled model's backend) that holds it, and a graph still naming a freed source
+    gets an error that says so."""
+    import gc
+    import weakref
+
+    from grouter_pass.runtime import source_of
+
+    table = torch.randint(0, 4, (16, 2))
+    config = grouter_pass.GrouterConfig(routing=grouter_pass.HashRouting(table=table))
+    key = config.routing.key
+    assert source_of(key) is config.routing
+    alive = weakref.ref(config.routing)
+    del config
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(RuntimeError, match=f"routing source {key} is not registered.*was freed"):
+        source_of(key)

@@ -104,7 +104,7 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/integration/test_support_matrix.py", "tests/integration/test_fuzz.py"),
              "a group score read as max is written into the spec as top-2 sum"),
     # ---- Grouter modes ---------------------------------------------------------------------
-    Mutation("hash-weights-not-uniform", "grouter_pass/routing.py",
+    Mutation("hash-weights-not-uniform", "grouter_pass/routing_sources.py",
              "weights = torch.full(ids.shape, 1.0 / self.top_k, dtype=torch.float32, device=flat.device)",
              "weights = torch.full(ids.shape, 1.0 / (self.top_k + 1), dtype=torch.float32, device=flat.device)",
              ("tests/grouter_mode/test_routing_sources.py",),

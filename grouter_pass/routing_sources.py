@@ -3,7 +3,8 @@
 * :class:`~grouter_pass.config.LearnedRouter` — the model's own router (exact mode).
 * :class:`GrouterRouting` — a frozen Grouter network reading the token ids (online mode).
 * :class:`PrecomputedRouting` — routing delivered with the batch (pre-dispatch), through
-  ``with grouter_pass.routing(weights, ids): model(input_ids)``.
+  ``with grouter_pass.routing(weights, ids): model(input_ids)``
+  (:func:`grouter_pass.runtime.routing`).
 * :class:`HashRouting` — a token-id -> experts table (DeepSeek-V4-style hash layers).
 
 In the three non-learned modes routing does not depend on the model's representation, so the
@@ -12,41 +13,21 @@ that every MoE layer consumes (see ``passes/shared_routing.py``). The source is 
 one opaque op, ``torch.ops.grouter.external_routing``, whose fake implementation only needs the
 token count: token counts stay symbolic and a new batch of precomputed routing never retraces.
 
-Each source is registered in a process-local table when its config is built (the op receives the
-integer key); its ``compute`` returns ``(weights [N, k] float32, ids [N, k] int64)`` in the
-graph's flattened ``[batch, seq]`` token order.
+Each source is registered with :mod:`grouter_pass.runtime.sources` when it is built (the op
+receives the integer key; the table holds it weakly, the configuration strongly); its
+``compute`` returns ``(weights [N, k] float32, ids [N, k] int64)`` in the graph's flattened
+``[batch, seq]`` token order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import itertools
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from grouter_pass._slots import KeyedSlots
-
-_SOURCES: dict[int, Any] = {}
-_NEXT_KEY = itertools.count(1)
-
-
-def register_source(source: Any) -> int:
-    key = next(_NEXT_KEY)
-    _SOURCES[key] = source
-    return key
-
-
-def source_of(key: int) -> Any:
-    try:
-        return _SOURCES[key]
-    except KeyError:
-        raise RuntimeError(f"routing source {key} is not registered in this process (a graph compiled "
-                           "with a Grouter routing source cannot be reloaded from a cache in another process)"
-                           ) from None
+from grouter_pass.runtime.sources import register_source
+from grouter_pass.runtime.step import delivered_routing
 
 
 class RouterNetwork(Protocol):
@@ -119,82 +100,6 @@ class GrouterRouting:
         return f"GrouterRouting({type(self.grouter).__name__} E={self.num_experts} k={self.top_k}, key={self.key})"
 
 
-_CURRENT = threading.local()
-
-
-def current_routing() -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The ``(weights, ids)`` delivered by the innermost :func:`routing` block, if any."""
-    return getattr(_CURRENT, "value", None)
-
-
-def current_ep_splits() -> Any:
-    """The ``ep_splits`` delivered by the innermost :func:`routing` block, if any."""
-    return getattr(_CURRENT, "ep_splits", None)
-
-
-_STEP_ROUTING = KeyedSlots()
-
-
-def step_routing(key: int, weights: torch.Tensor, ids: torch.Tensor) -> contextlib.AbstractContextManager[None]:
-    """Routing of source ``key`` already computed for this call (by the expert-parallel step
-    runner, which needs it before the graph): ``grouter.external_routing`` returns it instead of
-    running the source again."""
-    return _STEP_ROUTING.holding(key, (weights, ids))
-
-
-def computed_step_routing(key: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return _STEP_ROUTING.get(key)
-
-
-def _check_routing_pair(weights: Any, ids: Any) -> None:
-    if not isinstance(weights, torch.Tensor) or not isinstance(ids, torch.Tensor):
-        raise TypeError(f"routing(weights, ids) takes two tensors, got {type(weights).__name__} and "
-                        f"{type(ids).__name__}")
-    ids_int = not ids.dtype.is_floating_point and not ids.dtype.is_complex and ids.dtype != torch.bool
-    weights_int = not weights.dtype.is_floating_point and not weights.dtype.is_complex
-    if not ids_int or not weights.dtype.is_floating_point:
-        swapped = " (the arguments look swapped: the order is routing(weights, ids))" if (
-            weights_int and ids.dtype.is_floating_point) else ""
-        raise TypeError(f"routing(weights, ids) needs floating-point weights and integer ids; got weights "
-                        f"{weights.dtype} {list(weights.shape)} and ids {ids.dtype} {list(ids.shape)}{swapped}")
-    if weights.shape != ids.shape:
-        raise ValueError(f"routing(weights, ids): weights {list(weights.shape)} and ids {list(ids.shape)} must "
-                         "have the same shape ([B, S, k] or [B*S, k])")
-
-
-@contextlib.contextmanager
-def routing(weights: torch.Tensor | Any, ids: torch.Tensor | None = None, *, ep_splits: Any = None
-            ) -> Iterator[None]:
-    """Deliver precomputed routing for the calls inside the block.
-
-    ``with grouter_pass.routing(weights, ids): loss = model(input_ids)`` — ``weights`` and
-    ``ids`` are ``[B, S, k]`` (or ``[B*S, k]``) for the batch's tokens in ``[b, s]`` order, as
-    :class:`grouter_pass.router.PreDispatchedDataset` yields them; ``ids`` are integers (any
-    integer dtype), ``weights`` floating point. A pre-dispatch ``Routing`` (a named tuple with
-    fields ``ids`` and ``weights``) is accepted as the one argument. Anything else is refused
-    with the dtypes and shapes it got: a float ``ids`` would otherwise be truncated silently.
-    The backward of the step needs no routing (the dispatch plan is saved by autograd).
-
-    ``ep_splits`` (expert parallelism only): this rank's
-    :class:`~grouter_pass.distributed.EPSplits` for the step, when the caller knows every rank's
-    routing (:func:`~grouter_pass.distributed.splits_from_step_routing`); without it the step
-    runner all-gathers the ``[E]`` counts once per step.
-    """
-    if ids is None:
-        r = weights
-        if not (hasattr(r, "ids") and hasattr(r, "weights")):
-            raise TypeError("routing(r) takes an object with .ids and .weights (a pre-dispatch Routing), "
-                            "or routing(weights, ids)")
-        weights, ids = r.weights, r.ids
-    _check_routing_pair(weights, ids)
-    prev = getattr(_CURRENT, "value", None), getattr(_CURRENT, "ep_splits", None)
-    _CURRENT.value, _CURRENT.ep_splits = (weights, ids), ep_splits
-    try:
-        yield
-    finally:
-        _CURRENT.value, _CURRENT.ep_splits = prev
-
-
 @dataclass(frozen=True, kw_only=True, eq=False)
 class PrecomputedRouting:
     """Routing delivered with each batch through :func:`routing` (pre-dispatch mode).
@@ -216,11 +121,11 @@ class PrecomputedRouting:
         return False
 
     def compute(self, tokens: torch.Tensor, n_tokens: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        current = getattr(_CURRENT, "value", None)
+        current = delivered_routing()
         if current is None:
             raise RuntimeError("PrecomputedRouting: no routing for this call; run the model inside "
                                "`with grouter_pass.routing(weights, ids): ...`")
-        weights, ids = current
+        weights, ids = current.weights, current.ids
         if ids.shape[-1] != k or weights.shape[-1] != k:
             raise ValueError(f"precomputed routing has k={ids.shape[-1]} experts per token (ids {list(ids.shape)}, "
                              f"weights {list(weights.shape)}) but the model's MoE layers use k={k}")
@@ -322,5 +227,4 @@ class HashRouting:
         return f"HashRouting(vocab={self.vocab_size}, k={self.top_k}, key={self.key})"
 
 
-__all__ = ["GrouterRouting", "HashRouting", "PrecomputedRouting", "RouterNetwork", "computed_step_routing",
-           "current_ep_splits", "current_routing", "register_source", "routing", "source_of", "step_routing"]
+__all__ = ["GrouterRouting", "HashRouting", "PrecomputedRouting", "RouterNetwork"]
