@@ -420,8 +420,9 @@ class PassReport:
     unused_parameters: list[Any] = field(default_factory=list, repr=False)
     #: ``GrouterConfig(expert_parallel=...)``: EP size, this rank, its experts, how splits are known
     expert_parallel: dict[str, Any] | None = None
-    #: Grouter modes under EP: what the step runner needs (routing source, E, k, layout, token input)
-    ep_step: dict[str, Any] | None = field(default=None, repr=False)
+    #: Grouter modes under EP: what the step runner needs (a ``passes.expert_parallel.EPStep``:
+    #: routing source, E, k, layout, token input)
+    ep_step: Any = field(default=None, repr=False)
     #: grouter op nodes pointed at their Triton twins (``{node: "grouter.moe_experts_triton"}``)
     kernels: dict[str, str] = field(default_factory=dict)
 

@@ -3,10 +3,11 @@
 Installed as ``grouter_pass.passes``. These modules only match and rewrite graphs: numerics
 live in ``grouter_pass.ops`` (reached as ``torch.ops.grouter.*``), workflows elsewhere.
 
-Every pass has the signature ``(gm, example_inputs, *, config) -> gm``; passes share results
-through ``gm.meta`` (``grouter_sites``, ``grouter_report``). Matching runs on a canonicalized
-copy; ``translate_to_original`` then moves the sites onto a fresh copy of the caller's graph, so
-the compiled graph differs from the caller's only where sites were rewritten. :func:`build_pass_pipeline` lists
+Every pass has the signature ``(gm, example_inputs, *, config, state) -> gm``; passes share
+results through ``state``, a :class:`~grouter_pass.passes.pipeline_state.PipelineState` (the
+detected sites, the report, the caller's graph). Matching runs on a canonicalized copy;
+``translate_to_original`` then moves the sites onto a fresh copy of the caller's graph, so the
+compiled graph differs from the caller's only where sites were rewritten. :func:`build_pass_pipeline` lists
 them in order; :func:`apply_passes` runs a list (timing each, honouring
 ``config.disable_passes``); :func:`run_grouter_passes` is what the backend and the Inductor hook
 call: it works on a copy and returns the caller's graph untouched when no site was rewritten.
@@ -28,6 +29,7 @@ from grouter_pass.config import GrouterConfig
 from grouter_pass.passes.canonicalize import canonicalize_gating_pass
 from grouter_pass.passes.detect import find_gating_sites
 from grouter_pass.passes.graph_utils import copy_graph_module
+from grouter_pass.passes.pipeline_state import PipelineState
 from grouter_pass.passes.rewrite import rewrite_exact_pass, rewrite_shared_pass
 from grouter_pass.passes.select_kernels import select_kernels_pass
 from grouter_pass.spec import PassReport
@@ -37,56 +39,54 @@ log = logging.getLogger(__name__)
 GraphPass = Callable[..., fx.GraphModule]
 
 
-def detect_gating_sites_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig
-                             ) -> fx.GraphModule:
-    """Find the sites; record them (and the near-misses) in ``gm.meta`` for the rewrite and report."""
+def detect_gating_sites_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig,
+                             state: PipelineState | None = None) -> fx.GraphModule:
+    """Find the sites; record them (and the near-misses) in ``state`` for the rewrite and report."""
+    state = state if state is not None else PipelineState()
     sites, rejected = find_gating_sites(gm, probe=config.probe, probe_ops=config.probe_ops,
                                         example_inputs=example_inputs, probe_weight_budget=config.probe_weight_budget)
-    report: PassReport = gm.meta.setdefault("grouter_report", PassReport())
-    pairs = []
     for site in sites:
         r = site.report()
-        report.sites.append(r)
-        pairs.append((site, r))
-    report.sites.extend(rejected)
-    gm.meta["grouter_sites"] = pairs
+        state.report.sites.append(r)
+        state.sites.append((site, r))
+    state.report.sites.extend(rejected)
     counters["grouter"]["sites_found"] += len(sites)
     counters["grouter"]["sites_rejected"] += len(rejected)
     return gm
 
 
-def translate_to_original_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig
-                               ) -> fx.GraphModule:
+def translate_to_original_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig,
+                               state: PipelineState | None = None) -> fx.GraphModule:
     """Move the detected sites from the canonicalized copy onto a fresh copy of the caller's graph.
 
     Canonicalization exists for matching only: the graph that is compiled keeps every node the
     caller had, spelled as it was, except the nodes each site's rewrite replaces. Every node of
     the canonical copy is either a copy of an original node (same name) or the canonical form of
     one (``meta["grouter_origin"]``), so each site translates node by node."""
-    original: fx.GraphModule = gm.meta.pop("grouter_original")
-    sites = gm.meta.pop("grouter_sites", [])
-    if not sites:
+    if state is None or state.original is None or not state.sites:
         return gm
-    out = copy_graph_module(original)
+    out = copy_graph_module(state.original)
     by_name = {n.name: n for n in out.graph.nodes}
 
     def to_original(node: fx.Node) -> fx.Node:
         return by_name[node.meta.get("grouter_origin", node.name)]
 
-    out.meta["grouter_report"] = gm.meta["grouter_report"]
-    out.meta["grouter_sites"] = [(site.translated(to_original), report) for site, report in sites]
+    state.sites = [(site.translated(to_original), report) for site, report in state.sites]
     return out
 
 
-def cleanup_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig) -> fx.GraphModule:
+def cleanup_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: GrouterConfig,
+                 state: PipelineState | None = None) -> fx.GraphModule:
     """Lint and regenerate code (the FX invariant every pass pipeline ends with)."""
     gm.graph.lint()
     gm.recompile()
     return gm
 
 
-def build_pass_pipeline(config: GrouterConfig) -> list[tuple[str, GraphPass]]:
-    """The ordered pipeline for ``config`` (exact or shared-routing rewrite), per-pass settings bound."""
+def build_pass_pipeline(config: GrouterConfig, state: PipelineState | None = None) -> list[tuple[str, GraphPass]]:
+    """The ordered pipeline for ``config`` (exact or shared-routing rewrite), per-pass settings
+    and one shared ``state`` bound (a fresh one when none is given)."""
+    state = state if state is not None else PipelineState()
     pipeline: list[tuple[str, GraphPass]] = [
         ("canonicalize_gating", canonicalize_gating_pass),
         ("detect_gating_sites", detect_gating_sites_pass),
@@ -100,7 +100,8 @@ def build_pass_pipeline(config: GrouterConfig) -> list[tuple[str, GraphPass]]:
     unknown = set(config.disable_passes) - known
     if unknown:
         raise ValueError(f"disable_passes names unknown passes {sorted(unknown)}; passes: {sorted(known)}")
-    return [(name, functools.partial(p, config=config)) for name, p in pipeline if name not in config.disable_passes]
+    return [(name, functools.partial(p, config=config, state=state)) for name, p in pipeline
+            if name not in config.disable_passes]
 
 
 def apply_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
@@ -115,13 +116,9 @@ def apply_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None,
 def run_grouter_passes(gm: fx.GraphModule, example_inputs: Sequence[Any] | None, config: GrouterConfig
                        ) -> tuple[fx.GraphModule, PassReport]:
     """Run the pipeline on a copy of ``gm``; returns ``(gm or the rewritten copy, report)``."""
-    work = copy_graph_module(gm)
-    work.meta["grouter_report"] = PassReport()
-    work.meta["grouter_original"] = gm
-    work = apply_passes(work, example_inputs, build_pass_pipeline(config))
-    work.meta.pop("grouter_original", None)
-    report: PassReport = work.meta.pop("grouter_report")
-    work.meta.pop("grouter_sites", None)
+    state = PipelineState(original=gm)
+    work = apply_passes(copy_graph_module(gm), example_inputs, build_pass_pipeline(config, state))
+    report = state.report
     result = work if report.changed else gm
     count_grouter_ops(result)
     return result, report
@@ -148,7 +145,6 @@ def count_grouter_ops(gm: fx.GraphModule) -> None:
             counters["grouter_ops"][name.replace("::", ".")] += 1
 
 
-__all__ = ["apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass", "count_grouter_ops",
-           "detect_gating_sites_pass", "rewrite_exact_pass", "rewrite_shared_pass", "run_grouter_passes",
-           "select_kernels_pass",
-           "translate_to_original_pass"]
+__all__ = ["PipelineState", "apply_passes", "build_pass_pipeline", "canonicalize_gating_pass", "cleanup_pass",
+           "count_grouter_ops", "detect_gating_sites_pass", "rewrite_exact_pass", "rewrite_shared_pass",
+           "run_grouter_passes", "select_kernels_pass", "translate_to_original_pass"]

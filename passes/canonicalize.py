@@ -421,8 +421,8 @@ def _result_meta(target: Any, args: tuple, kwargs: dict) -> Any:
         return call()
 
 
-def canonicalize_gating_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None
-                             ) -> fx.GraphModule:
+def canonicalize_gating_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None,
+                             state: Any = None) -> fx.GraphModule:
     """Rewrite every recognised spelling in ``gm`` into the canonical vocabulary (in place)."""
     graph = gm.graph
     seen: set[fx.Node] = set()

@@ -152,6 +152,23 @@ def insert_physical_ids(graph: fx.Graph, ids: fx.Node, plan_node: fx.Node, layou
     return phys
 
 
+@dataclass(frozen=True)
+class EPStep:
+    """What the expert-parallel step runner (``distributed/runtime.py``) needs to compute a step's
+    routing and split sizes before the compiled graph runs, in Grouter modes.
+
+    ``routing``: the routing source; ``num_experts`` / ``top_k`` of the sites; ``layout``: the
+    :class:`EPLayout`; ``token_input``: the index of the graph input holding the token ids (None
+    when the source needs none: precomputed routing).
+    """
+
+    routing: Any
+    num_experts: int
+    top_k: int
+    layout: EPLayout
+    token_input: int | None
+
+
 def emit_ep_experts(graph: fx.Graph, *, x: fx.Node, weights: fx.Node, perm: fx.Node, counts: fx.Node,
                     w_up: fx.Node, w_down: fx.Node, b_up: fx.Node | None, b_down: fx.Node | None,
                     num_experts: int, top_k: int, op_kwargs: dict[str, Any], layout: EPLayout,
@@ -173,4 +190,5 @@ def emit_ep_experts(graph: fx.Graph, *, x: fx.Node, weights: fx.Node, perm: fx.N
     return node
 
 
-__all__ = ["EPLayout", "emit_ep_experts", "insert_physical_ids", "refuse_unreplaced_shards", "to_physical_ids"]
+__all__ = ["EPLayout", "EPStep", "emit_ep_experts", "insert_physical_ids", "refuse_unreplaced_shards",
+           "to_physical_ids"]

@@ -36,6 +36,7 @@ from grouter_pass.passes.dataflow import is_fresh
 from grouter_pass.passes.detect import Site, route_insertion_point
 from grouter_pass.passes.expert_parallel import (
     EPLayout,
+    EPStep,
     emit_ep_experts,
     insert_physical_ids,
     refuse_unreplaced_shards,
@@ -48,6 +49,8 @@ from grouter_pass.passes.graph_utils import (
     same_shape,
     shape_of,
 )
+from grouter_pass.passes.pipeline_state import PipelineState
+from grouter_pass.spec import PassReport
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +314,7 @@ def _mutation_still_read(node: fx.Node, region: set[fx.Node]) -> bool:
     return any(position[u] > position[node] for u in base.users)
 
 
-def _expert_parallel_layout(gm: fx.GraphModule, sites: list[Site], config: Any, *, per_step: bool
+def _expert_parallel_layout(report: PassReport, sites: list[Site], config: Any, *, per_step: bool
                             ) -> EPLayout | None:
     """The EP layout when ``config.expert_parallel`` is set, every site checked against it."""
     if config is None or getattr(config, "expert_parallel", None) is None or not sites:
@@ -319,14 +322,16 @@ def _expert_parallel_layout(gm: fx.GraphModule, sites: list[Site], config: Any, 
     layout = EPLayout.from_config(config)
     for site in sites:
         layout.check_site(site.gating.spec.num_experts, site.module_path, config.expert_placement)
-    gm.meta["grouter_report"].expert_parallel = layout.describe(per_step)
+    report.expert_parallel = layout.describe(per_step)
     return layout
 
 
-def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
-    """Rewrite every site the detection pass recorded in ``gm.meta["grouter_sites"]``."""
-    pairs = gm.meta.pop("grouter_sites", [])
-    ep = _expert_parallel_layout(gm, [site for site, _ in pairs], config, per_step=False)
+def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None,
+                       state: PipelineState | None = None) -> fx.GraphModule:
+    """Rewrite every site the detection pass recorded in ``state``."""
+    state = state if state is not None else PipelineState()
+    pairs = state.take_sites()
+    ep = _expert_parallel_layout(state.report, [site for site, _ in pairs], config, per_step=False)
     for index, (site, report) in enumerate(pairs):
         before = set(gm.graph.nodes)
         report.removed_nodes = rewrite_site(gm.graph, site, ep=ep, site_index=index)
@@ -341,28 +346,30 @@ def rewrite_exact_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config
     return gm
 
 
-def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any) -> fx.GraphModule:
+def rewrite_shared_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any,
+                        state: PipelineState | None = None) -> fx.GraphModule:
     """Grouter / precomputed / hash modes: one routing and one dispatch plan for all sites,
     routers and router-only losses removed (see :mod:`grouter_pass.passes.shared_routing`)."""
     from grouter_pass.passes.shared_routing import insert_shared_routing, remove_router_remnants
 
-    pairs = gm.meta.pop("grouter_sites", [])
+    state = state if state is not None else PipelineState()
+    pairs = state.take_sites()
     if not pairs:
         refuse_unreplaced_shards(gm, config.expert_parallel is not None)
         return gm
     sites = [site for site, _ in pairs]
     used_before = {n for n in gm.graph.nodes if n.op == "placeholder" and n.users}
-    ep = _expert_parallel_layout(gm, sites, config, per_step=True)
+    report_all = state.report
+    ep = _expert_parallel_layout(report_all, sites, config, per_step=True)
     shared = insert_shared_routing(gm, sites, config.routing, _call)
-    report_all = gm.meta["grouter_report"]
     if ep is not None:
         if ep.logical_to_physical is not None:
             insert_physical_ids(gm.graph, shared.ids, shared.perm.args[0], ep)
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         tokens = shared.tokens
-        report_all.ep_step = {"routing": config.routing, "num_experts": sites[0].gating.spec.num_experts,
-                              "top_k": sites[0].gating.spec.top_k, "layout": ep,
-                              "token_input": placeholders.index(tokens) if tokens in placeholders else None}
+        report_all.ep_step = EPStep(routing=config.routing, num_experts=sites[0].gating.spec.num_experts,
+                                    top_k=sites[0].gating.spec.top_k, layout=ep,
+                                    token_input=placeholders.index(tokens) if tokens in placeholders else None)
     kind = config.routing.kind
     for index, (site, report) in enumerate(pairs):
         before = set(gm.graph.nodes)

@@ -21,6 +21,7 @@ import torch.fx as fx
 
 from grouter_pass.ops.kernel_select import allow_tf32, kernels_available_for, use_moe_kernels
 from grouter_pass.passes.graph_utils import tensor_meta
+from grouter_pass.passes.pipeline_state import PipelineState
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def _choose(node: fx.Node) -> tuple[Any, tuple] | None:
     return None
 
 
-def select_kernels_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None) -> fx.GraphModule:
+def select_kernels_pass(gm: fx.GraphModule, example_inputs: Any = None, *, config: Any = None,
+                        state: PipelineState | None = None) -> fx.GraphModule:
     """Point grouter op nodes at their Triton twins where the kernels apply (see module docstring)."""
     chosen: dict[str, tuple[str, str]] = {}
     for node in gm.graph.nodes:
@@ -69,7 +71,7 @@ def select_kernels_pass(gm: fx.GraphModule, example_inputs: Any = None, *, confi
         chosen[node.name] = (f"grouter.{node.target._schema.name.split('::')[1]}", f"grouter.{name}")
         node.target = getattr(torch.ops.grouter, name).default
         node.args, node.kwargs = args, {}
-    report = gm.meta.get("grouter_report")
+    report = state.report if state is not None else None
     if chosen and report is not None:
         report.kernels.update({n: twin for n, (_, twin) in chosen.items()})
         for site in report.sites:   # each report names the ops its site now calls

@@ -36,13 +36,13 @@ from grouter_pass.runtime import StepPlan, delivered_routing, running_step
 class EPStepRunner:
     """Wraps a compiled graph whose MoE layers read the step's split sizes (see module doc)."""
 
-    def __init__(self, compiled: Callable, ep_step: dict[str, Any]) -> None:
+    def __init__(self, compiled: Callable, ep_step: Any) -> None:
         self.compiled = compiled
-        self.source = ep_step["routing"]
-        self.num_experts: int = ep_step["num_experts"]
-        self.top_k: int = ep_step["top_k"]
-        self.token_input: int | None = ep_step["token_input"]
-        layout = ep_step["layout"]
+        self.source = ep_step.routing
+        self.num_experts: int = ep_step.num_experts
+        self.top_k: int = ep_step.top_k
+        self.token_input: int | None = ep_step.token_input
+        layout = ep_step.layout
         group = _resolve_process_group(layout.group_name)
         self.ep = EPGroup(group=group, size=dist.get_world_size(group), rank=dist.get_rank(group))
         self.logical_to_physical = (torch.tensor(layout.logical_to_physical, dtype=torch.int64)
@@ -80,7 +80,7 @@ class EPStepRunner:
             return self.compiled(*args)
 
 
-def wrap_for_expert_parallel(compiled: Callable, ep_step: dict[str, Any] | None) -> Callable:
+def wrap_for_expert_parallel(compiled: Callable, ep_step: Any) -> Callable:
     """The backend's hook: ``compiled`` as is, or wrapped in an :class:`EPStepRunner`."""
     if ep_step is None:
         return compiled

@@ -62,3 +62,32 @@ def test_nothing_of_the_old_sites_survives():
     assert not any("grouped_mm" in str(t) for t in targets)
     assert sum(t is torch.ops.grouter.moe_experts.default for t in targets) == 2
     gm.graph.lint()
+
+
+def test_passes_run_one_by_one_share_a_typed_state():
+    """The passes hand each other a ``PipelineState``, not ``gm.meta`` keys: run alone, one after
+    another with one state, they rewrite what the pipeline rewrites; a rewrite run without a
+    detection before it finds no site and leaves the graph as it was."""
+    from grouter_pass.passes import (
+        PipelineState,
+        canonicalize_gating_pass,
+        detect_gating_sites_pass,
+        rewrite_exact_pass,
+    )
+    from grouter_pass.passes.graph_utils import copy_graph_module
+
+    config = GrouterConfig()
+    gm = copy_graph_module(captured_graph("qwen3_moe"))
+    state = PipelineState()
+    for p in (canonicalize_gating_pass, detect_gating_sites_pass, rewrite_exact_pass):
+        gm = p(gm, None, config=config, state=state)
+    assert [s.rewritten for s in state.report.sites] == [True, True]
+    assert not state.sites, "the rewrite took the sites"
+    assert not any(k.startswith("grouter") for k in gm.meta)
+    ops = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert torch.ops.grouter.moe_experts.default in ops
+
+    alone = copy_graph_module(captured_graph("qwen3_moe"))
+    before = [n.format_node() for n in alone.graph.nodes]
+    rewrite_exact_pass(alone, None, config=config)
+    assert [n.format_node() for n in alone.graph.nodes] == before
