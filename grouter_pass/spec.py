@@ -193,10 +193,6 @@ class ActivationSpec:
         return f"{self.kind}-glu({self.layout})" if self.gated else self.kind
 
 
-#: the schema type of each :class:`ExpertMLP` field (its annotation, as a string)
-_SCHEMA_TYPES = {"str": "str", "bool": "bool", "float": "float"}
-
-
 @dataclass(frozen=True)
 class ExpertMLP:
     """What every routed expert computes and how its weights lie: the scalar arguments of each
@@ -206,9 +202,9 @@ class ExpertMLP:
     Why one dataclass: these values travel together from detection (:class:`ExpertsSpec`)
     through the graph into every implementation (reference, CPU queue, Triton, expert
     parallel). An op schema holds only plain values, so the graph carries them as flat
-    arguments; the schemas are generated from these fields (:meth:`schema`), the ops rebuild the
-    dataclass from their flat arguments (:meth:`from_args`) and the implementations take it
-    whole. Adding a field touches this class and the implementations that read it, nothing else.
+    arguments; the op signatures are generated from these fields (``ops/experts_schema.py``),
+    the ops rebuild the dataclass from their flat arguments (:meth:`from_args`) and the
+    implementations take it whole. Adding a field touches this class and the implementations that read it, nothing else.
 
     ``activation`` ... ``limit`` are :class:`ActivationSpec`'s; ``up_transposed`` /
     ``down_transposed`` the weight layouts of :class:`ExpertsSpec`; ``weight_on_input`` scales
@@ -233,11 +229,6 @@ class ExpertMLP:
     @classmethod
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
-
-    @classmethod
-    def schema(cls) -> str:
-        """The fields as a ``torch.library`` schema fragment: ``"str activation, bool gated, ..."``."""
-        return ", ".join(f"{_SCHEMA_TYPES[str(f.type)]} {f.name}" for f in dataclasses.fields(cls))
 
     @classmethod
     def from_args(cls, values: tuple[Any, ...] | list[Any]) -> ExpertMLP:
